@@ -1,0 +1,35 @@
+# Every target sets itself up: a fresh clone needs only python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO := protos/aggregator/v1/aggregator.proto
+
+.PHONY: install demo test lint proto bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/aggregator demo
+
+lint: install
+	$(BIN)/ruff check aggregator tests
+	$(BIN)/ruff format --check aggregator tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=generated \
+		--grpc_python_out=generated --pyi_out=generated $(PROTO)
+	touch generated/aggregator/v1/__init__.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,66 @@
+"""The `aggregator` command: serve, demo, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from aggregator.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aggregator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get("AGGREGATOR_CONFIG"),
+        help="YAML config file (default: $AGGREGATOR_CONFIG)",
+    )
+    commands.add_parser("demo", help="run built-in upstreams and show an aggregate streaming in")
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s"
+    )
+    if args.command == "check-config":
+        return _check_config(args.path)
+    if args.command == "demo":
+        from aggregator.demo import run_demo
+
+        asyncio.run(run_demo())
+        return 0
+    return _serve(args.config)
+
+
+def _check_config(path: str) -> int:
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems))
+        return 1
+    print("ok")
+    return 0
+
+
+def _serve(path: str | None) -> int:
+    if not path:
+        print("aggregator serve: --config PATH or AGGREGATOR_CONFIG is required", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    from aggregator.server import serve
+
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

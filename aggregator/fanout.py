@@ -1,0 +1,251 @@
+"""Runs a Plan: every target that can start starts at once; results leave in completion order.
+
+An ``Aggregation`` owns one task per target. Its ``results()`` generator yields each
+TargetResult as it completes and, whatever ends it (all done, the budget ran out, a required
+target failed, the caller went away), cancels and awaits every task it started before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from aggregator.config import ServerConfig
+from aggregator.errors import CallFailure, TargetFailure
+from aggregator.plan import Plan, PlannedTarget
+from aggregator.status import status_for
+from aggregator.upstreams import Reply, Upstream
+from aggregator.v1 import aggregator_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The time an aggregate may take, in event-loop time."""
+
+    seconds: float  # the budget applied (SPEC §5), reported as x-aggregate-deadline-ms
+    started: float
+    stop_at: float  # when the server stops waiting: budget minus the margin
+
+    @classmethod
+    def for_call(cls, time_remaining: float | None, server: ServerConfig, now: float) -> Budget:
+        if time_remaining is None:
+            seconds = server.default_deadline
+        else:
+            seconds = max(0.0, min(time_remaining, server.max_deadline))
+        margin = max(server.deadline_margin, server.deadline_margin_ratio * seconds)
+        return cls(seconds=seconds, started=now, stop_at=now + max(0.0, seconds - margin))
+
+    def __repr__(self) -> str:
+        return f"<Budget {self.seconds * 1000:.0f}ms>"
+
+
+class Aggregation:
+    """One Aggregate call in flight."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        upstreams: Mapping[str, Upstream],
+        budget: Budget,
+        request_id: str,
+    ) -> None:
+        self._plan = plan
+        self._upstreams = upstreams
+        self._budget = budget
+        self._request_id = request_id
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[pb.TargetResult] = asyncio.Queue()
+        self._settled: dict[str, pb.TargetResult] = {}
+        self._by_id = {target.id: target for target in plan.targets}
+        self._finished = {target.id: asyncio.Event() for target in plan.targets}
+        self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reported: dict[str, pb.TargetResult] = {}
+        self.failure: CallFailure | None = None
+
+    def __repr__(self) -> str:
+        running = sum(not task.done() for task in self._tasks)
+        return (
+            f"<Aggregation {self._request_id} [{len(self.reported)}/{len(self._plan.targets)} "
+            f"reported, {running} running] {self._budget!r}>"
+        )
+
+    async def results(self) -> AsyncGenerator[pb.TargetResult]:
+        """Yields one result per target; stops early (setting ``failure``) on a required failure."""
+        self._tasks = [
+            asyncio.create_task(self._run(target), name=f"target {target.id}")
+            for target in self._plan.targets
+        ]
+        try:
+            while len(self.reported) < len(self._plan.targets):
+                result = await self._next()
+                if result is None:
+                    for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
+                        yield late
+                    return
+                self.reported[result.id] = result
+                yield result
+                if self.failure is not None:
+                    await self._cancel_all()
+                    sentence = f"cancelled because required target {result.id!r} failed"
+                    for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence):
+                        yield cancelled
+                    return
+        finally:
+            await self._cancel_all()
+
+    async def _next(self) -> pb.TargetResult | None:
+        try:
+            async with asyncio.timeout_at(self._budget.stop_at):
+                result = await self._queue.get()
+        except TimeoutError:
+            return None
+        if self._by_id[result.id].required and result.outcome != pb.OUTCOME_OK:
+            self.failure = self._required_failure(result)
+        return result
+
+    def _unreported(self, outcome: pb.Outcome, sentence: str) -> list[pb.TargetResult]:
+        now = self._loop.time()
+        results = []
+        for target in self._plan.targets:
+            if target.id not in self.reported:
+                result = self._settled.get(target.id) or _result(
+                    target.id, outcome, sentence, self._budget.started, now, now
+                )
+                if outcome == pb.OUTCOME_TIMEOUT:
+                    result = _with_fallback(target, result)
+                    if target.required and result.outcome != pb.OUTCOME_OK:
+                        self.failure = self.failure or self._required_failure(result)
+                self.reported[target.id] = result
+                results.append(result)
+        return results
+
+    async def _cancel_all(self) -> None:
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    def _deadline_sentence(self) -> str:
+        return f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget) ran out first"
+
+    def _required_failure(self, result: pb.TargetResult) -> CallFailure:
+        cause = result
+        while cause.outcome == pb.OUTCOME_SKIPPED and cause.id in self._skipped_by:
+            cause = self._settled[self._skipped_by[cause.id]]
+        message = f"required target {result.id!r} failed: {result.error}"
+        if cause is not result:
+            message += f" (dependency {cause.id!r}: {cause.error})"
+        return CallFailure(status_for(cause), message)
+
+    async def _run(self, target: PlannedTarget) -> None:
+        result = _with_fallback(target, await self._settle(target))
+        self._settled[target.id] = result
+        self._finished[target.id].set()
+        self._queue.put_nowait(result)
+
+    async def _settle(self, target: PlannedTarget) -> pb.TargetResult:
+        blocker = await self._wait_for_dependencies(target)
+        started = self._loop.time()
+        try:
+            if blocker is not None:
+                self._skipped_by[target.id] = blocker
+                raise TargetFailure(pb.OUTCOME_SKIPPED, f"dependency {blocker!r} did not succeed")
+            reply = await self._attempt(target)
+        except TargetFailure as failure:
+            return _failed(target.id, failure, self._budget.started, started, self._loop.time())
+        return _answered(target, reply, self._budget.started, started, self._loop.time())
+
+    async def _wait_for_dependencies(self, target: PlannedTarget) -> str | None:
+        """Waits for every dependency; returns the first that did not end OK, if any."""
+        for dep in target.depends_on:
+            await self._finished[dep].wait()
+        for dep in target.depends_on:
+            if self._settled[dep].outcome != pb.OUTCOME_OK:
+                return dep
+        return None
+
+    async def _attempt(self, target: PlannedTarget) -> Reply:
+        timeout, limit = self._timeout_for(target)
+        upstream = self._upstreams[target.upstream.name]
+        try:
+            async with asyncio.timeout(timeout):
+                return await upstream.call(target.request, timeout, self._request_id)
+        except TimeoutError:
+            raise TargetFailure(
+                pb.OUTCOME_TIMEOUT, f"{upstream.name} did not answer within {limit}"
+            ) from None
+
+    def _timeout_for(self, target: PlannedTarget) -> tuple[float, str]:
+        """The smallest of the target's timeout, the upstream's and the time left, and why."""
+        left = self._budget.stop_at - self._loop.time()
+        choices = [(left, f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget)")]
+        choices.append(
+            (target.upstream.timeout, f"upstream timeout {_ms(target.upstream.timeout)}")
+        )
+        if target.timeout is not None:
+            choices.append((target.timeout, f"target timeout {_ms(target.timeout)}"))
+        seconds, reason = min(choices, key=lambda choice: choice[0])
+        return max(seconds, 0.0), reason
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms"
+
+
+def _result(
+    target_id: str,
+    outcome: pb.Outcome,
+    error: str,
+    origin: float,
+    started: float,
+    ended: float,
+) -> pb.TargetResult:
+    result = pb.TargetResult(id=target_id, outcome=outcome, error=error)
+    result.start_offset.FromNanoseconds(int((started - origin) * 1e9))
+    result.latency.FromNanoseconds(int((ended - started) * 1e9))
+    return result
+
+
+def _failed(
+    target_id: str, failure: TargetFailure, origin: float, started: float, ended: float
+) -> pb.TargetResult:
+    result = _result(target_id, failure.outcome, failure.sentence, origin, started, ended)
+    result.http_status = failure.http_status
+    result.grpc_code = failure.grpc_code
+    result.attempts = 0 if failure.outcome == pb.OUTCOME_SKIPPED else 1
+    return result
+
+
+def _answered(
+    target: PlannedTarget, reply: Reply, origin: float, started: float, ended: float
+) -> pb.TargetResult:
+    if reply.ok:
+        result = _result(target.id, pb.OUTCOME_OK, "", origin, started, ended)
+    else:
+        sentence = f"{target.upstream.name} answered {reply.reason}"
+        result = _result(target.id, pb.OUTCOME_ERROR, sentence, origin, started, ended)
+    result.http_status = reply.http_status
+    result.grpc_code = reply.grpc_code
+    result.body = reply.body
+    result.content_type = reply.content_type
+    result.attempts = 1
+    if target.decode_json and reply.body:
+        try:
+            json_format.Parse(reply.body, result.json)
+        except json_format.ParseError:
+            result.ClearField("json")
+    return result
+
+
+def _with_fallback(target: PlannedTarget, result: pb.TargetResult) -> pb.TargetResult:
+    if target.fallback is None or result.outcome == pb.OUTCOME_OK:
+        return result
+    result.outcome = pb.OUTCOME_OK
+    result.from_fallback = True
+    result.json.CopyFrom(target.fallback)
+    return result

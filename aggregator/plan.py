@@ -1,0 +1,270 @@
+"""From an AggregateRequest to a Plan: every check happens here, before anything is sent.
+
+``make_plan`` either returns a Plan whose every target is ready to call, or raises
+InvalidRequest naming each problem with its target, e.g.::
+
+    target "price": http.path "https://evil.example/x" must be a path starting with "/"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from google.protobuf import json_format, struct_pb2
+
+from aggregator.config import Config, UpstreamConfig
+from aggregator.errors import InvalidRequest
+from aggregator.v1 import aggregator_pb2 as pb
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*$")
+_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Connection-level headers, and the ones that would let a caller steer the request
+# somewhere or frame it differently than aiohttp does.
+_FORBIDDEN_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+_RESERVED_METADATA = frozenset({"te", "content-type", "user-agent", "host", "x-request-id"})
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...]
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcRequest:
+    method: str
+    request: bytes
+    metadata: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTarget:
+    id: str
+    upstream: UpstreamConfig
+    request: HttpRequest | GrpcRequest
+    required: bool
+    timeout: float | None
+    depends_on: tuple[str, ...]
+    fallback: struct_pb2.Value | None
+    decode_json: bool
+
+    @property
+    def idempotent(self) -> bool:
+        request = self.request
+        if isinstance(request, GrpcRequest):
+            return False
+        if request.method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"):
+            return True
+        return any(name.lower() == "idempotency-key" for name, _ in request.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    targets: tuple[PlannedTarget, ...]
+
+    def __repr__(self) -> str:
+        return f"<Plan [{len(self.targets)} targets]>"
+
+
+def make_plan(request: pb.AggregateRequest, config: Config) -> Plan:
+    """Validates ``request`` against ``config``; raises InvalidRequest listing every problem."""
+    problems: list[str] = []
+    limit = config.server.max_targets
+    if not request.targets:
+        problems.append("targets: at least one target is required")
+    elif len(request.targets) > limit:
+        problems.append(
+            f"targets: {len(request.targets)} targets exceed server.max_targets ({limit})"
+        )
+    problems.extend(_id_problems(request.targets))
+    planned = []
+    for index, target in enumerate(request.targets):
+        label = f"target {target.id!r}" if target.id else f"targets[{index}]"
+        target_problems = list(_target_problems(target, config.upstreams))
+        problems.extend(f"{label}: {problem}" for problem in target_problems)
+        if not target_problems:
+            planned.append(_plan_target(target, config.upstreams))
+    if not problems:
+        problems.extend(_dependency_problems(request.targets))
+    if problems:
+        raise InvalidRequest(problems)
+    return Plan(targets=tuple(planned))
+
+
+def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
+    seen: set[str] = set()
+    for index, target in enumerate(targets):
+        if not _ID.match(target.id):
+            yield f"targets[{index}].id: {target.id!r} must match [A-Za-z0-9_.-]{{1,64}}"
+        elif target.id in seen:
+            yield f"targets[{index}].id: {target.id!r} is used by more than one target"
+        seen.add(target.id)
+
+
+def _target_problems(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> Iterator[str]:
+    kind = target.WhichOneof("call")
+    if kind is None:
+        yield "one of http or grpc is required"
+        return
+    call = target.http if kind == "http" else target.grpc
+    upstream = upstreams.get(call.upstream)
+    if not call.upstream:
+        yield f"{kind}.upstream: required"
+    elif upstream is None:
+        yield f"{kind}.upstream: {call.upstream!r} is not a configured upstream"
+    elif upstream.kind != kind:
+        yield f"{kind}.upstream: {call.upstream!r} is a {upstream.kind} upstream, not {kind}"
+    if kind == "http":
+        yield from _http_problems(target.http)
+    else:
+        yield from _grpc_problems(target.grpc)
+    if target.HasField("timeout") and target.timeout.ToNanoseconds() <= 0:
+        yield "timeout: must be longer than 0"
+    if target.for_each:
+        yield "for_each: not supported by this server version"
+
+
+def _http_problems(call: pb.HttpCall) -> Iterator[str]:
+    method = call.method or "GET"
+    if method not in HTTP_METHODS:
+        yield f"http.method: {method!r} is not one of {', '.join(sorted(HTTP_METHODS))}"
+    yield from _path_problems(call.path)
+    for name, value in call.headers.items():
+        if not _TOKEN.match(name):
+            yield f"http.headers: {name!r} is not a valid header name"
+        elif name.lower() in _FORBIDDEN_HEADERS:
+            yield f"http.headers: {name!r} may not be set by callers"
+        if any(ch in value for ch in "\r\n\x00"):
+            yield f"http.headers[{name!r}]: value contains CR, LF or NUL"
+
+
+def _path_problems(path: str) -> Iterator[str]:
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        yield f'http.path: {path!r} must be a path starting with "/" (no scheme or host)'
+    elif _CONTROL.search(path) or "?" in path or "#" in path:
+        yield f"http.path: {path!r} contains whitespace, control characters, ? or # (use query)"
+    elif any(segment in (".", "..") for segment in unquote(path).split("/")):
+        yield f"http.path: {path!r} contains . or .. segments"
+
+
+def _grpc_problems(call: pb.GrpcCall) -> Iterator[str]:
+    if not _GRPC_METHOD.match(call.method):
+        yield f"grpc.method: {call.method!r} is not a full method name /package.Service/Method"
+    for key, value in call.metadata.items():
+        if not _METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
+            yield f"grpc.metadata: {key!r} is not a lowercase ASCII metadata key"
+        elif key in _RESERVED_METADATA:
+            yield f"grpc.metadata: {key!r} may not be set by callers"
+        if any(not " " <= ch <= "~" for ch in value):
+            yield f"grpc.metadata[{key!r}]: value must be printable ASCII"
+
+
+def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
+    graph = {target.id: list(target.depends_on) for target in targets}
+    for target_id, deps in graph.items():
+        for dep in deps:
+            if dep == target_id:
+                yield f"target {target_id!r}: depends_on names itself"
+            elif dep not in graph:
+                yield f"target {target_id!r}: depends_on names unknown target {dep!r}"
+    cycle = _find_cycle(graph)
+    if cycle:
+        yield f"depends_on: cycle {' -> '.join(cycle)}"
+
+
+def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
+    """Returns one cycle (first id repeated at the end), or [] when there is none."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = fully explored
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, ()):
+            if dep == node or dep not in graph:
+                continue
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> PlannedTarget:
+    request: HttpRequest | GrpcRequest
+    if target.WhichOneof("call") == "http":
+        call = target.http
+        request = HttpRequest(
+            method=call.method or "GET",
+            path=call.path,
+            query=tuple(sorted(call.query.items())),
+            headers=_http_headers(call),
+            body=_http_body(call),
+        )
+    else:
+        request = GrpcRequest(
+            method=target.grpc.method,
+            request=target.grpc.request,
+            metadata=tuple(sorted(target.grpc.metadata.items())),
+        )
+    upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
+    return PlannedTarget(
+        id=target.id,
+        upstream=upstreams[upstream_name],
+        request=request,
+        required=target.required,
+        timeout=target.timeout.ToNanoseconds() / 1e9 if target.HasField("timeout") else None,
+        depends_on=tuple(target.depends_on),
+        fallback=target.fallback if target.HasField("fallback") else None,
+        decode_json=target.decode_json,
+    )
+
+
+def _http_headers(call: pb.HttpCall) -> tuple[tuple[str, str], ...]:
+    headers = sorted(call.headers.items())
+    if call.WhichOneof("payload") == "json" and not any(
+        name.lower() == "content-type" for name, _ in headers
+    ):
+        headers.append(("Content-Type", "application/json"))
+    return tuple(headers)
+
+
+def _http_body(call: pb.HttpCall) -> bytes | None:
+    payload = call.WhichOneof("payload")
+    if payload == "body":
+        return call.body
+    if payload == "json":
+        return json_format.MessageToJson(call.json, indent=None).encode()
+    return None

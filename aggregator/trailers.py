@@ -1,0 +1,78 @@
+"""The x-aggregate-* trailers (SPEC §3), kept together well under grpc's 8 KiB metadata limit.
+
+Id lists are cut to a byte budget each and end with ``+N more``; the summary keeps its counts
+and as many failure entries as fit. The stream itself always holds the full detail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from aggregator.v1 import aggregator_pb2 as pb
+
+# Budgets in bytes: three id lists, the summary (base64 on the wire: x4/3) and the fixed
+# trailers together stay under ~7.5 KiB, grpc's hard rejection starting above 8 KiB.
+LIST_BUDGET = 1400
+SUMMARY_BUDGET = 2000
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def trailers(
+    results: Iterable[pb.TargetResult], budget_seconds: float, elapsed_seconds: float
+) -> Metadata:
+    """The trailing metadata of an aggregate whose targets ended with ``results``."""
+    results = list(results)
+    failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+    timed_out = [r.id for r in results if r.outcome == pb.OUTCOME_TIMEOUT]
+    fallback = [r.id for r in results if r.from_fallback]
+    completed = not failed and not fallback
+    return (
+        ("x-aggregate-completed", "true" if completed else "false"),
+        ("x-aggregate-succeeded", str(len(results) - len(failed))),
+        ("x-aggregate-failed", cut_ids(failed, LIST_BUDGET)),
+        ("x-aggregate-timed-out", cut_ids(timed_out, LIST_BUDGET)),
+        ("x-aggregate-fallback", cut_ids(fallback, LIST_BUDGET)),
+        ("x-aggregate-deadline-ms", str(round(budget_seconds * 1000))),
+        ("x-aggregate-elapsed-ms", str(round(elapsed_seconds * 1000))),
+        ("x-aggregate-summary-bin", summary(results).SerializeToString()),
+    )
+
+
+def cut_ids(ids: Sequence[str], budget: int) -> str:
+    """Comma-joins ``ids``, cut to ``budget`` bytes with a ``+N more`` tail when they overflow."""
+    joined = ",".join(ids)
+    if len(joined) <= budget:
+        return joined
+    kept: list[str] = []
+    size = 0
+    tail_room = len(f",+{len(ids)} more")
+    for target_id in ids:
+        if size + len(target_id) + 1 + tail_room > budget:
+            break
+        kept.append(target_id)
+        size += len(target_id) + 1
+    return ",".join([*kept, f"+{len(ids) - len(kept)} more"])
+
+
+def summary(
+    results: Sequence[pb.TargetResult], budget: int = SUMMARY_BUDGET
+) -> pb.AggregateSummary:
+    """Counts of every outcome plus the non-OK targets that fit in ``budget`` bytes."""
+    failures = [r for r in results if r.outcome != pb.OUTCOME_OK]
+    message = pb.AggregateSummary(
+        targets=len(results),
+        succeeded=len(results) - len(failures),
+        failed=len(failures),
+        timed_out=sum(r.outcome == pb.OUTCOME_TIMEOUT for r in results),
+        fallback=sum(r.from_fallback for r in results),
+    )
+    size = message.ByteSize() + 8  # room for failures_omitted
+    for index, result in enumerate(failures):
+        entry = pb.TargetSummary(id=result.id, outcome=result.outcome, latency=result.latency)
+        size += entry.ByteSize() + 3
+        if size > budget:
+            message.failures_omitted = len(failures) - index
+            break
+        message.failures.append(entry)
+    return message

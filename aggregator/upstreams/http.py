@@ -1,0 +1,102 @@
+"""REST upstreams: one pooled aiohttp ClientSession per upstream, alive as long as the server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import aiohttp
+from yarl import URL
+
+from aggregator.config import UpstreamConfig
+from aggregator.errors import TargetFailure
+from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.upstreams import Reply
+from aggregator.v1 import aggregator_pb2 as pb
+
+
+class HttpUpstream:
+    """Calls one configured base URL; the only host it ever contacts is that URL's host."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.name = config.name
+        self._base = config.url
+        self._host = URL(config.url).host
+        self._connect_timeout = config.connect_timeout
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=config.max_concurrency, keepalive_timeout=30, ttl_dns_cache=60
+            ),
+            # The total time is enforced by the caller (asyncio.timeout around call()), so
+            # a deadline, a per-target timeout and the upstream's own timeout are one mechanism.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+            auto_decompress=True,
+            raise_for_status=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    def __repr__(self) -> str:
+        connector = self._session.connector
+        limit = connector.limit if connector else 0
+        return f"<HttpUpstream {self.name} {self._base} [limit {limit}]>"
+
+    async def call(
+        self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
+    ) -> Reply:
+        assert isinstance(request, HttpRequest)
+        url = URL(self._base + request.path)
+        if url.host != self._host:  # unreachable after validation; kept as the last fence
+            raise TargetFailure(pb.OUTCOME_ERROR, f"path {request.path!r} leaves the upstream")
+        headers = dict(request.headers)
+        headers["X-Request-Id"] = request_id
+        with _map_client_errors(self.name, self._connect_timeout):
+            async with self._session.request(
+                request.method,
+                url,
+                params=request.query,
+                headers=headers,
+                data=request.body,
+                allow_redirects=False,
+            ) as response:
+                body = await response.read()
+        status = response.status
+        return Reply(
+            ok=200 <= status < 300,
+            body=body,
+            http_status=status,
+            content_type=response.headers.get("Content-Type", ""),
+            reason=f"HTTP {status} {response.reason or ''}".rstrip(),
+        )
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+@contextlib.contextmanager
+def _map_client_errors(name: str, connect_timeout: float) -> Iterator[None]:
+    """Turns aiohttp's transport errors into target outcomes (never CancelledError)."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE,
+            f"could not connect to {name} within connect_timeout {connect_timeout * 1000:g}ms",
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.os_error.strerror}"
+        ) from exc
+    except aiohttp.ServerDisconnectedError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"{name} closed the connection before answering"
+        ) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"{name} broke off the response body: {exc}"
+        ) from exc
+    except aiohttp.ClientOSError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"connection to {name} failed: {exc.strerror or exc}"
+        ) from exc
+    except (aiohttp.ClientResponseError, aiohttp.ClientError) as exc:
+        raise TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}") from exc

@@ -1,0 +1,129 @@
+"""Fixtures: the real aggregator on loopback, wired to real upstreams that tests control."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from aggregator.config import Config, config_from_mapping
+from aggregator.server import AggregatorServer
+from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from tests.upstreams import GrpcUpstream, RestUpstream, grpc_upstream, refused_port, rest_upstream
+
+StartServer = Callable[..., Awaitable[pb_grpc.AggregatorStub]]
+
+
+@pytest.fixture
+async def rest() -> AsyncIterator[RestUpstream]:
+    async with rest_upstream() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def rpc() -> AsyncIterator[GrpcUpstream]:
+    async with grpc_upstream() as upstream:
+        yield upstream
+
+
+def make_config(
+    rest: RestUpstream, rpc: GrpcUpstream, server: dict[str, Any] | None = None, **upstreams: Any
+) -> Config:
+    """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override."""
+    return config_from_mapping(
+        {
+            "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
+            "upstreams": {
+                "rest": {"kind": "http", "url": rest.url},
+                "rpc": {"kind": "grpc", "address": rpc.address},
+                "dead": {"kind": "http", "url": f"http://127.0.0.1:{refused_port()}"},
+                **upstreams,
+            },
+        }
+    )
+
+
+@pytest.fixture
+async def start_server(
+    rest: RestUpstream, rpc: GrpcUpstream
+) -> AsyncIterator[Callable[..., Awaitable[tuple[AggregatorServer, pb_grpc.AggregatorStub]]]]:
+    """Starts an aggregator with make_config(rest, rpc, ...); returns it and a stub to it."""
+    servers: list[AggregatorServer] = []
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(
+        server: dict[str, Any] | None = None, **upstreams: Any
+    ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
+        aggregator = AggregatorServer(make_config(rest, rpc, server, **upstreams))
+        port = await aggregator.start()
+        servers.append(aggregator)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return aggregator, pb_grpc.AggregatorStub(channel)
+
+    yield start
+    for channel in channels:
+        await channel.close()
+    for aggregator in servers:
+        await aggregator.drain()
+
+
+@pytest.fixture
+async def stub(
+    start_server: Callable[..., Awaitable[tuple[AggregatorServer, pb_grpc.AggregatorStub]]],
+) -> pb_grpc.AggregatorStub:
+    _, stub = await start_server()
+    return stub
+
+
+def http(target_id: str, path: str, upstream: str = "rest", **fields: Any) -> pb.Target:
+    call_fields = {
+        key: fields.pop(key)
+        for key in ("method", "query", "headers", "body", "json")
+        if key in fields
+    }
+    return pb.Target(
+        id=target_id, http=pb.HttpCall(upstream=upstream, path=path, **call_fields), **fields
+    )
+
+
+def rpc_target(target_id: str, method: str, request: bytes = b"", **fields: Any) -> pb.Target:
+    metadata = fields.pop("metadata", {})
+    return pb.Target(
+        id=target_id,
+        grpc=pb.GrpcCall(
+            upstream=fields.pop("upstream", "rpc"),
+            method=f"/test.Upstream/{method}",
+            request=request,
+            metadata=metadata,
+        ),
+        **fields,
+    )
+
+
+async def collect(
+    call: Any,
+) -> tuple[list[pb.TargetResult], grpc.StatusCode, str, dict[str, Any]]:
+    """Reads a whole Aggregate stream: results, status, details and trailers as a dict."""
+    results: list[pb.TargetResult] = []
+    try:
+        async for result in call:
+            results.append(result)
+    except grpc.aio.AioRpcError:
+        pass
+    trailers = dict(await call.trailing_metadata() or ())
+    return results, await call.code(), await call.details(), trailers
+
+
+def ids(results: list[pb.TargetResult]) -> list[str]:
+    return [result.id for result in results]
+
+
+async def wait_for(queue: asyncio.Queue[None], timeout: float = 5.0) -> None:
+    """Waits until an upstream reports an event (a hang started, a cancel arrived)."""
+    async with asyncio.timeout(timeout):
+        await queue.get()

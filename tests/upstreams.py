@@ -1,0 +1,212 @@
+"""Real upstreams for behaviour tests, on 127.0.0.1 and free ports, told what to do per request.
+
+REST (aiohttp): ``/delay/{ms}``, ``/status/{code}``, ``/hang``, ``/reset``, ``/echo``,
+``/text``. gRPC (grpc.aio, bytes in and out) service ``test.Upstream``: ``Echo``, ``Delay``
+(request = milliseconds as ASCII), ``Fail`` (request = status code number), ``Hang``.
+Both record what reached them, so tests assert on the upstream's side of the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+
+@dataclass
+class Recorder:
+    """What an upstream saw: requests, concurrency, and hangs that ended by cancellation."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    inflight: int = 0
+    max_inflight: int = 0
+    hanging: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    cancelled: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+
+    def enter(self, seen: dict[str, Any]) -> None:
+        self.requests.append(seen)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
+    async def hang(self) -> None:
+        self.hanging.put_nowait(None)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.put_nowait(None)
+
+
+@dataclass
+class RestUpstream:
+    port: int
+    recorder: Recorder
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class GrpcUpstream:
+    port: int
+    recorder: Recorder
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _rest_app(recorder: Recorder) -> web.Application:
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read()
+        recorder.enter(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": {name.lower(): value for name, value in request.headers.items()},
+                "body": body,
+            }
+        )
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            recorder.leave()
+
+    async def delay(request: web.Request) -> web.Response:
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        return web.json_response({"delay_ms": int(request.match_info["ms"])})
+
+    async def status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        return web.json_response({"status": code}, status=code)
+
+    async def hang(request: web.Request) -> web.Response:
+        await recorder.hang()
+        raise AssertionError("unreachable")
+
+    async def reset(request: web.Request) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        # SO_LINGER 0: close() sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "body": (await request.read()).decode(),
+            }
+        )
+
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="plain words", content_type="text/plain")
+
+    app = web.Application(middlewares=[record])
+    app.router.add_route("*", "/delay/{ms}", delay)
+    app.router.add_route("*", "/status/{code}", status)
+    app.router.add_route("*", "/hang", hang)
+    app.router.add_route("*", "/reset", reset)
+    app.router.add_route("*", "/echo{tail:.*}", echo)
+    app.router.add_route("*", "/text", text)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def rest_upstream() -> AsyncIterator[RestUpstream]:
+    recorder = Recorder()
+    runner = web.AppRunner(_rest_app(recorder), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield RestUpstream(port=runner.addresses[0][1], recorder=recorder)
+    finally:
+        await runner.cleanup()
+
+
+def _grpc_handler(recorder: Recorder) -> grpc.GenericRpcHandler:
+    def seen(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        recorder.enter(
+            {
+                "request": request,
+                "metadata": dict(context.invocation_metadata() or ()),
+                "time_remaining": context.time_remaining(),
+            }
+        )
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        seen(request, context)
+        recorder.leave()
+        return request
+
+    async def delay(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        seen(request, context)
+        try:
+            await asyncio.sleep(int(request) / 1000)
+        finally:
+            recorder.leave()
+        return request
+
+    async def fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        seen(request, context)
+        recorder.leave()
+        code = next(c for c in grpc.StatusCode if c.value[0] == int(request))
+        await context.abort(code, f"told to fail with {code.name}")
+        raise AssertionError("unreachable")
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        seen(request, context)
+        try:
+            await recorder.hang()
+        finally:
+            recorder.leave()
+        raise AssertionError("unreachable")
+
+    methods = {"Echo": echo, "Delay": delay, "Fail": fail, "Hang": hang}
+    return grpc.method_handlers_generic_handler(
+        "test.Upstream",
+        {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()},
+    )
+
+
+@contextlib.asynccontextmanager
+async def grpc_upstream() -> AsyncIterator[GrpcUpstream]:
+    recorder = Recorder()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_grpc_handler(recorder),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield GrpcUpstream(port=port, recorder=recorder)
+    finally:
+        await server.stop(None)
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def echo_json(result_body: bytes) -> dict[str, Any]:
+    return json.loads(result_body)  # type: ignore[no-any-return]

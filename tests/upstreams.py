@@ -28,11 +28,13 @@ class Recorder:
     requests: list[dict[str, Any]] = field(default_factory=list)
     inflight: int = 0
     max_inflight: int = 0
+    arrived: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     hanging: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
 
     def enter(self, seen: dict[str, Any]) -> None:
         self.requests.append(seen)
+        self.arrived.put_nowait(None)
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
 

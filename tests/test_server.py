@@ -1,0 +1,154 @@
+"""The server as Kubernetes and grpcurl see it: health, reflection, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from tests.conftest import collect, http, wait_for
+from tests.upstreams import RestUpstream, refused_port
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+async def channel(start_server) -> AsyncIterator[grpc.aio.Channel]:
+    server, _ = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
+
+
+@pytest.mark.parametrize("service", ["", "aggregator.v1.Aggregator"])
+async def test_health_reports_serving(channel, service):
+    health = health_pb2_grpc.HealthStub(channel)
+    response = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    assert response.status == SERVING
+
+
+async def test_health_unknown_service_is_not_found(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_reflection_lists_aggregator_health_and_reflection(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for response in stub.ServerReflectionInfo(iter([request]), timeout=5):
+        names = {s.name for s in response.list_services_response.service}
+        break
+    assert names == {
+        "aggregator.v1.Aggregator",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+
+async def test_reflection_serves_the_aggregator_file(channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="aggregator.v1.Target")
+    async for response in stub.ServerReflectionInfo(iter([request]), timeout=5):
+        protos = response.file_descriptor_response.file_descriptor_proto
+        break
+    assert protos
+    assert any(b"aggregator/v1/aggregator.proto" in proto for proto in protos)
+
+
+def _write_config(path: Path, port: int, rest: RestUpstream, grace: str) -> None:
+    path.write_text(
+        f"""
+server:
+  address: "127.0.0.1:{port}"
+  metrics_address: ""
+  shutdown_grace: {grace}
+upstreams:
+  rest: {{kind: http, url: "{rest.url}"}}
+"""
+    )
+
+
+@pytest.fixture
+async def serve_process(tmp_path, rest) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`aggregator serve` in a child process, ready when its health says SERVING."""
+    port = refused_port()
+    config = tmp_path / "config.yaml"
+    _write_config(config, port, rest, grace="2s")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aggregator",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest()
+            response = await health.Check(check, timeout=20, wait_for_ready=True)
+            assert response.status == SERVING
+        yield process, port
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_in_flight_calls_and_exits_zero(serve_process, rest):
+    process, port = serve_process
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="aggregator.v1.Aggregator"), timeout=10
+        )
+        assert (await watch.read()).status == SERVING
+        stub = pb_grpc.AggregatorStub(channel)
+        in_flight = stub.Aggregate(pb.AggregateRequest(targets=[http("slow", "/delay/700")]))
+        await wait_for(rest.recorder.arrived)
+
+        process.send_signal(signal.SIGTERM)
+
+        assert (await watch.read()).status == NOT_SERVING
+        late = stub.Aggregate(pb.AggregateRequest(targets=[http("late", "/delay/1")]), timeout=5)
+        _, late_code, _, _ = await collect(late)
+        assert late_code == grpc.StatusCode.UNAVAILABLE
+        results, code, _, trailers = await collect(in_flight)
+        assert code == grpc.StatusCode.OK
+        assert [(r.id, r.outcome) for r in results] == [("slow", pb.OUTCOME_OK)]
+        assert trailers["x-aggregate-completed"] == "true"
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    assert len(rest.recorder.requests) == 1
+
+
+async def test_sigterm_cancels_calls_that_outlive_the_grace(serve_process, rest):
+    process, port = serve_process
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.AggregatorStub(channel)
+        stuck = stub.Aggregate(pb.AggregateRequest(targets=[http("stuck", "/hang")]), timeout=30)
+        await wait_for(rest.recorder.hanging)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        _, code, _, _ = await collect(stuck)
+        assert code != grpc.StatusCode.OK
+        await wait_for(rest.recorder.cancelled)
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+    # Grace is 2 s: the process gives up on the call then, not at the call's 30 s deadline.
+    assert loop.time() - signalled < 8

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import grpc
 import yaml
 
 T = TypeVar("T")
@@ -43,10 +44,12 @@ def parse_duration(text: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    attempts: int = 3
+    attempts: int = 3  # in all, the first included
     backoff: float = 0.025
     max_backoff: float = 0.25
-    budget: float = 0.2
+    budget: float = 0.2  # share of the last 10 s of requests that may be retries or hedges
+    min_retries_per_second: float = 3.0  # the budget's floor, so a quiet upstream can retry
+    grpc_codes: tuple[str, ...] = ("UNAVAILABLE",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +254,16 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
     return server
 
 
+def _grpc_codes(value: Any) -> tuple[str, ...]:
+    names = {code.name for code in grpc.StatusCode} - {"OK"}
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{value!r} is not a list of gRPC status code names")
+    unknown = [v for v in value if v not in names]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not gRPC status code names (e.g. UNAVAILABLE)")
+    return tuple(value)
+
+
 def _read_retry(reader: _Reader, raw: Any, path: str) -> RetryPolicy:
     section = reader.section(raw, path)
     reader.unknown(section, set(RetryPolicy.__slots__), path)
@@ -260,6 +273,10 @@ def _read_retry(reader: _Reader, raw: Any, path: str) -> RetryPolicy:
         backoff=reader.value(section, "backoff", path, _positive_duration, d.backoff),
         max_backoff=reader.value(section, "max_backoff", path, _positive_duration, d.max_backoff),
         budget=reader.value(section, "budget", path, _number(0, 1), d.budget),
+        min_retries_per_second=reader.value(
+            section, "min_retries_per_second", path, _number(0, 1e6), d.min_retries_per_second
+        ),
+        grpc_codes=reader.value(section, "grpc_codes", path, _grpc_codes, d.grpc_codes),
     )
     if policy.max_backoff < policy.backoff:
         reader.problems.append(f"{path}.max_backoff: must not be shorter than backoff")

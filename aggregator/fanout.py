@@ -16,8 +16,9 @@ from google.protobuf import json_format
 from aggregator.config import ServerConfig
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.plan import Plan, PlannedTarget
+from aggregator.policies.endpoint import Answer, Endpoint
 from aggregator.status import status_for
-from aggregator.upstreams import Reply, Upstream
+from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 
 
@@ -48,12 +49,12 @@ class Aggregation:
     def __init__(
         self,
         plan: Plan,
-        upstreams: Mapping[str, Upstream],
+        endpoints: Mapping[str, Endpoint],
         budget: Budget,
         request_id: str,
     ) -> None:
         self._plan = plan
-        self._upstreams = upstreams
+        self._endpoints = endpoints
         self._budget = budget
         self._request_id = request_id
         self._loop = asyncio.get_running_loop()
@@ -86,7 +87,7 @@ class Aggregation:
                     for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
                         yield late
                     return
-                self.reported[result.id] = result
+                self._report(result)
                 yield result
                 if self.failure is not None:
                     await self._cancel_all()
@@ -119,9 +120,13 @@ class Aggregation:
                     result = _with_fallback(target, result)
                     if target.required and result.outcome != pb.OUTCOME_OK:
                         self.failure = self.failure or self._required_failure(result)
-                self.reported[target.id] = result
+                self._report(result)
                 results.append(result)
         return results
+
+    def _report(self, result: pb.TargetResult) -> None:
+        self.reported[result.id] = result
+        self._endpoints[self._by_id[result.id].upstream.name].metrics.targets[result.outcome].inc()
 
     async def _cancel_all(self) -> None:
         pending = [task for task in self._tasks if not task.done()]
@@ -155,10 +160,21 @@ class Aggregation:
             if blocker is not None:
                 self._skipped_by[target.id] = blocker
                 raise TargetFailure(pb.OUTCOME_SKIPPED, f"dependency {blocker!r} did not succeed")
-            reply = await self._attempt(target)
+            answer = await self._call(target, started)
         except TargetFailure as failure:
-            return _failed(target.id, failure, self._budget.started, started, self._loop.time())
-        return _answered(target, reply, self._budget.started, started, self._loop.time())
+            return _failed(target.id, failure, 0, self._budget.started, started, self._loop.time())
+        if isinstance(answer.result, TargetFailure):
+            return _failed(
+                target.id,
+                answer.result,
+                answer.attempts,
+                self._budget.started,
+                started,
+                self._loop.time(),
+            )
+        result = _answered(target, answer.result, self._budget.started, started, self._loop.time())
+        result.attempts = answer.attempts
+        return result
 
     async def _wait_for_dependencies(self, target: PlannedTarget) -> str | None:
         """Waits for every dependency; returns the first that did not end OK, if any."""
@@ -169,28 +185,21 @@ class Aggregation:
                 return dep
         return None
 
-    async def _attempt(self, target: PlannedTarget) -> Reply:
-        timeout, limit = self._timeout_for(target)
-        upstream = self._upstreams[target.upstream.name]
-        try:
-            async with asyncio.timeout(timeout):
-                return await upstream.call(target.request, timeout, self._request_id)
-        except TimeoutError:
-            raise TargetFailure(
-                pb.OUTCOME_TIMEOUT, f"{upstream.name} did not answer within {limit}"
-            ) from None
-
-    def _timeout_for(self, target: PlannedTarget) -> tuple[float, str]:
-        """The smallest of the target's timeout, the upstream's and the time left, and why."""
-        left = self._budget.stop_at - self._loop.time()
-        choices = [(left, f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget)")]
-        choices.append(
-            (target.upstream.timeout, f"upstream timeout {_ms(target.upstream.timeout)}")
+    async def _call(self, target: PlannedTarget, started: float) -> Answer:
+        """Calls the target's upstream through its policies, within the smaller of the call's
+        deadline and the target's own timeout."""
+        deadline = self._budget.stop_at
+        reason = f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget)"
+        if target.timeout is not None and started + target.timeout < deadline:
+            deadline = started + target.timeout
+            reason = f"target timeout {_ms(target.timeout)}"
+        return await self._endpoints[target.upstream.name].call(
+            target.request,
+            idempotent=target.idempotent,
+            deadline=deadline,
+            deadline_reason=reason,
+            request_id=self._request_id,
         )
-        if target.timeout is not None:
-            choices.append((target.timeout, f"target timeout {_ms(target.timeout)}"))
-        seconds, reason = min(choices, key=lambda choice: choice[0])
-        return max(seconds, 0.0), reason
 
 
 def _ms(seconds: float) -> str:
@@ -212,12 +221,17 @@ def _result(
 
 
 def _failed(
-    target_id: str, failure: TargetFailure, origin: float, started: float, ended: float
+    target_id: str,
+    failure: TargetFailure,
+    attempts: int,
+    origin: float,
+    started: float,
+    ended: float,
 ) -> pb.TargetResult:
     result = _result(target_id, failure.outcome, failure.sentence, origin, started, ended)
     result.http_status = failure.http_status
     result.grpc_code = failure.grpc_code
-    result.attempts = 0 if failure.outcome == pb.OUTCOME_SKIPPED else 1
+    result.attempts = attempts
     return result
 
 
@@ -233,7 +247,6 @@ def _answered(
     result.grpc_code = reply.grpc_code
     result.body = reply.body
     result.content_type = reply.content_type
-    result.attempts = 1
     if target.decode_json and reply.body:
         try:
             json_format.Parse(reply.body, result.json)

@@ -13,20 +13,25 @@ import logging
 import re
 import signal
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any
 
 import grpc
+from aiohttp import web
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator.config import Config
-from aggregator.errors import CallFailure
+from aggregator.errors import CallFailure, InvalidRequest
 from aggregator.fanout import Aggregation, Budget
+from aggregator.metrics import Metrics
 from aggregator.plan import make_plan
+from aggregator.policies.endpoint import Endpoint
 from aggregator.trailers import trailers
-from aggregator.upstreams import Upstream, open_upstreams
+from aggregator.upstreams import open_upstreams
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -40,9 +45,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class AggregatorService(pb_grpc.AggregatorServicer):
     """Aggregate and Collect; the one place where failures become gRPC statuses."""
 
-    def __init__(self, config: Config, upstreams: dict[str, Upstream]) -> None:
+    def __init__(self, config: Config, endpoints: dict[str, Endpoint], metrics: Metrics) -> None:
         self._config = config
-        self._upstreams = upstreams
+        self._endpoints = endpoints
+        self._metrics = metrics
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
@@ -76,38 +82,64 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
         failure: CallFailure | None = None
+        first_at: float | None = None
         try:
             with self._admission():
                 aggregation = Aggregation(
-                    make_plan(request, self._config), self._upstreams, budget, request_id
+                    make_plan(request, self._config), self._endpoints, budget, request_id
                 )
                 reported = aggregation.reported
                 async with contextlib.aclosing(aggregation.results()) as results:
                     async for result in results:
+                        first_at = first_at or self._loop.time()
                         yield result
                 failure = aggregation.failure
         except CallFailure as refused:
             failure = refused
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
+        self._observe(reported.values(), failure, elapsed, first_at)
         if failure is not None:
             await context.abort(failure.code, failure.message)
+
+    def _observe(
+        self,
+        results: Iterable[pb.TargetResult],
+        failure: CallFailure | None,
+        elapsed: float,
+        first_at: float | None,
+    ) -> None:
+        metrics = self._metrics
+        code = failure.code if failure is not None else grpc.StatusCode.OK
+        metrics.calls.labels(code.name).inc()
+        if isinstance(failure, InvalidRequest):
+            metrics.rejected_by["invalid_argument"].inc()
+        metrics.call_duration.observe(elapsed)
+        slowest = max((r.latency.ToNanoseconds() for r in results), default=None)
+        if slowest is not None:
+            metrics.overhead.observe(max(0.0, elapsed - slowest / 1e9))
+        if first_at is not None:
+            metrics.fanin_wait.observe(self._loop.time() - first_at)
 
     @contextlib.contextmanager
     def _admission(self) -> Iterator[None]:
         if self.draining:
+            self._metrics.rejected_by["draining"].inc()
             raise CallFailure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         limit = self._config.server.max_concurrent_calls
         if self.inflight >= limit:
+            self._metrics.rejected_by["max_concurrent_calls"].inc()
             raise CallFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"more than server.max_concurrent_calls ({limit}) calls in flight",
             )
         self.inflight += 1
+        self._metrics.inflight.inc()
         try:
             yield
         finally:
             self.inflight -= 1
+            self._metrics.inflight.dec()
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -133,26 +165,33 @@ def _merge(merged: struct_pb2.Struct, result: pb.TargetResult) -> None:
 class AggregatorServer:
     """The running service. ``start()`` binds; ``drain()`` shuts down as SPEC §5 says."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.port = 0
+        self.metrics_port = 0
+        self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams)
+        self.endpoints: dict[str, Endpoint] = {}
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._upstreams: dict[str, Upstream] = {}
         self._service: AggregatorService | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
         return (
-            f"<AggregatorServer :{self.port} {self._service!r} [{len(self._upstreams)} upstreams]>"
+            f"<AggregatorServer :{self.port} {self._service!r} [{len(self.endpoints)} upstreams]>"
         )
 
-    async def start(self, address: str | None = None) -> int:
-        """Binds ``address`` (default: server.address) and serves; returns the bound port."""
+    async def start(self) -> int:
+        """Binds server.address (and metrics_address) and serves; returns the bound port."""
         server_config = self.config.server
         reuse_port = 1 if server_config.workers > 1 else 0
         self._server = grpc.aio.server(options=(("grpc.so_reuseport", reuse_port),))
-        self._upstreams = open_upstreams(self.config.upstreams)
-        self._service = AggregatorService(self.config, self._upstreams)
+        upstreams = open_upstreams(self.config.upstreams)
+        self.endpoints = {
+            name: Endpoint(upstream, self.config.upstreams[name], self.metrics.upstreams[name])
+            for name, upstream in upstreams.items()
+        }
+        self._service = AggregatorService(self.config, self.endpoints, self.metrics)
         pb_grpc.add_AggregatorServicer_to_server(self._service, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -160,14 +199,28 @@ class AggregatorServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self._server
         )
-        address = address or server_config.address
-        self.port = self._server.add_insecure_port(address)
-        if self.port == 0:
-            await self._close_upstreams()
-            raise OSError(f"cannot listen on {address}")
+        try:
+            self.port = self._server.add_insecure_port(server_config.address)
+            if self.port == 0:
+                raise OSError(f"cannot listen on server.address {server_config.address}")
+            if server_config.metrics_address:
+                self.metrics_port = await self._serve_metrics(server_config.metrics_address)
+        except BaseException:
+            await self._close_endpoints()
+            raise
         await self._server.start()
-        log.info("serving on %s (port %d)", address, self.port)
+        log.info("serving on %s (port %d)", server_config.address, self.port)
         return self.port
+
+    async def _serve_metrics(self, address: str) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        host, _, port = address.rpartition(":")
+        site = web.TCPSite(self._metrics_runner, host.strip("[]"), int(port))
+        await site.start()
+        return int(self._metrics_runner.addresses[0][1])
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones within the grace, close pools."""
@@ -180,11 +233,13 @@ class AggregatorServer:
         try:
             await self._server.stop(grace)
         finally:
-            await self._close_upstreams()
+            await self._close_endpoints()
         log.info("stopped")
 
-    async def _close_upstreams(self) -> None:
-        await asyncio.gather(*(upstream.aclose() for upstream in self._upstreams.values()))
+    async def _close_endpoints(self) -> None:
+        await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
 
 
 async def serve(config: Config) -> None:

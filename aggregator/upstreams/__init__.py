@@ -21,6 +21,8 @@ class Reply:
     content_type: str = ""
     # Why a reply that is not ok is not ok, as a sentence fragment ("HTTP 503", ...).
     reason: str = ""
+    # Seconds the upstream asked us to wait before retrying (HTTP Retry-After).
+    retry_after: float | None = None
 
 
 class Upstream(Protocol):

@@ -14,7 +14,19 @@ _CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
+
+
+def _channel_options(config: UpstreamConfig) -> tuple[tuple[str, int], ...]:
+    # gRPC core gives each connection attempt max(min_reconnect_backoff, current backoff):
+    # the minimum is what bounds a connect, so it carries connect_timeout.
+    connect_ms = max(1, round(config.connect_timeout * 1000))
+    return (
+        *_CHANNEL_OPTIONS,
+        ("grpc.min_reconnect_backoff_ms", connect_ms),
+        ("grpc.initial_reconnect_backoff_ms", min(connect_ms, 1_000)),
+    )
 
 
 class GrpcUpstream:
@@ -23,7 +35,7 @@ class GrpcUpstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.name = config.name
         self._address = config.address
-        self._channel = grpc.aio.insecure_channel(config.address, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(config.address, options=_channel_options(config))
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import aiohttp
 from yarl import URL
@@ -66,10 +68,28 @@ class HttpUpstream:
             http_status=status,
             content_type=response.headers.get("Content-Type", ""),
             reason=f"HTTP {status} {response.reason or ''}".rstrip(),
+            retry_after=_retry_after(response.headers.get("Retry-After"))
+            if status >= 400
+            else None,
         )
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 @contextlib.contextmanager

@@ -1,0 +1,92 @@
+"""Prometheus metrics of SPEC §9, with every label child bound once at start-up.
+
+Labels are bounded: upstream names come from the config and outcomes from the enum; no id,
+path or request value ever becomes a label.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from aggregator.v1 import aggregator_pb2 as pb
+
+# From a tenth of a millisecond (the service's own overhead) to the longest deadline.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
+CACHE_RESULTS = ("hit", "miss", "stale")
+REJECT_REASONS = ("max_concurrent_calls", "draining", "invalid_argument")
+
+
+class UpstreamMetrics:
+    """The children of every per-upstream metric, for one upstream."""
+
+    def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self.targets = {
+            outcome: metrics.targets.labels(upstream, pb.Outcome.Name(outcome))
+            for outcome in pb.Outcome.values()
+        }
+        self.request_duration = metrics.upstream_request_duration.labels(upstream)
+        self.circuit_state = metrics.circuit_state.labels(upstream)
+        self.cache = {
+            result: metrics.cache_requests.labels(upstream, result) for result in CACHE_RESULTS
+        }
+
+
+class Metrics:
+    """Every metric of the service, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, upstreams: Iterable[str]) -> None:
+        self.registry = registry
+        self.calls = Counter(
+            "aggregator_calls", "Aggregate and Collect calls by final gRPC status code.",
+            ["code"], registry=registry,
+        )  # fmt: skip
+        self.call_duration = Histogram(
+            "aggregator_call_duration_seconds", "Wall time of whole aggregates.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.targets = Counter(
+            "aggregator_targets", "Targets by upstream and outcome.",
+            ["upstream", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.upstream_request_duration = Histogram(
+            "aggregator_upstream_request_duration_seconds",
+            "Duration of single upstream attempts (retries and hedges included).",
+            ["upstream"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.fanin_wait = Histogram(
+            "aggregator_fanin_wait_seconds", "Time from an aggregate's first result to its last.",
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "aggregator_overhead_seconds",
+            "Aggregate wall time minus its slowest target's latency.",
+            buckets=_OVERHEAD_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.circuit_state = Gauge(
+            "aggregator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            ["upstream"], registry=registry, multiprocess_mode="max",
+        )  # fmt: skip
+        self.cache_requests = Counter(
+            "aggregator_cache_requests", "Response cache look-ups by upstream and result.",
+            ["upstream", "result"], registry=registry,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "aggregator_inflight_calls", "Aggregate and Collect calls in flight.",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.rejected = Counter(
+            "aggregator_rejected_calls", "Calls refused before any upstream was called, by reason.",
+            ["reason"], registry=registry,
+        )  # fmt: skip
+        self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
+        self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+
+    def __repr__(self) -> str:
+        return f"<Metrics [{len(self.upstreams)} upstreams, pid {os.getpid()}]>"

@@ -1,0 +1,236 @@
+"""An upstream behind its policies: the one place where retries, hedging, the breaker and the
+limits wrap single attempts, the same way for REST and gRPC upstreams.
+
+Every attempt (first, retry or hedge) takes a rate-limit token, asks the breaker, holds a
+bulkhead slot, and runs under the smaller of the upstream's ``timeout`` and the time left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import grpc
+
+from aggregator.config import UpstreamConfig
+from aggregator.errors import TargetFailure
+from aggregator.metrics import UpstreamMetrics
+from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.policies.breaker import Breaker
+from aggregator.policies.budget import RetryBudget
+from aggregator.policies.limits import Bulkhead, TokenBucket
+from aggregator.upstreams import Reply, Upstream
+from aggregator.v1 import aggregator_pb2 as pb
+
+Result = Reply | TargetFailure
+
+_RETRY_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+_BREAKER_GRPC_CODES = frozenset(
+    code.value[0]
+    for code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    )
+)
+_CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
+_DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The target's last attempt's result, and how many attempts it took."""
+
+    result: Result
+    attempts: int
+
+
+class Endpoint:
+    def __init__(
+        self, upstream: Upstream, config: UpstreamConfig, metrics: UpstreamMetrics
+    ) -> None:
+        self.name = config.name
+        self.metrics = metrics
+        self._upstream = upstream
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        retry = config.retry
+        ratio, floor = (retry.budget, retry.min_retries_per_second) if retry else _DEFAULT_BUDGET
+        self.budget = RetryBudget(ratio, floor)
+        self._retry_grpc_codes = frozenset(
+            _CODES_BY_NAME[name] for name in (retry.grpc_codes if retry else ())
+        )
+        self.bulkhead = Bulkhead(config.name, config.max_concurrency)
+        self.bucket = (
+            TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
+            if config.rate_limit
+            else None
+        )
+        breaker = config.circuit_breaker
+        self.breaker = (
+            Breaker(config.name, breaker.fail_max, breaker.reset_timeout, metrics.circuit_state.set)
+            if breaker
+            else None
+        )
+        self._latency = 0.0  # moving average of good attempts, to tell if a retry can finish
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
+
+    async def call(
+        self,
+        request: HttpRequest | GrpcRequest,
+        *,
+        idempotent: bool,
+        deadline: float,
+        deadline_reason: str,
+        request_id: str,
+    ) -> Answer:
+        """Attempts, retries and hedges within the loop-time ``deadline``."""
+        self.budget.record_request()
+        max_attempts = self._max_attempts()
+        attempts = 0
+        while True:
+            result, made = await self._round(
+                request, idempotent, max_attempts - attempts, deadline, deadline_reason, request_id
+            )
+            attempts += made
+            if attempts >= max_attempts or not self._retryable(request, idempotent, result):
+                return Answer(result, attempts)
+            delay = self._retry_delay(attempts, result, deadline)
+            if delay is None or not self.budget.try_withdraw():
+                return Answer(result, attempts)
+            await asyncio.sleep(delay)
+
+    def _max_attempts(self) -> int:
+        if self._config.retry:
+            return self._config.retry.attempts
+        return 2 if self._config.hedge else 1
+
+    async def _round(
+        self,
+        request: HttpRequest | GrpcRequest,
+        idempotent: bool,
+        room: int,
+        deadline: float,
+        reason: str,
+        request_id: str,
+    ) -> tuple[Result, int]:
+        if self._config.hedge is None or not idempotent or room < 2:
+            return await self._attempt(request, deadline, reason, request_id), 1
+        return await self._hedged(request, self._config.hedge.delay, deadline, reason, request_id)
+
+    async def _hedged(
+        self,
+        request: HttpRequest | GrpcRequest,
+        delay: float,
+        deadline: float,
+        reason: str,
+        request_id: str,
+    ) -> tuple[Result, int]:
+        """Sends a second attempt if the first has not answered after ``delay``; the first
+        good (or final) answer wins and the other attempt is cancelled."""
+        tasks = {asyncio.create_task(self._attempt(request, deadline, reason, request_id))}
+        made = 1
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay)
+            if not done and self._loop.time() < deadline and self.budget.try_withdraw():
+                tasks.add(asyncio.create_task(self._attempt(request, deadline, reason, request_id)))
+                made = 2
+            last: Result | None = None
+            while tasks:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    last = task.result()
+                    if not self._retryable(request, True, last):
+                        return last, made
+            assert last is not None
+            return last, made
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+
+    async def _attempt(
+        self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
+    ) -> Result:
+        """One attempt through every policy; failures are returned, cancellation raised."""
+        try:
+            if self.bucket is not None:
+                await self.bucket.take(deadline)
+            trial = self.breaker.admit() if self.breaker is not None else False
+        except TargetFailure as failure:
+            return failure
+        result: Result | None = None
+        try:
+            async with self.bulkhead.slot(deadline):
+                result = await self._timed(request, deadline, reason, request_id)
+        except TargetFailure as failure:
+            result = failure
+        finally:
+            if self.breaker is not None:
+                self.breaker.record(trial, None if result is None else _breaker_failure(result))
+        return result
+
+    async def _timed(
+        self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
+    ) -> Reply:
+        started = self._loop.time()
+        left = deadline - started
+        limit = self._config.timeout
+        if limit < left:
+            reason = f"upstream timeout {limit * 1000:g}ms"
+        timeout = max(min(limit, left), 0.0)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._upstream.call(request, timeout, request_id)
+        except TimeoutError:
+            raise TargetFailure(
+                pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
+            ) from None
+        finally:
+            self.metrics.request_duration.observe(self._loop.time() - started)
+        if reply.ok:
+            self._latency = 0.8 * self._latency + 0.2 * (self._loop.time() - started)
+        return reply
+
+    def _retryable(
+        self, request: HttpRequest | GrpcRequest, idempotent: bool, result: Result
+    ) -> bool:
+        if isinstance(request, GrpcRequest):
+            code = result.grpc_code
+            return code in self._retry_grpc_codes
+        if not idempotent:
+            return False
+        if isinstance(result, TargetFailure):
+            return result.outcome == pb.OUTCOME_UNAVAILABLE
+        return result.http_status in _RETRY_HTTP_STATUSES
+
+    def _retry_delay(self, attempts: int, result: Result, deadline: float) -> float | None:
+        """Full-jitter exponential back-off (or Retry-After); None when it cannot finish in time."""
+        retry = self._config.retry
+        backoff, cap = (retry.backoff, retry.max_backoff) if retry else (0.025, 0.25)
+        delay = random.uniform(0, min(cap, backoff * 2 ** (attempts - 1)))
+        if isinstance(result, Reply) and result.retry_after is not None:
+            delay = max(delay, result.retry_after)
+        if self._loop.time() + delay + self._latency >= deadline:
+            return None
+        return delay
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+def _breaker_failure(result: Result) -> bool | None:
+    """Whether ``result`` counts against the breaker (None: it says nothing about health)."""
+    if isinstance(result, TargetFailure):
+        if result.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT):
+            return True
+        return None if result.outcome in (pb.OUTCOME_REJECTED, pb.OUTCOME_CIRCUIT_OPEN) else False
+    if result.http_status:
+        return result.http_status >= 500
+    return result.grpc_code in _BREAKER_GRPC_CODES

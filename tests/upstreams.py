@@ -13,7 +13,7 @@ import contextlib
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,13 @@ class Recorder:
     arrived: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     hanging: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, key: str) -> int:
+        """Counts a call under ``key``; returns how many came before this one."""
+        seen = self.counts.get(key, 0)
+        self.counts[key] = seen + 1
+        return seen
 
     def enter(self, seen: dict[str, Any]) -> None:
         self.requests.append(seen)
@@ -92,7 +99,29 @@ def _rest_app(recorder: Recorder) -> web.Application:
 
     async def status(request: web.Request) -> web.Response:
         code = int(request.match_info["code"])
-        return web.json_response({"status": code}, status=code)
+        headers = (
+            {"Retry-After": request.query["retry_after"]} if "retry_after" in request.query else {}
+        )
+        return web.json_response({"status": code}, status=code, headers=headers)
+
+    async def flaky(request: web.Request) -> web.Response:
+        """Answers 503 (or ?code=) to the first n calls of a key, then 200."""
+        key, failures = request.match_info["key"], int(request.match_info["n"])
+        if recorder.count(key) < failures:
+            code = int(request.query.get("code", "503"))
+            headers = (
+                {"Retry-After": request.query["retry_after"]}
+                if "retry_after" in request.query
+                else {}
+            )
+            return web.json_response({"failing": key}, status=code, headers=headers)
+        return web.json_response({"ok": key})
+
+    async def slow_first(request: web.Request) -> web.Response:
+        """The first call of a key hangs (until cancelled); later ones answer at once."""
+        if recorder.count(request.match_info["key"]) == 0:
+            await recorder.hang()
+        return web.json_response({"fast": True})
 
     async def hang(request: web.Request) -> web.Response:
         await recorder.hang()
@@ -125,6 +154,8 @@ def _rest_app(recorder: Recorder) -> web.Application:
     app = web.Application(middlewares=[record])
     app.router.add_route("*", "/delay/{ms}", delay)
     app.router.add_route("*", "/status/{code}", status)
+    app.router.add_route("*", "/flaky/{key}/{n}", flaky)
+    app.router.add_route("*", "/slow-first/{key}", slow_first)
     app.router.add_route("*", "/hang", hang)
     app.router.add_route("*", "/reset", reset)
     app.router.add_route("*", "/echo{tail:.*}", echo)
@@ -183,7 +214,17 @@ def _grpc_handler(recorder: Recorder) -> grpc.GenericRpcHandler:
             recorder.leave()
         raise AssertionError("unreachable")
 
-    methods = {"Echo": echo, "Delay": delay, "Fail": fail, "Hang": hang}
+    async def fail_first(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        """Request "key:n:code": fails the first n calls of key with code, then echoes."""
+        seen(request, context)
+        recorder.leave()
+        key, failures, number = request.decode().split(":")
+        if recorder.count(key) < int(failures):
+            code = next(c for c in grpc.StatusCode if c.value[0] == int(number))
+            await context.abort(code, f"failing {key}")
+        return request
+
+    methods = {"Echo": echo, "Delay": delay, "Fail": fail, "Hang": hang, "FailFirst": fail_first}
     return grpc.method_handlers_generic_handler(
         "test.Upstream",
         {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()},
@@ -208,6 +249,21 @@ def refused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full, so new connections hang in SYN-SENT."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        for _ in range(4):  # fill the queue; never accepted
+            client = stack.enter_context(socket.socket())
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+        yield port
 
 
 def echo_json(result_body: bytes) -> dict[str, Any]:

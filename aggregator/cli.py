@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 from aggregator.config import ConfigError, load_config
+from aggregator.logs import configure as configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    configure_logging()
     if args.command == "check-config":
         return _check_config(args.path)
     if args.command == "demo":
@@ -56,6 +54,11 @@ def _serve(path: str | None) -> int:
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
+    configure_logging(config.server.log_format, config.server.log_level)
+    if config.server.workers > 1:
+        from aggregator.workers import run_workers
+
+        return run_workers(config)
     from aggregator.server import serve
 
     asyncio.run(serve(config))

@@ -104,6 +104,8 @@ class ServerConfig:
     deadline_margin: float = 0.020
     deadline_margin_ratio: float = 0.05
     shutdown_grace: float = 10.0
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "info"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +193,20 @@ def _number(low: float, high: float) -> Callable[[Any], float]:
     return convert
 
 
+def _log_format(value: Any) -> Literal["text", "json"]:
+    if value == "text":
+        return "text"
+    if value == "json":
+        return "json"
+    raise ValueError(f"{value!r} must be text or json")
+
+
+def _log_level(value: Any) -> str:
+    if value not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{value!r} must be debug, info, warning or error")
+    return str(value)
+
+
 def _host_port(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a host:port string")
@@ -246,6 +262,8 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         shutdown_grace=reader.value(
             section, "shutdown_grace", "server", _duration, d.shutdown_grace
         ),
+        log_format=reader.value(section, "log_format", "server", _log_format, d.log_format),
+        log_level=reader.value(section, "log_level", "server", _log_level, d.log_level),
     )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from aggregator.v1 import aggregator_pb2 as pb
 
@@ -43,6 +43,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, upstreams: Iterable[str]) -> None:
         self.registry = registry
+        # What /metrics serves: this process's registry, or with server.workers > 1 the
+        # sum over every worker's files in PROMETHEUS_MULTIPROC_DIR.
+        self.exposition = registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            self.exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposition)  # type: ignore[no-untyped-call]
         self.calls = Counter(
             "aggregator_calls", "Aggregate and Collect calls by final gRPC status code.",
             ["code"], registry=registry,

@@ -13,7 +13,7 @@ import logging
 import re
 import signal
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Collection, Iterator
 from typing import Any
 
 import grpc
@@ -52,6 +52,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
+        self._shed = 0
+        self._shed_logged_at = -1.0
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
@@ -98,37 +100,58 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             failure = refused
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
-        self._observe(reported.values(), failure, elapsed, first_at)
+        self._observe(request_id, reported.values(), failure, elapsed, first_at)
         if failure is not None:
             await context.abort(failure.code, failure.message)
 
     def _observe(
         self,
-        results: Iterable[pb.TargetResult],
+        request_id: str,
+        results: Collection[pb.TargetResult],
         failure: CallFailure | None,
         elapsed: float,
         first_at: float | None,
     ) -> None:
+        """Metrics and the one log line of an aggregate."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
         metrics.calls.labels(code.name).inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
         metrics.call_duration.observe(elapsed)
-        slowest = max((r.latency.ToNanoseconds() for r in results), default=None)
+        slowest = max(results, key=lambda r: r.latency.ToNanoseconds(), default=None)
+        overhead = elapsed - slowest.latency.ToNanoseconds() / 1e9 if slowest else 0.0
         if slowest is not None:
-            metrics.overhead.observe(max(0.0, elapsed - slowest / 1e9))
+            metrics.overhead.observe(max(0.0, overhead))
         if first_at is not None:
             metrics.fanin_wait.observe(self._loop.time() - first_at)
+        if log.isEnabledFor(logging.INFO):
+            failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+            log.info(
+                "aggregate %s: %s, %d targets, %d failed, %.1f ms",
+                request_id, code.name, len(results), len(failed), elapsed * 1000,
+                extra={
+                    "request_id": request_id,
+                    "code": code.name,
+                    "targets": len(results),
+                    "failed": ",".join(failed[:20]) + (" ..." if len(failed) > 20 else ""),
+                    "elapsed_ms": round(elapsed * 1000, 2),
+                    "overhead_ms": round(overhead * 1000, 2),
+                    "slowest": slowest.id if slowest else "",
+                    "error": failure.message[:200] if failure else "",
+                },
+            )  # fmt: skip
 
     @contextlib.contextmanager
     def _admission(self) -> Iterator[None]:
         if self.draining:
             self._metrics.rejected_by["draining"].inc()
+            log.warning("refused a call: draining", extra={"event": "shed", "reason": "draining"})
             raise CallFailure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         limit = self._config.server.max_concurrent_calls
         if self.inflight >= limit:
             self._metrics.rejected_by["max_concurrent_calls"].inc()
+            self._log_shed()
             raise CallFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"more than server.max_concurrent_calls ({limit}) calls in flight",
@@ -140,6 +163,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         finally:
             self.inflight -= 1
             self._metrics.inflight.dec()
+
+    def _log_shed(self) -> None:
+        """Logs shedding at most once a second: an overload must not become a log flood."""
+        self._shed += 1
+        now = self._loop.time()
+        if now - self._shed_logged_at >= 1.0:
+            log.warning(
+                "shed %d calls over server.max_concurrent_calls", self._shed,
+                extra={"event": "shed", "reason": "max_concurrent_calls", "shed": self._shed},
+            )  # fmt: skip
+            self._shed, self._shed_logged_at = 0, now
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -214,11 +248,12 @@ class AggregatorServer:
 
     async def _serve_metrics(self, address: str) -> int:
         app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.registry))
+        app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.exposition))
         self._metrics_runner = web.AppRunner(app, access_log=None)
         await self._metrics_runner.setup()
         host, _, port = address.rpartition(":")
-        site = web.TCPSite(self._metrics_runner, host.strip("[]"), int(port))
+        reuse_port = self.config.server.workers > 1
+        site = web.TCPSite(self._metrics_runner, host.strip("[]"), int(port), reuse_port=reuse_port)
         await site.start()
         return int(self._metrics_runner.addresses[0][1])
 

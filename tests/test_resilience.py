@@ -106,7 +106,7 @@ async def test_retries_never_run_past_the_deadline(start_server, rest):
     )
     assert code == grpc.StatusCode.OK
     assert results[0].outcome == pb.OUTCOME_ERROR
-    assert 1 <= results[0].attempts < 10
+    assert 1 <= results[0].attempts < 50  # stopped by the deadline, not by attempts
     assert int(trailers["x-aggregate-elapsed-ms"]) < 500
 
 

@@ -75,7 +75,7 @@ server:
   metrics_address: ""
   shutdown_grace: {grace}
 upstreams:
-  rest: {{kind: http, url: "{rest.url}"}}
+  rest: {{kind: http, url: "{rest.url}", timeout: 20s}}
 """
     )
 

@@ -21,9 +21,9 @@ import yaml
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 class ConfigError(Exception):
@@ -226,6 +226,7 @@ def _base_url(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a URL")
     parts = urlsplit(value)
+    parts.port  # noqa: B018 -- reading it validates it (ValueError names the bad port)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
     if parts.query or parts.fragment or parts.username or parts.password:
@@ -412,6 +413,8 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text ({exc.reason})"]) from exc
     return parse_config(text, source=str(path))
 
 

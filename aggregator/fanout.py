@@ -8,6 +8,7 @@ target failed, the caller went away), cancels and awaits every task it started b
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from aggregator.policies.endpoint import Answer, Endpoint
 from aggregator.status import status_for
 from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
+
+log = logging.getLogger("aggregator")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,15 @@ class Aggregation:
         return CallFailure(status_for(cause), message)
 
     async def _run(self, target: PlannedTarget) -> None:
-        result = _with_fallback(target, await self._settle(target))
+        try:
+            settled = await self._settle(target)
+        except Exception:  # a bug: answer for this target now rather than at the deadline
+            log.exception("target %r failed unexpectedly", target.id)
+            now = self._loop.time()
+            settled = _result(
+                target.id, pb.OUTCOME_ERROR, "internal error", self._budget.started, now, now
+            )
+        result = _with_fallback(target, settled)
         self._settled[target.id] = result
         self._finished[target.id].set()
         self._queue.put_nowait(result)

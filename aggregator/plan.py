@@ -19,10 +19,10 @@ from aggregator.config import Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
 from aggregator.v1 import aggregator_pb2 as pb
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*$")
-_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
+_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Connection-level headers, and the ones that would let a caller steer the request
@@ -109,8 +109,7 @@ def make_plan(request: pb.AggregateRequest, config: Config) -> Plan:
         problems.extend(f"{label}: {problem}" for problem in target_problems)
         if not target_problems:
             planned.append(_plan_target(target, config.upstreams))
-    if not problems:
-        problems.extend(_dependency_problems(request.targets))
+    problems.extend(_dependency_problems(request.targets))
     if problems:
         raise InvalidRequest(problems)
     return Plan(targets=tuple(planned))

@@ -39,7 +39,7 @@ log = logging.getLogger("aggregator")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 class AggregatorService(pb_grpc.AggregatorServicer):

@@ -26,7 +26,7 @@ def trailers(
     failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
     timed_out = [r.id for r in results if r.outcome == pb.OUTCOME_TIMEOUT]
     fallback = [r.id for r in results if r.from_fallback]
-    completed = not failed and not fallback
+    completed = bool(results) and not failed and not fallback
     return (
         ("x-aggregate-completed", "true" if completed else "false"),
         ("x-aggregate-succeeded", str(len(results) - len(failed))),

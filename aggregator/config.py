@@ -74,6 +74,9 @@ class CachePolicy:
     ttl: float
     stale_if_error: float = 0.0
     max_entries: int = 10_000
+    max_body_bytes: int = 1024 * 1024  # larger answers are not cached
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,11 +343,31 @@ def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
     if "ttl" not in section:
         reader.problems.append(f"{path}.ttl: required")
     d = CachePolicy(ttl=0.0)
-    return CachePolicy(
+    policy = CachePolicy(
         ttl=reader.value(section, "ttl", path, _positive_duration, 1.0),
         stale_if_error=reader.value(section, "stale_if_error", path, _duration, d.stale_if_error),
         max_entries=reader.value(section, "max_entries", path, _int(1), d.max_entries),
+        max_body_bytes=reader.value(section, "max_body_bytes", path, _int(0), d.max_body_bytes),
+        backend=reader.value(section, "backend", path, _cache_backend, d.backend),
+        redis_url=reader.value(section, "redis_url", path, _redis_url, d.redis_url),
     )
+    if policy.backend == "redis" and not policy.redis_url:
+        reader.problems.append(f"{path}.redis_url: required when backend is redis")
+    return policy
+
+
+def _cache_backend(value: Any) -> Literal["memory", "redis"]:
+    if value == "memory":
+        return "memory"
+    if value == "redis":
+        return "redis"
+    raise ValueError(f"{value!r} must be memory or redis")
+
+
+def _redis_url(value: Any) -> str:
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{value!r} is not a redis:// or rediss:// URL")
+    return value
 
 
 _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install demo test lint proto bench clean redis
 
 install: $(STAMP)
 
@@ -23,7 +23,14 @@ lint: install
 	$(BIN)/ruff format --check aggregator tests
 	$(BIN)/mypy
 
-test: lint
+# The cache tests run a real redis-server; install it from Debian's packages if missing.
+redis:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
+
+test: lint redis
 	$(BIN)/pytest
 
 proto: install

@@ -61,7 +61,11 @@ def _serve(path: str | None) -> int:
         return run_workers(config)
     from aggregator.server import serve
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"aggregator serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

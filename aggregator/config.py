@@ -74,7 +74,7 @@ class CachePolicy:
     ttl: float
     stale_if_error: float = 0.0
     max_entries: int = 10_000
-    max_body_bytes: int = 1024 * 1024  # larger answers are not cached
+    max_bytes: int = 64 * 1024 * 1024  # bodies held in memory; one entry may use an eighth
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = ""
 
@@ -347,7 +347,7 @@ def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
         ttl=reader.value(section, "ttl", path, _positive_duration, 1.0),
         stale_if_error=reader.value(section, "stale_if_error", path, _duration, d.stale_if_error),
         max_entries=reader.value(section, "max_entries", path, _int(1), d.max_entries),
-        max_body_bytes=reader.value(section, "max_body_bytes", path, _int(0), d.max_body_bytes),
+        max_bytes=reader.value(section, "max_bytes", path, _int(1), d.max_bytes),
         backend=reader.value(section, "backend", path, _cache_backend, d.backend),
         redis_url=reader.value(section, "redis_url", path, _redis_url, d.redis_url),
     )

@@ -8,21 +8,27 @@ target failed, the caller went away), cancels and awaits every task it started b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 from google.protobuf import json_format
 
 from aggregator.config import ServerConfig
 from aggregator.errors import CallFailure, TargetFailure
-from aggregator.plan import Plan, PlannedTarget
+from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Answer, Endpoint
 from aggregator.status import status_for
+from aggregator.substitution import ITEM, Substitution, resolve
 from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("aggregator")
+_OK = pb.OUTCOME_OK
+# Put on the queue when the number of results to expect changed (a for_each expanded).
+_RECOUNT = pb.TargetResult()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,9 @@ class Aggregation:
         self._by_id = {target.id: target for target in plan.targets}
         self._finished = {target.id: asyncio.Event() for target in plan.targets}
         self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
+        self._bodies: dict[str, Any] = {}  # dependency id -> its JSON body, parsed once
+        self._expanded: set[str] = set()  # for_each targets whose elements report instead
+        self._expected = len(plan.targets)  # results to report; for_each changes it
         self._tasks: list[asyncio.Task[None]] = []
         self.reported: dict[str, pb.TargetResult] = {}
         self.failure: CallFailure | None = None
@@ -73,7 +82,7 @@ class Aggregation:
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
         return (
-            f"<Aggregation {self._request_id} [{len(self.reported)}/{len(self._plan.targets)} "
+            f"<Aggregation {self._request_id} [{len(self.reported)}/{self._expected} "
             f"reported, {running} running] {self._budget!r}>"
         )
 
@@ -84,8 +93,10 @@ class Aggregation:
             for target in self._plan.targets
         ]
         try:
-            while len(self.reported) < len(self._plan.targets):
+            while len(self.reported) < self._expected:
                 result = await self._next()
+                if result is _RECOUNT:
+                    continue
                 if result is None:
                     for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
                         yield late
@@ -107,6 +118,8 @@ class Aggregation:
                 result = await self._queue.get()
         except TimeoutError:
             return None
+        if result is _RECOUNT:
+            return result
         if self._by_id[result.id].required and result.outcome != pb.OUTCOME_OK:
             self.failure = self._required_failure(result)
         return result
@@ -114,8 +127,8 @@ class Aggregation:
     def _unreported(self, outcome: pb.Outcome, sentence: str) -> list[pb.TargetResult]:
         now = self._loop.time()
         results = []
-        for target in self._plan.targets:
-            if target.id not in self.reported:
+        for target in list(self._by_id.values()):
+            if target.id not in self.reported and target.id not in self._expanded:
                 result = self._settled.get(target.id) or _result(
                     target.id, outcome, sentence, self._budget.started, now, now
                 )
@@ -132,6 +145,7 @@ class Aggregation:
         self._endpoints[self._by_id[result.id].upstream.name].metrics.targets[result.outcome].inc()
 
     async def _cancel_all(self) -> None:
+        # for_each tasks own their element tasks: cancelling them cancels those too.
         pending = [task for task in self._tasks if not task.done()]
         for task in pending:
             task.cancel()
@@ -159,19 +173,24 @@ class Aggregation:
             settled = _result(
                 target.id, pb.OUTCOME_ERROR, "internal error", self._budget.started, now, now
             )
+        if settled is None:  # a for_each target: its elements reported for it
+            return
         result = _with_fallback(target, settled)
         self._settled[target.id] = result
         self._finished[target.id].set()
         self._queue.put_nowait(result)
 
-    async def _settle(self, target: PlannedTarget) -> pb.TargetResult:
+    async def _settle(self, target: PlannedTarget) -> pb.TargetResult | None:
         blocker = await self._wait_for_dependencies(target)
         started = self._loop.time()
         try:
             if blocker is not None:
                 self._skipped_by[target.id] = blocker
                 raise TargetFailure(pb.OUTCOME_SKIPPED, f"dependency {blocker!r} did not succeed")
-            answer = await self._call(target, started)
+            if target.for_each is not None and target.index is None:
+                await self._expand(target, self._elements(target))
+                return None
+            answer = await self._call(target, self._request(target), started)
         except TargetFailure as failure:
             return _failed(target.id, failure, 0, self._budget.started, started, self._loop.time())
         if isinstance(answer.result, TargetFailure):
@@ -185,7 +204,78 @@ class Aggregation:
             )
         result = _answered(target, answer.result, self._budget.started, started, self._loop.time())
         result.attempts = answer.attempts
+        result.cache = answer.cache
         return result
+
+    def _elements(self, target: PlannedTarget) -> list[Any]:
+        assert target.for_each is not None
+        elements = resolve(target.for_each, self._values(target))
+        if not isinstance(elements, list):
+            raise TargetFailure(pb.OUTCOME_ERROR, f"for_each: {target.for_each} is not an array")
+        total = self._expected - 1 + len(elements)
+        if total > self._plan.max_targets:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR,
+                f"for_each: {len(elements)} elements would make {total} results, "
+                f"over server.max_targets ({self._plan.max_targets})",
+            )
+        return elements
+
+    async def _expand(self, target: PlannedTarget, elements: list[Any]) -> None:
+        """Runs one call per element, as targets ``id[0]``, ``id[1]``, ... and waits for them."""
+        children = [
+            replace(target, id=f"{target.id}[{index}]", index=index, item=element)
+            for index, element in enumerate(elements)
+        ]
+        for child in children:
+            self._by_id[child.id] = child
+            self._finished[child.id] = asyncio.Event()
+        self._expanded.add(target.id)
+        self._expected += len(children) - 1
+        self._queue.put_nowait(_RECOUNT)
+        tasks = [
+            asyncio.create_task(self._run(child), name=f"target {child.id}") for child in children
+        ]
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+        # What dependents see: OK when every element is, else the first element that is not.
+        failed = (self._settled[c.id] for c in children if self._settled[c.id].outcome != _OK)
+        self._settled[target.id] = next(failed, pb.TargetResult(id=target.id, outcome=_OK))
+        self._finished[target.id].set()
+
+    def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
+        if not target.templated:
+            return target.request
+        assert isinstance(target.request, HttpRequest)
+        return target.request.rendered(Substitution(target.sources, self._values(target)))
+
+    def _values(self, target: PlannedTarget) -> Callable[[str], Any]:
+        """What a target's references read: dependencies' JSON bodies, and its element."""
+
+        def value_of(source: str) -> Any:
+            return target.item if source == ITEM else self._body(source)
+
+        return value_of
+
+    def _body(self, dep: str) -> Any:
+        if dep not in self._bodies:
+            result = self._settled[dep]
+            if result.HasField("json"):
+                self._bodies[dep] = json_format.MessageToDict(result.json)
+            else:
+                try:
+                    self._bodies[dep] = json.loads(result.body)
+                except ValueError:
+                    raise TargetFailure(
+                        pb.OUTCOME_ERROR, f"dependency {dep!r} did not answer with JSON"
+                    ) from None
+        return self._bodies[dep]
 
     async def _wait_for_dependencies(self, target: PlannedTarget) -> str | None:
         """Waits for every dependency; returns the first that did not end OK, if any."""
@@ -196,7 +286,9 @@ class Aggregation:
                 return dep
         return None
 
-    async def _call(self, target: PlannedTarget, started: float) -> Answer:
+    async def _call(
+        self, target: PlannedTarget, request: HttpRequest | GrpcRequest, started: float
+    ) -> Answer:
         """Calls the target's upstream through its policies, within the smaller of the call's
         deadline and the target's own timeout."""
         deadline = self._budget.stop_at
@@ -205,7 +297,7 @@ class Aggregation:
             deadline = started + target.timeout
             reason = f"target timeout {_ms(target.timeout)}"
         return await self._endpoints[target.upstream.name].call(
-            target.request,
+            request,
             idempotent=target.idempotent,
             deadline=deadline,
             deadline_reason=reason,
@@ -261,7 +353,7 @@ def _answered(
     if target.decode_json and reply.body:
         try:
             json_format.Parse(reply.body, result.json)
-        except json_format.ParseError:
+        except (json_format.ParseError, UnicodeDecodeError):
             result.ClearField("json")
     return result
 

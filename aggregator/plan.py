@@ -8,15 +8,25 @@ InvalidRequest naming each problem with its target, e.g.::
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import unquote
 
 from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
+from aggregator.substitution import (
+    ITEM,
+    Reference,
+    Substitution,
+    json_strings,
+    parse_reference,
+    references,
+)
 from aggregator.v1 import aggregator_pb2 as pb
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
@@ -53,6 +63,20 @@ class HttpRequest:
     query: tuple[tuple[str, str], ...]
     headers: tuple[tuple[str, str], ...]
     body: bytes | None
+    json_body: Any = None  # the JSON body as Python values, kept for substitution
+
+    def rendered(self, substitution: Substitution) -> HttpRequest:
+        """This request with every {{...}} reference replaced."""
+        body = self.body
+        if self.json_body is not None:
+            body = json.dumps(substitution.json(self.json_body), separators=(",", ":")).encode()
+        return replace(
+            self,
+            path=substitution.path(self.path),
+            query=tuple((name, substitution.text(value)) for name, value in self.query),
+            headers=tuple((name, substitution.header(value)) for name, value in self.headers),
+            body=body,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +96,17 @@ class PlannedTarget:
     depends_on: tuple[str, ...]
     fallback: struct_pb2.Value | None
     decode_json: bool
+    # Whether the request holds {{...}} references to render when the target starts.
+    templated: bool = False
+    for_each: Reference | None = None
+    # Set on the targets a for_each expansion makes: which element, and the element itself.
+    index: int | None = None
+    item: Any = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """What references may name: the dependencies, and ``item`` under for_each."""
+        return (*self.depends_on, ITEM) if self.for_each else self.depends_on
 
     @property
     def idempotent(self) -> bool:
@@ -86,6 +121,7 @@ class PlannedTarget:
 @dataclass(frozen=True, slots=True)
 class Plan:
     targets: tuple[PlannedTarget, ...]
+    max_targets: int = 100  # results an aggregate may produce, for_each expansions included
 
     def __repr__(self) -> str:
         return f"<Plan [{len(self.targets)} targets]>"
@@ -110,9 +146,10 @@ def make_plan(request: pb.AggregateRequest, config: Config) -> Plan:
         if not target_problems:
             planned.append(_plan_target(target, config.upstreams))
     problems.extend(_dependency_problems(request.targets))
+    problems.extend(_template_problems(request.targets))
     if problems:
         raise InvalidRequest(problems)
-    return Plan(targets=tuple(planned))
+    return Plan(targets=tuple(planned), max_targets=limit)
 
 
 def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
@@ -144,8 +181,6 @@ def _target_problems(target: pb.Target, upstreams: Mapping[str, UpstreamConfig])
         yield from _grpc_problems(target.grpc)
     if target.HasField("timeout") and target.timeout.ToNanoseconds() <= 0:
         yield "timeout: must be longer than 0"
-    if target.for_each:
-        yield "for_each: not supported by this server version"
 
 
 def _http_problems(call: pb.HttpCall) -> Iterator[str]:
@@ -196,6 +231,44 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
         yield f"depends_on: cycle {' -> '.join(cycle)}"
 
 
+def _template_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
+    expanding = {target.id for target in targets if target.for_each}
+    for target in targets:
+        label = f"target {target.id!r}"
+        sources = tuple(target.depends_on)
+        if target.for_each:
+            yield from (f"{label}: {p}" for p in _for_each_problems(target.for_each, sources))
+            sources = (*sources, ITEM)
+        for text in _template_texts(target):
+            for raw in references(text):
+                reference = parse_reference(raw, sources)
+                if reference is None:
+                    yield (
+                        f"{label}: {{{{{raw}}}}} names no target in depends_on"
+                        + (" (nor item)" if target.for_each else "")
+                    )
+                elif reference.source in expanding:
+                    yield f"{label}: {{{{{raw}}}}} names for_each target {reference.source!r}"
+
+
+def _for_each_problems(text: str, sources: tuple[str, ...]) -> Iterator[str]:
+    found = list(references(text))
+    reference = parse_reference(found[0], sources) if len(found) == 1 else None
+    if reference is None or text.strip() != "{{" + found[0] + "}}":
+        yield f"for_each: {text!r} must be one {{{{id.path}}}} naming a target in depends_on"
+
+
+def _template_texts(target: pb.Target) -> Iterator[str]:
+    if target.WhichOneof("call") != "http":
+        return
+    call = target.http
+    yield call.path
+    yield from call.query.values()
+    yield from call.headers.values()
+    if call.WhichOneof("payload") == "json":
+        yield from json_strings(json_format.MessageToDict(call.json))
+
+
 def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
     """Returns one cycle (first id repeated at the end), or [] when there is none."""
     state: dict[str, int] = {}  # 1 = on the current path, 2 = fully explored
@@ -231,6 +304,7 @@ def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> 
             query=tuple(sorted(call.query.items())),
             headers=_http_headers(call),
             body=_http_body(call),
+            json_body=_json_body(call),
         )
     else:
         request = GrpcRequest(
@@ -239,6 +313,10 @@ def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> 
             metadata=tuple(sorted(target.grpc.metadata.items())),
         )
     upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
+    for_each = None
+    found = list(references(target.for_each))
+    if found:  # a bad for_each is reported by _template_problems; the plan is then dropped
+        for_each = parse_reference(found[0], tuple(target.depends_on))
     return PlannedTarget(
         id=target.id,
         upstream=upstreams[upstream_name],
@@ -248,6 +326,8 @@ def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> 
         depends_on=tuple(target.depends_on),
         fallback=target.fallback if target.HasField("fallback") else None,
         decode_json=target.decode_json,
+        templated=any(True for text in _template_texts(target) for _ in references(text)),
+        for_each=for_each,
     )
 
 
@@ -258,6 +338,10 @@ def _http_headers(call: pb.HttpCall) -> tuple[tuple[str, str], ...]:
     ):
         headers.append(("Content-Type", "application/json"))
     return tuple(headers)
+
+
+def _json_body(call: pb.HttpCall) -> Any:
+    return json_format.MessageToDict(call.json) if call.WhichOneof("payload") == "json" else None
 
 
 def _http_body(call: pb.HttpCall) -> bytes | None:

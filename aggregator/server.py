@@ -98,6 +98,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 failure = aggregation.failure
         except CallFailure as refused:
             failure = refused
+        except asyncio.CancelledError:  # the caller went away: count and log it, then go
+            gone = CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
+            elapsed = self._loop.time() - budget.started
+            self._observe(request_id, reported.values(), gone, elapsed, first_at)
+            raise
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
         self._observe(request_id, reported.values(), failure, elapsed, first_at)
@@ -190,7 +195,7 @@ def _merge(merged: struct_pb2.Struct, result: pb.TargetResult) -> None:
         merged.fields[result.id].CopyFrom(result.json)
         return
     if result.body:
-        with contextlib.suppress(json_format.ParseError):
+        with contextlib.suppress(json_format.ParseError, UnicodeDecodeError):
             json_format.Parse(result.body, merged.fields[result.id])
             return
         del merged.fields[result.id]
@@ -234,9 +239,10 @@ class AggregatorServer:
             (SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self._server
         )
         try:
-            self.port = self._server.add_insecure_port(server_config.address)
-            if self.port == 0:
-                raise OSError(f"cannot listen on server.address {server_config.address}")
+            try:
+                self.port = self._server.add_insecure_port(server_config.address)
+            except RuntimeError as exc:  # grpc's way of saying the port is taken
+                raise OSError(f"cannot listen on server.address {server_config.address}") from exc
             if server_config.metrics_address:
                 self.metrics_port = await self._serve_metrics(server_config.metrics_address)
         except BaseException:

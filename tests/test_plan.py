@@ -377,14 +377,59 @@ def test_positive_timeout_becomes_seconds():
     assert plan_one(http("t", "/x")).timeout is None
 
 
-def test_for_each_is_refused_by_this_server_version():
+@pytest.mark.parametrize(
+    "for_each",
+    ["{{ghost.items}}", "list.items", "{{list.items}} and more", "{{list.a}}{{list.b}}"],
+)
+def test_for_each_must_be_one_reference_to_a_dependency(for_each):
     problems = refuse(
         http("list", "/items"),
-        http("each", "/items/{{list.items}}", depends_on=["list"], for_each="{{list.items}}"),
+        http("each", "/items/{{item}}", depends_on=["list"], for_each=for_each),
     )
     assert len(problems) == 1
     assert "'each'" in problems[0]
     assert "for_each:" in problems[0]
+
+
+def test_item_is_only_known_under_for_each():
+    problems = refuse(http("list", "/items"), http("each", "/items/{{item}}", depends_on=["list"]))
+    assert problems == ["target 'each': {{item}} names no target in depends_on"]
+
+
+def test_references_to_a_for_each_target_are_refused():
+    problems = refuse(
+        http("list", "/items"),
+        http("each", "/x/{{item}}", depends_on=["list"], for_each="{{list.items}}"),
+        http("after", "/y/{{each.id}}", depends_on=["each"]),
+    )
+    assert problems == ["target 'after': {{each.id}} names for_each target 'each'"]
+
+
+def test_references_in_query_headers_and_json_are_checked():
+    problems = refuse(
+        http(
+            "a",
+            "/x",
+            query={"q": "{{ghost.q}}"},
+            headers={"X-H": "{{ghost.h}}"},
+            json=json_value({"k": ["{{ghost.j}}"]}),
+        )
+    )
+    assert sorted(problems) == [
+        "target 'a': {{ghost.h}} names no target in depends_on",
+        "target 'a': {{ghost.j}} names no target in depends_on",
+        "target 'a': {{ghost.q}} names no target in depends_on",
+    ]
+
+
+def test_longest_dependency_id_wins_when_ids_contain_dots():
+    planned = plan(
+        http("user", "/u"),
+        http("user.v2", "/u2"),
+        http("orders", "/o/{{user.v2.id}}", depends_on=["user", "user.v2"]),
+    ).targets[2]
+    assert planned.templated
+    assert planned.depends_on == ("user", "user.v2")
 
 
 # depends_on ---------------------------------------------------------------------------------

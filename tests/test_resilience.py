@@ -179,7 +179,7 @@ async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(sta
 
     results, _, _, _ = await aggregate(stub, http("fast", "/delay/1", upstream="flaky"))
     assert results[0].outcome == pb.OUTCOME_CIRCUIT_OPEN
-    assert results[0].attempts == 1
+    assert results[0].attempts == 0
     assert "circuit breaker for flaky is open" in results[0].error
     assert len(rest.recorder.requests) == 3  # nothing reached the network
 

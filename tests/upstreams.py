@@ -32,6 +32,8 @@ class Recorder:
     hanging: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     cancelled: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
     counts: dict[str, int] = field(default_factory=dict)
+    failing: bool = False  # /toggle answers 503 while set
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # /gate waits for it
 
     def count(self, key: str) -> int:
         """Counts a call under ``key``; returns how many came before this one."""
@@ -117,6 +119,35 @@ def _rest_app(recorder: Recorder) -> web.Application:
             return web.json_response({"failing": key}, status=code, headers=headers)
         return web.json_response({"ok": key})
 
+    async def json_body(request: web.Request) -> web.Response:
+        """Answers the JSON given in ?body= (with ?cc= as Cache-Control)."""
+        headers = {"Cache-Control": request.query["cc"]} if "cc" in request.query else {}
+        return web.Response(
+            text=request.query.get("body", "{}"), content_type="application/json", headers=headers
+        )
+
+    async def count(request: web.Request) -> web.Response:
+        """Answers how many calls its key has had (with ?cc= as Cache-Control)."""
+        headers = {"Cache-Control": request.query["cc"]} if "cc" in request.query else {}
+        n = recorder.count(request.match_info["key"]) + 1
+        return web.json_response({"n": n}, headers=headers)
+
+    async def toggle(request: web.Request) -> web.Response:
+        n = recorder.count(request.match_info["key"]) + 1
+        if recorder.failing:
+            return web.json_response({"n": n}, status=503)
+        return web.json_response({"n": n})
+
+    async def gate(request: web.Request) -> web.Response:
+        """Counts, then waits until the test opens recorder.gate."""
+        n = recorder.count(request.match_info["key"]) + 1
+        try:
+            await recorder.gate.wait()
+        except asyncio.CancelledError:
+            recorder.cancelled.put_nowait(None)
+            raise
+        return web.json_response({"n": n})
+
     async def slow_first(request: web.Request) -> web.Response:
         """The first call of a key hangs (until cancelled); later ones answer at once."""
         if recorder.count(request.match_info["key"]) == 0:
@@ -155,6 +186,10 @@ def _rest_app(recorder: Recorder) -> web.Application:
     app.router.add_route("*", "/delay/{ms}", delay)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("*", "/flaky/{key}/{n}", flaky)
+    app.router.add_route("*", "/json", json_body)
+    app.router.add_route("*", "/count/{key}", count)
+    app.router.add_route("*", "/toggle/{key}", toggle)
+    app.router.add_route("*", "/gate/{key}", gate)
     app.router.add_route("*", "/slow-first/{key}", slow_first)
     app.router.add_route("*", "/hang", hang)
     app.router.add_route("*", "/reset", reset)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +20,7 @@ from aggregator.metrics import UpstreamMetrics
 from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
+from aggregator.policies.cache import Coalescer, ResponseCache, cache_key
 from aggregator.policies.limits import Bulkhead, TokenBucket
 from aggregator.upstreams import Reply, Upstream
 from aggregator.v1 import aggregator_pb2 as pb
@@ -40,12 +42,22 @@ _CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
 _DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
 
 
+class _Sent:
+    """Attempts of one target that reached the upstream (what TargetResult.attempts counts)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """The target's last attempt's result, and how many attempts it took."""
 
     result: Result
     attempts: int
+    cache: pb.CacheStatus = pb.CACHE_STATUS_UNSPECIFIED
 
 
 class Endpoint:
@@ -76,6 +88,8 @@ class Endpoint:
             else None
         )
         self._latency = 0.0  # moving average of good attempts, to tell if a retry can finish
+        self.cache = ResponseCache(config.name, config.cache) if config.cache else None
+        self._coalescer = Coalescer()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
@@ -89,20 +103,74 @@ class Endpoint:
         deadline_reason: str,
         request_id: str,
     ) -> Answer:
+        """The cache's answer, or the upstream's through every policy by ``deadline``."""
+        if self.cache is None or not isinstance(request, HttpRequest):
+            return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
+        if not self.cache.cacheable(request):
+            return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
+        return await self._cached(
+            self.cache, request, idempotent, deadline, deadline_reason, request_id
+        )
+
+    async def _cached(
+        self,
+        cache: ResponseCache,
+        request: HttpRequest,
+        idempotent: bool,
+        deadline: float,
+        reason: str,
+        request_id: str,
+    ) -> Answer:
+        key = cache_key(self.name, request)
+        entry = await cache.get(key)
+        if entry is not None and entry.fresh(time.time()):
+            self.metrics.cache["hit"].inc()
+            return Answer(entry.reply, 0, pb.CACHE_STATUS_HIT)
+
+        async def fetch() -> Answer:
+            answer = await self._attempts(request, idempotent, deadline, reason, request_id)
+            if isinstance(answer.result, Reply) and answer.result.ok:
+                await cache.store(key, answer.result)
+            return answer
+
+        answer, joined = await self._coalescer.run(key, fetch)
+        if joined:  # this caller made no attempt of its own
+            answer = Answer(answer.result, 0)
+        if _is_good(answer.result) or entry is None or not cache.stale_usable(entry, time.time()):
+            self.metrics.cache["miss"].inc()
+            return Answer(answer.result, answer.attempts, pb.CACHE_STATUS_MISS)
+        self.metrics.cache["stale"].inc()
+        return Answer(entry.reply, answer.attempts, pb.CACHE_STATUS_STALE)
+
+    async def _attempts(
+        self,
+        request: HttpRequest | GrpcRequest,
+        idempotent: bool,
+        deadline: float,
+        deadline_reason: str,
+        request_id: str,
+    ) -> Answer:
         """Attempts, retries and hedges within the loop-time ``deadline``."""
         self.budget.record_request()
         max_attempts = self._max_attempts()
-        attempts = 0
+        tried = 0  # attempts made, sent or not (rejected, circuit open)
+        sent = _Sent()
         while True:
             result, made = await self._round(
-                request, idempotent, max_attempts - attempts, deadline, deadline_reason, request_id
+                request,
+                idempotent,
+                max_attempts - tried,
+                deadline,
+                deadline_reason,
+                request_id,
+                sent,
             )
-            attempts += made
-            if attempts >= max_attempts or not self._retryable(request, idempotent, result):
-                return Answer(result, attempts)
-            delay = self._retry_delay(attempts, result, deadline)
+            tried += made
+            if tried >= max_attempts or not self._retryable(request, idempotent, result):
+                return Answer(result, sent.count)
+            delay = self._retry_delay(tried, result, deadline)
             if delay is None or not self.budget.try_withdraw():
-                return Answer(result, attempts)
+                return Answer(result, sent.count)
             await asyncio.sleep(delay)
 
     def _max_attempts(self) -> int:
@@ -118,10 +186,12 @@ class Endpoint:
         deadline: float,
         reason: str,
         request_id: str,
+        sent: _Sent,
     ) -> tuple[Result, int]:
         if self._config.hedge is None or not idempotent or room < 2:
-            return await self._attempt(request, deadline, reason, request_id), 1
-        return await self._hedged(request, self._config.hedge.delay, deadline, reason, request_id)
+            return await self._attempt(request, deadline, reason, request_id, sent), 1
+        delay = self._config.hedge.delay
+        return await self._hedged(request, delay, deadline, reason, request_id, sent)
 
     async def _hedged(
         self,
@@ -130,15 +200,17 @@ class Endpoint:
         deadline: float,
         reason: str,
         request_id: str,
+        sent: _Sent,
     ) -> tuple[Result, int]:
         """Sends a second attempt if the first has not answered after ``delay``; the first
         good (or final) answer wins and the other attempt is cancelled."""
-        tasks = {asyncio.create_task(self._attempt(request, deadline, reason, request_id))}
+        tasks = {asyncio.create_task(self._attempt(request, deadline, reason, request_id, sent))}
         made = 1
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay)
             if not done and self._loop.time() < deadline and self.budget.try_withdraw():
-                tasks.add(asyncio.create_task(self._attempt(request, deadline, reason, request_id)))
+                hedge = self._attempt(request, deadline, reason, request_id, sent)
+                tasks.add(asyncio.create_task(hedge))
                 made = 2
             last: Result | None = None
             while tasks:
@@ -156,7 +228,12 @@ class Endpoint:
                 await asyncio.wait(tasks)
 
     async def _attempt(
-        self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
+        self,
+        request: HttpRequest | GrpcRequest,
+        deadline: float,
+        reason: str,
+        request_id: str,
+        sent: _Sent,
     ) -> Result:
         """One attempt through every policy; failures are returned, cancellation raised."""
         try:
@@ -168,6 +245,7 @@ class Endpoint:
         result: Result | None = None
         try:
             async with self.bulkhead.slot(deadline):
+                sent.count += 1
                 result = await self._timed(request, deadline, reason, request_id)
         except TargetFailure as failure:
             result = failure
@@ -223,6 +301,15 @@ class Endpoint:
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
+
+
+def _is_good(result: Result) -> bool:
+    """An answer worth returning over a stale entry: 2xx, or a client error (not 429)."""
+    if not isinstance(result, Reply):
+        return False
+    return result.ok or (400 <= result.http_status < 500 and result.http_status != 429)
 
 
 def _breaker_failure(result: Result) -> bool | None:

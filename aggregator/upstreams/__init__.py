@@ -23,6 +23,7 @@ class Reply:
     reason: str = ""
     # Seconds the upstream asked us to wait before retrying (HTTP Retry-After).
     retry_after: float | None = None
+    cache_control: str = ""
 
 
 class Upstream(Protocol):

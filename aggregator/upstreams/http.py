@@ -67,6 +67,7 @@ class HttpUpstream:
             body=body,
             http_status=status,
             content_type=response.headers.get("Content-Type", ""),
+            cache_control=response.headers.get("Cache-Control", ""),
             reason=f"HTTP {status} {response.reason or ''}".rstrip(),
             retry_after=_retry_after(response.headers.get("Retry-After"))
             if status >= 400

@@ -1,0 +1,137 @@
+"""``{{id.field.path}}``: values from earlier results substituted into later calls.
+
+References may appear in an HTTP target's path, query values, header values and string values
+inside its JSON body; ``{{item...}}`` names the element of a ``for_each`` expansion. Every
+reference is checked when the plan is made (it must name a dependency); it is resolved when
+the target starts, against the dependency's JSON body.
+
+Values never change where a request goes: in a path they are percent-encoded (a ``/`` becomes
+``%2F``, so no segment can be added, and ``.``/``..`` are refused); in a query they are
+encoded by the URL builder; in headers CR, LF and NUL are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from aggregator.errors import TargetFailure
+from aggregator.v1 import aggregator_pb2 as pb
+
+ITEM = "item"
+_REFERENCE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
+_WHOLE = re.compile(r"^\{\{\s*([^{}\s]+)\s*\}\}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    source: str  # a dependency's id, or "item"
+    path: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "{{" + ".".join((self.source, *self.path)) + "}}"
+
+
+def references(text: str) -> Iterator[str]:
+    """The raw references (``user.id``) in ``text``."""
+    for match in _REFERENCE.finditer(text):
+        yield match.group(1)
+
+
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string inside a JSON value, keys excluded."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for element in value:
+            yield from json_strings(element)
+    elif isinstance(value, dict):
+        for element in value.values():
+            yield from json_strings(element)
+
+
+def parse_reference(raw: str, sources: tuple[str, ...]) -> Reference | None:
+    """Splits ``user.v1.id`` into a source among ``sources`` (longest match) and a path."""
+    for source in sorted(sources, key=len, reverse=True):
+        if raw == source:
+            return Reference(source, ())
+        if raw.startswith(source + "."):
+            return Reference(source, tuple(raw[len(source) + 1 :].split(".")))
+    return None
+
+
+def resolve(reference: Reference, value_of: Callable[[str], Any]) -> Any:
+    """The value at ``reference`` in ``value_of(source)``; TargetFailure(ERROR) when absent."""
+    value = value_of(reference.source)
+    for step, key in enumerate(reference.path):
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            walked = ".".join((reference.source, *reference.path[:step])) or reference.source
+            raise TargetFailure(
+                pb.OUTCOME_ERROR, f"{reference} does not resolve: {walked} has no {key!r}"
+            )
+    return value
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+class Substitution:
+    """Renders the templates of one target given the values of its sources."""
+
+    def __init__(self, sources: tuple[str, ...], value_of: Callable[[str], Any]) -> None:
+        self._sources = sources
+        self._value_of = value_of
+
+    def _lookup(self, raw: str) -> Any:
+        reference = parse_reference(raw, self._sources)
+        assert reference is not None, "references are checked when the plan is made"
+        return resolve(reference, self._value_of)
+
+    def text(self, template: str) -> str:
+        return _REFERENCE.sub(lambda m: as_text(self._lookup(m.group(1))), template)
+
+    def path(self, template: str) -> str:
+        def segment(match: re.Match[str]) -> str:
+            text = as_text(self._lookup(match.group(1)))
+            if text in (".", ".."):
+                raise TargetFailure(
+                    pb.OUTCOME_ERROR, f"{{{{{match.group(1)}}}}} is {text!r}: not a path segment"
+                )
+            return quote(text, safe="")
+
+        return _REFERENCE.sub(segment, template)
+
+    def header(self, template: str) -> str:
+        text = self.text(template)
+        if any(ch in text for ch in "\r\n\x00"):
+            raise TargetFailure(pb.OUTCOME_ERROR, f"{template} gives a header value with CR or LF")
+        return text
+
+    def json(self, value: Any) -> Any:
+        """Substitutes inside a JSON value; a string that is one whole reference keeps the
+        referenced value's type (a number stays a number)."""
+        if isinstance(value, str):
+            whole = _WHOLE.match(value)
+            return self._lookup(whole.group(1)) if whole else self.text(value)
+        if isinstance(value, list):
+            return [self.json(element) for element in value]
+        if isinstance(value, dict):
+            return {key: self.json(element) for key, element in value.items()}
+        return value

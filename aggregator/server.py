@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from aggregator import tracing
 from aggregator.config import Config
 from aggregator.errors import CallFailure, InvalidRequest
 from aggregator.fanout import Aggregation, Budget
@@ -62,7 +63,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     async def Aggregate(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncGenerator[pb.TargetResult]:
-        async with contextlib.aclosing(self._run(request, context)) as results:
+        async with contextlib.aclosing(self._run("Aggregate", request, context)) as results:
             async for result in results:
                 yield result
 
@@ -70,17 +71,36 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CollectResponse:
         response = pb.CollectResponse()
-        async with contextlib.aclosing(self._run(request, context)) as results:
+        async with contextlib.aclosing(self._run("Collect", request, context)) as results:
             async for result in results:
                 response.results.append(result)
                 _merge(response.merged, result)
         return response
 
     async def _run(
-        self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        method: str,
+        request: pb.AggregateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncGenerator[pb.TargetResult]:
         budget = Budget.for_call(context.time_remaining(), self._config.server, self._loop.time())
         request_id = _request_id(context)
+        metadata = context.invocation_metadata() or ()
+        with tracing.aggregate_span(method, request_id, metadata) as span:
+            async with contextlib.aclosing(
+                self._aggregate(request, context, budget, request_id, span)
+            ) as results:
+                async for result in results:
+                    yield result
+
+    async def _aggregate(
+        self,
+        request: pb.AggregateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        budget: Budget,
+        request_id: str,
+        span: Any,
+    ) -> AsyncGenerator[pb.TargetResult]:
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
         failure: CallFailure | None = None
@@ -106,6 +126,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
         self._observe(request_id, reported.values(), failure, elapsed, first_at)
+        tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
             await context.abort(failure.code, failure.message)
 
@@ -179,6 +200,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 extra={"event": "shed", "reason": "max_concurrent_calls", "shed": self._shed},
             )  # fmt: skip
             self._shed, self._shed_logged_at = 0, now
+
+
+def _span_attributes(
+    results: Collection[pb.TargetResult], failure: CallFailure | None
+) -> dict[str, int | str]:
+    code = failure.code if failure is not None else grpc.StatusCode.OK
+    failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
+    return {"rpc.grpc.status_code": code.value[0], "aggregator.targets": len(results),
+            "aggregator.failed": failed}  # fmt: skip
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

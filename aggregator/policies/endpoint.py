@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
+from aggregator import tracing
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.metrics import UpstreamMetrics
@@ -263,15 +264,21 @@ class Endpoint:
         if limit < left:
             reason = f"upstream timeout {limit * 1000:g}ms"
         timeout = max(min(limit, left), 0.0)
-        try:
-            async with asyncio.timeout(timeout):
-                reply = await self._upstream.call(request, timeout, request_id)
-        except TimeoutError:
-            raise TargetFailure(
-                pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
-            ) from None
-        finally:
-            self.metrics.request_duration.observe(self._loop.time() - started)
+        with tracing.attempt_span(self.name, self._config.kind) as span:
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await self._upstream.call(_traced(request), timeout, request_id)
+            except TimeoutError:
+                tracing.annotate(span, {"aggregator.outcome": "OUTCOME_TIMEOUT"})
+                raise TargetFailure(
+                    pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
+                ) from None
+            except TargetFailure as failure:
+                tracing.annotate(span, {"aggregator.outcome": pb.Outcome.Name(failure.outcome)})
+                raise
+            finally:
+                self.metrics.request_duration.observe(self._loop.time() - started)
+            tracing.annotate(span, _reply_attributes(reply))
         if reply.ok:
             self._latency = 0.8 * self._latency + 0.2 * (self._loop.time() - started)
         return reply
@@ -303,6 +310,22 @@ class Endpoint:
         await self._upstream.aclose()
         if self.cache is not None:
             await self.cache.aclose()
+
+
+def _traced(request: HttpRequest | GrpcRequest) -> HttpRequest | GrpcRequest:
+    """The request carrying the current attempt span's traceparent, when tracing is on."""
+    trace_headers = tracing.outgoing()
+    if not trace_headers:
+        return request
+    if isinstance(request, HttpRequest):
+        return replace(request, headers=(*request.headers, *trace_headers))
+    return replace(request, metadata=(*request.metadata, *trace_headers))
+
+
+def _reply_attributes(reply: Reply) -> dict[str, int | str]:
+    if reply.http_status:
+        return {"http.response.status_code": reply.http_status}
+    return {"rpc.grpc.status_code": reply.grpc_code}
 
 
 def _is_good(result: Result) -> bool:

@@ -1,0 +1,102 @@
+"""Metrics of SPEC §9 on /metrics, and the one structured log line per aggregate."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.logs import JsonFormatter
+from aggregator.v1 import aggregator_pb2 as pb
+from tests.conftest import collect, http
+
+SPEC_METRICS = {
+    "aggregator_calls": "counter",
+    "aggregator_call_duration_seconds": "histogram",
+    "aggregator_targets": "counter",
+    "aggregator_upstream_request_duration_seconds": "histogram",
+    "aggregator_fanin_wait_seconds": "histogram",
+    "aggregator_overhead_seconds": "histogram",
+    "aggregator_circuit_state": "gauge",
+    "aggregator_cache_requests": "counter",
+    "aggregator_inflight_calls": "gauge",
+    "aggregator_rejected_calls": "counter",
+}
+
+
+async def scrape(port: int) -> dict[str, object]:
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+async def test_metrics_of_the_spec_are_served_with_bounded_labels(start_server, rest):
+    breaker = {"fail_max": 5, "reset_timeout": "1s"}
+    server, stub = await start_server(
+        server={"metrics_address": "127.0.0.1:0"},
+        guarded={"kind": "http", "url": rest.url, "circuit_breaker": breaker},
+    )
+    request = pb.AggregateRequest(
+        targets=[
+            http("ok", "/delay/5", upstream="guarded"),
+            http("secret-id-123", "/status/503", query={"user": "alice"}),
+        ]
+    )
+    await collect(stub.Aggregate(request, timeout=5))
+    families = await scrape(server.metrics_port)
+
+    for name, kind in SPEC_METRICS.items():
+        assert families[name].type == kind, name
+    samples = [s for family in families.values() for s in family.samples]
+    labels = {value for sample in samples for value in sample.labels.values()}
+    assert not labels & {"ok", "secret-id-123", "alice", "/status/503"}  # no ids, paths, values
+
+    def value(name: str, **labels: str) -> float:
+        return next(s.value for s in samples if s.name == name and s.labels == labels)
+
+    assert value("aggregator_calls_total", code="OK") == 1
+    assert value("aggregator_targets_total", upstream="guarded", outcome="OUTCOME_OK") == 1
+    assert value("aggregator_targets_total", upstream="rest", outcome="OUTCOME_ERROR") == 1
+    assert value("aggregator_circuit_state", upstream="guarded") == 0
+    assert value("aggregator_inflight_calls") == 0
+    assert value("aggregator_overhead_seconds_count") == 1
+    # Buckets from a tenth of a millisecond: the service's own overhead is measurable.
+    buckets = [
+        float(s.labels["le"])
+        for s in samples
+        if s.name == "aggregator_overhead_seconds_bucket" and s.labels["le"] != "+Inf"
+    ]
+    assert min(buckets) <= 0.0001
+
+
+@pytest.fixture
+def log_lines(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="aggregator")
+    return caplog
+
+
+async def test_one_json_log_line_per_aggregate_without_secrets(stub, log_lines):
+    request = pb.AggregateRequest(
+        targets=[
+            http("fast", "/delay/1", headers={"Authorization": "Bearer s3cr3t"}),
+            http("slow", "/delay/60"),
+            http("broken", "/status/500", json=pb.HttpCall().json),
+        ]
+    )
+    call = stub.Aggregate(request, timeout=5, metadata=(("x-request-id", "req-7"),))
+    await collect(call)
+    records = [r for r in log_lines.records if getattr(r, "request_id", None) == "req-7"]
+    assert len(records) == 1
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["request_id"] == "req-7"
+    assert line["code"] == "OK"
+    assert line["targets"] == 3
+    assert line["failed"] == "broken"
+    assert line["slowest"] == "slow"
+    assert line["elapsed_ms"] >= line["overhead_ms"] >= 0
+    assert "s3cr3t" not in json.dumps(line)

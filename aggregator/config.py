@@ -10,7 +10,7 @@ The result is a tree of frozen dataclasses passed explicitly to whatever needs i
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -19,11 +19,31 @@ from urllib.parse import urlsplit
 import grpc
 import yaml
 
+from aggregator.security import pem
+
 T = TypeVar("T")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
+_GRPC_METHOD_PATTERN = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/(\*|[A-Za-z_][A-Za-z0-9_]*)\Z")
+# The methods plan.py accepts (plan imports this module, so the set is not shared).
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Caller metadata that must never be copied to an upstream: connection-level (hop-by-hop)
+# headers, framing, routing, and what the aggregator sets itself.
+UNFORWARDABLE = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
+        "content-length", "content-type", "expect", "user-agent", "x-request-id",
+    }
+)  # fmt: skip
+_JWT_ALGORITHMS = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+     "ES256", "ES384", "ES512", "EdDSA"}
+)  # fmt: skip
+MIB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -80,6 +100,15 @@ class CachePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS to an upstream. Files are re-read when they change (see security/tls.py)."""
+
+    ca: str = ""  # CA bundle to verify the upstream; empty: the system's (http), grpc's (grpc)
+    cert: str = ""  # client certificate chain, for upstreams that require mTLS
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     kind: Literal["http", "grpc"]
@@ -93,6 +122,24 @@ class UpstreamConfig:
     circuit_breaker: BreakerPolicy | None = None
     rate_limit: RateLimit | None = None
     cache: CachePolicy | None = None
+    tls: UpstreamTls | None = None  # grpc: TLS on when set; http: https:// URLs use TLS
+    # Caller metadata keys copied to this upstream (HTTP headers / gRPC metadata), e.g.
+    # authorization for token propagation. Nothing is forwarded unless named here.
+    forward_headers: tuple[str, ...] = ()
+    # http: HTTP methods; grpc: /pkg.Service/Method or /pkg.Service/*. Empty: any.
+    allowed_methods: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()  # http: paths must start with one of these. Empty: any.
+    max_request_bytes: int = MIB  # a request body (http) or request message (grpc)
+    max_response_bytes: int = MIB  # read from a response before giving up
+    max_headers: int = 64  # request headers or metadata entries, forwarded ones included
+    max_header_bytes: int = 16 * 1024  # their names and values together
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    cert: str
+    key: str
+    client_ca: str = ""  # when set, callers must present a certificate this CA signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +156,42 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
+    tls: ServerTls | None = None
+    health_address: str = ""  # a plaintext port serving only grpc.health.v1 (for probes)
+    max_request_bytes: int = 4 * MIB  # an incoming AggregateRequest message
+    max_upstream_inflight: int = 1000  # upstream attempts in flight, all upstreams together
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    issuer: str
+    audience: str
+    keys: tuple[str, ...] = ()  # files: PEM public keys or JWKS documents
+    secret_file: str = ""  # file holding a shared secret, for HS* algorithms
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    leeway: float = 30.0  # clock skew tolerated on exp, nbf and iat
+    subject_claim: str = "sub"
+
+
+@dataclass(frozen=True, slots=True)
+class CallerConfig:
+    name: str
+    certificate: str = ""  # a subject alternative name or the subject CN of its certificate
+    token_subject: str = ""  # the subject claim of its bearer token
+    upstreams: tuple[str, ...] = ()  # the upstreams it may call; "*" for all
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    jwt: JwtConfig | None = None
+    callers: Mapping[str, CallerConfig] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    auth: AuthConfig | None = None  # None: every caller may call every upstream
 
 
 class _Reader:
@@ -237,10 +314,68 @@ def _base_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{value!r} is not a list of non-empty strings")
+    return tuple(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def _file_of(check: Callable[[str], object]) -> Callable[[Any], str]:
+    """A converter for a path whose file ``check`` reads (raising ValueError when unusable)."""
+
+    def convert(value: Any) -> str:
+        check(_text(value))
+        return str(value)
+
+    return convert
+
+
+_CERT_FILE = _file_of(pem.certificates)
+_KEY_FILE = _file_of(pem.private_key)
+_SECRET_FILE = _file_of(pem.secret)
+
+
+def _verification_key_files(value: Any) -> tuple[str, ...]:
+    paths = _strings(value)
+    for path in paths:
+        pem.verification_keys(path)
+    return paths
+
+
+def _check_key_pair(reader: _Reader, cert: str, key: str, path: str) -> None:
+    if cert and key:
+        try:
+            pem.check_key_pair(cert, key)
+        except ValueError as exc:
+            reader.problems.append(f"{path}.key: {exc}")
+
+
+def _read_server_tls(reader: _Reader, raw: Any, path: str) -> ServerTls:
+    section = reader.section(raw, path)
+    reader.unknown(section, set(ServerTls.__slots__), path)
+    for key in ("cert", "key"):
+        if key not in section:
+            reader.problems.append(f"{path}.{key}: required")
+    tls = ServerTls(
+        cert=reader.value(section, "cert", path, _CERT_FILE, ""),
+        key=reader.value(section, "key", path, _KEY_FILE, ""),
+        client_ca=reader.value(section, "client_ca", path, _CERT_FILE, ""),
+    )
+    _check_key_pair(reader, tls.cert, tls.key, path)
+    return tls
+
+
 def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
     section = reader.section(raw, "server")
     d = ServerConfig()
     reader.unknown(section, set(ServerConfig.__slots__), "server")
+    tls = section.get("tls")
     server = ServerConfig(
         address=reader.value(section, "address", "server", _host_port, d.address),
         metrics_address=reader.value(
@@ -268,6 +403,16 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         ),
         log_format=reader.value(section, "log_format", "server", _log_format, d.log_format),
         log_level=reader.value(section, "log_level", "server", _log_level, d.log_level),
+        tls=_read_server_tls(reader, tls, "server.tls") if tls is not None else None,
+        health_address=reader.value(
+            section, "health_address", "server", _listen_address, d.health_address
+        ),
+        max_request_bytes=reader.value(
+            section, "max_request_bytes", "server", _int(1024), d.max_request_bytes
+        ),
+        max_upstream_inflight=reader.value(
+            section, "max_upstream_inflight", "server", _int(1), d.max_upstream_inflight
+        ),
     )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(
@@ -370,12 +515,62 @@ def _redis_url(value: Any) -> str:
     return value
 
 
+def _read_upstream_tls(reader: _Reader, raw: Any, path: str) -> UpstreamTls:
+    section = reader.section(raw, path)
+    reader.unknown(section, set(UpstreamTls.__slots__), path)
+    tls = UpstreamTls(
+        ca=reader.value(section, "ca", path, _CERT_FILE, ""),
+        cert=reader.value(section, "cert", path, _CERT_FILE, ""),
+        key=reader.value(section, "key", path, _KEY_FILE, ""),
+    )
+    if ("cert" in section) != ("key" in section):
+        reader.problems.append(f"{path}: cert and key go together")
+    _check_key_pair(reader, tls.cert, tls.key, path)
+    return tls
+
+
+def _forward_headers(value: Any) -> tuple[str, ...]:
+    names = tuple(name.lower() for name in _strings(value))
+    for name in names:
+        if not _METADATA_KEY.match(name) or name.endswith("-bin") or name.startswith("grpc-"):
+            raise ValueError(f"{name!r} is not a forwardable metadata key ([0-9a-z_.-], no -bin)")
+        if name in UNFORWARDABLE:
+            raise ValueError(f"{name!r} is a hop-by-hop or reserved header and is never forwarded")
+    return names
+
+
+def _http_methods(value: Any) -> tuple[str, ...]:
+    methods = tuple(method.upper() for method in _strings(value))
+    unknown = [method for method in methods if method not in _HTTP_METHODS]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not one of {', '.join(sorted(_HTTP_METHODS))}")
+    return methods
+
+
+def _grpc_methods(value: Any) -> tuple[str, ...]:
+    methods = _strings(value)
+    for method in methods:
+        if not _GRPC_METHOD_PATTERN.match(method):
+            raise ValueError(f"{method!r} is not /package.Service/Method or /package.Service/*")
+    return methods
+
+
+def _path_prefixes(value: Any) -> tuple[str, ...]:
+    prefixes = _strings(value)
+    for prefix in prefixes:
+        segments = prefix.split("/")
+        if not prefix.startswith("/") or re.search(r"[\s?#\\%]", prefix) or ".." in segments:
+            raise ValueError(f"{prefix!r} is not a plain path starting with / (no ?, #, %, ..)")
+    return prefixes
+
+
 _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {
     "retry": _read_retry,
     "hedge": _read_hedge,
     "circuit_breaker": _read_breaker,
     "rate_limit": _read_rate_limit,
     "cache": _read_cache,
+    "tls": _read_upstream_tls,
 }
 
 
@@ -400,7 +595,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
         for key, read in _POLICIES.items()
         if section.get(key) is not None
     }
-    return UpstreamConfig(
+    if kind == "grpc" and "path_prefixes" in section:
+        reader.problems.append(f"{path}.path_prefixes: not used by kind grpc")
+    upstream = UpstreamConfig(
         name=name,
         kind=kind,
         url=reader.value(section, "url", path, _base_url, "") if kind == "http" else "",
@@ -410,24 +607,147 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
             section, "connect_timeout", path, _positive_duration, d.connect_timeout
         ),
         max_concurrency=reader.value(section, "max_concurrency", path, _int(1), d.max_concurrency),
+        forward_headers=reader.value(
+            section, "forward_headers", path, _forward_headers, d.forward_headers
+        ),
+        allowed_methods=reader.value(
+            section,
+            "allowed_methods",
+            path,
+            _http_methods if kind == "http" else _grpc_methods,
+            d.allowed_methods,
+        ),
+        path_prefixes=reader.value(section, "path_prefixes", path, _path_prefixes, d.path_prefixes),
+        max_request_bytes=reader.value(
+            section, "max_request_bytes", path, _int(0), d.max_request_bytes
+        ),
+        max_response_bytes=reader.value(
+            section, "max_response_bytes", path, _int(1), d.max_response_bytes
+        ),
+        max_headers=reader.value(section, "max_headers", path, _int(0), d.max_headers),
+        max_header_bytes=reader.value(
+            section, "max_header_bytes", path, _int(0), d.max_header_bytes
+        ),
         **policies,
     )
+    if upstream.tls is not None and upstream.url.startswith("http://"):
+        reader.problems.append(f"{path}.tls: needs an https:// url")
+    return upstream
+
+
+def _jwt_algorithms(value: Any) -> tuple[str, ...]:
+    algorithms = _strings(value)
+    unknown = [name for name in algorithms if name not in _JWT_ALGORITHMS]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: not one of {', '.join(sorted(_JWT_ALGORITHMS))} "
+            '("none" is never accepted)'
+        )
+    return algorithms
+
+
+def _read_jwt(reader: _Reader, raw: Any, path: str) -> JwtConfig:
+    section = reader.section(raw, path)
+    reader.unknown(section, set(JwtConfig.__slots__), path)
+    for key in ("issuer", "audience"):
+        if key not in section:
+            reader.problems.append(f"{path}.{key}: required (tokens are checked against it)")
+    d = JwtConfig(issuer="", audience="")
+    jwt = JwtConfig(
+        issuer=reader.value(section, "issuer", path, _text, ""),
+        audience=reader.value(section, "audience", path, _text, ""),
+        keys=reader.value(section, "keys", path, _verification_key_files, d.keys),
+        secret_file=reader.value(section, "secret_file", path, _SECRET_FILE, d.secret_file),
+        algorithms=reader.value(section, "algorithms", path, _jwt_algorithms, d.algorithms),
+        leeway=reader.value(section, "leeway", path, _duration, d.leeway),
+        subject_claim=reader.value(section, "subject_claim", path, _text, d.subject_claim),
+    )
+    hmac = any(name.startswith("HS") for name in jwt.algorithms)
+    if hmac and "secret_file" not in section:
+        reader.problems.append(f"{path}.secret_file: required by the HS* algorithms")
+    if not all(name.startswith("HS") for name in jwt.algorithms) and "keys" not in section:
+        reader.problems.append(f"{path}.keys: required by the public-key algorithms")
+    return jwt
+
+
+def _read_caller(
+    reader: _Reader, name: str, raw: Any, upstreams: Collection[str], path: str
+) -> CallerConfig:
+    section = reader.section(raw, path)
+    reader.unknown(section, set(CallerConfig.__slots__) - {"name"}, path)
+    if "certificate" not in section and "token_subject" not in section:
+        reader.problems.append(f"{path}: needs a certificate or a token_subject to be known by")
+    if "upstreams" not in section:
+        reader.problems.append(f'{path}.upstreams: required (a list of upstream names, or "*")')
+    caller = CallerConfig(
+        name=name,
+        certificate=reader.value(section, "certificate", path, _text, ""),
+        token_subject=reader.value(section, "token_subject", path, _text, ""),
+        upstreams=reader.value(section, "upstreams", path, _strings, ()),
+    )
+    for upstream in caller.upstreams:
+        if upstream != "*" and upstream not in upstreams:
+            reader.problems.append(f"{path}.upstreams: {upstream!r} is not a configured upstream")
+    return caller
+
+
+def _read_auth(
+    reader: _Reader, raw: Any, upstreams: Collection[str], server: ServerConfig
+) -> AuthConfig:
+    section = reader.section(raw, "auth")
+    reader.unknown(section, {"jwt", "callers"}, "auth")
+    jwt = _read_jwt(reader, section["jwt"], "auth.jwt") if section.get("jwt") else None
+    callers = {
+        str(name): _read_caller(reader, str(name), raw_caller, upstreams, f"auth.callers.{name}")
+        for name, raw_caller in reader.section(section.get("callers"), "auth.callers").items()
+    }
+    if not callers:
+        reader.problems.append("auth.callers: at least one caller is required")
+    _check_identities(reader, callers, jwt, server)
+    return AuthConfig(jwt=jwt, callers=callers)
+
+
+def _check_identities(
+    reader: _Reader,
+    callers: Mapping[str, CallerConfig],
+    jwt: JwtConfig | None,
+    server: ServerConfig,
+) -> None:
+    """Each way of knowing a caller must be switched on, and name one caller only."""
+    seen: dict[tuple[str, str], str] = {}
+    for caller in callers.values():
+        path = f"auth.callers.{caller.name}"
+        if caller.certificate and (server.tls is None or not server.tls.client_ca):
+            reader.problems.append(
+                f"{path}.certificate: needs server.tls.client_ca (no client certificates otherwise)"
+            )
+        if caller.token_subject and jwt is None:
+            reader.problems.append(f"{path}.token_subject: needs auth.jwt")
+        identities = (("certificate", caller.certificate), ("token", caller.token_subject))
+        for kind, identity in identities:
+            if identity and (kind, identity) in seen:
+                reader.problems.append(
+                    f"{path}: {kind} {identity!r} is also auth.callers.{seen[kind, identity]}"
+                )
+            seen.setdefault((kind, identity), caller.name)
 
 
 def config_from_mapping(raw: Any) -> Config:
     """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
     reader = _Reader()
     top = reader.section(raw, "(top level)")
-    reader.unknown(top, {"server", "upstreams"}, "")
+    reader.unknown(top, {"server", "upstreams", "auth"}, "")
     server = _read_server(reader, top.get("server"))
     upstreams: dict[str, UpstreamConfig] = {}
     for name, section in reader.section(top.get("upstreams"), "upstreams").items():
         upstream = _read_upstream(reader, str(name), section)
         if upstream is not None:
             upstreams[str(name)] = upstream
+    auth = top.get("auth")
+    auth_config = _read_auth(reader, auth, upstreams, server) if auth is not None else None
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(server=server, upstreams=upstreams)
+    return Config(server=server, upstreams=upstreams, auth=auth_config)
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,8 +1,13 @@
 """The gRPC server: the Aggregator service wired with health, reflection and upstream pools.
 
-``AggregatorServer`` owns everything with a lifetime (the grpc.aio server, one pool per
-upstream) and shuts down as SPEC §5 says: NOT_SERVING, refuse new calls, drain within
-``server.shutdown_grace``, close the pools.
+``AggregatorServer`` owns everything with a lifetime (the grpc.aio server, the plaintext
+health-only server, one pool per upstream) and shuts down as SPEC §5 says: NOT_SERVING, refuse
+new calls, drain within ``server.shutdown_grace``, close the pools.
+
+A call is checked in this order before anything is sent upstream: who is calling
+(UNAUTHENTICATED), admission, the request itself (INVALID_ARGUMENT), which upstreams the
+caller may call (PERMISSION_DENIED), then each upstream's rules on what reaches it
+(INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ from aggregator.config import Config
 from aggregator.errors import CallFailure, InvalidRequest
 from aggregator.fanout import Aggregation, Budget
 from aggregator.metrics import Metrics
-from aggregator.plan import make_plan
+from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
+from aggregator.security.auth import Caller, Gate
+from aggregator.security.limits import CappedUpstream, InflightCap
+from aggregator.security.outbound import forward_caller_metadata, plan_problems
+from aggregator.security.tls import ServerCertificates
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
 from aggregator.v1 import aggregator_pb2 as pb
@@ -46,10 +55,17 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 class AggregatorService(pb_grpc.AggregatorServicer):
     """Aggregate and Collect; the one place where failures become gRPC statuses."""
 
-    def __init__(self, config: Config, endpoints: dict[str, Endpoint], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        endpoints: dict[str, Endpoint],
+        metrics: Metrics,
+        gate: Gate | None = None,
+    ) -> None:
         self._config = config
         self._endpoints = endpoints
         self._metrics = metrics
+        self._gate = gate or Gate(config.auth)
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
@@ -106,10 +122,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         failure: CallFailure | None = None
         first_at: float | None = None
         try:
+            caller = self._gate.identify(
+                context.invocation_metadata() or (), context.auth_context() or {}
+            )
             with self._admission():
-                aggregation = Aggregation(
-                    make_plan(request, self._config), self._endpoints, budget, request_id
-                )
+                plan = self._checked_plan(request, caller, context)
+                aggregation = Aggregation(plan, self._endpoints, budget, request_id)
                 reported = aggregation.reported
                 async with contextlib.aclosing(aggregation.results()) as results:
                     async for result in results:
@@ -129,6 +147,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
             await context.abort(failure.code, failure.message)
+
+    def _checked_plan(
+        self,
+        request: pb.AggregateRequest,
+        caller: Caller | None,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Plan:
+        """The plan, once the caller may run it and every upstream accepts what it would get."""
+        plan = make_plan(request, self._config)
+        self._gate.authorize(caller, plan)
+        plan = forward_caller_metadata(plan, context.invocation_metadata() or ())
+        problems = plan_problems(plan)
+        if problems:
+            raise InvalidRequest(problems)
+        return plan
 
     def _observe(
         self,
@@ -240,8 +273,12 @@ class AggregatorServer:
         self.metrics_port = 0
         self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams)
         self.endpoints: dict[str, Endpoint] = {}
+        self.health_port = 0
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._certificates = ServerCertificates(config.server.tls) if config.server.tls else None
+        self.upstream_inflight = InflightCap(config.server.max_upstream_inflight)
         self._service: AggregatorService | None = None
         self._metrics_runner: web.AppRunner | None = None
 
@@ -253,11 +290,20 @@ class AggregatorServer:
     async def start(self) -> int:
         """Binds server.address (and metrics_address) and serves; returns the bound port."""
         server_config = self.config.server
-        reuse_port = 1 if server_config.workers > 1 else 0
-        self._server = grpc.aio.server(options=(("grpc.so_reuseport", reuse_port),))
+        self._server = grpc.aio.server(
+            options=(
+                *self._server_options(),
+                # Refused by grpc itself, before a handler runs: RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", server_config.max_request_bytes),
+            )
+        )
         upstreams = open_upstreams(self.config.upstreams)
         self.endpoints = {
-            name: Endpoint(upstream, self.config.upstreams[name], self.metrics.upstreams[name])
+            name: Endpoint(
+                CappedUpstream(upstream, self.upstream_inflight),
+                self.config.upstreams[name],
+                self.metrics.upstreams[name],
+            )
             for name, upstream in upstreams.items()
         }
         self._service = AggregatorService(self.config, self.endpoints, self.metrics)
@@ -269,18 +315,45 @@ class AggregatorServer:
             (SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self._server
         )
         try:
-            try:
-                self.port = self._server.add_insecure_port(server_config.address)
-            except RuntimeError as exc:  # grpc's way of saying the port is taken
-                raise OSError(f"cannot listen on server.address {server_config.address}") from exc
+            self.port = self._listen(self._server, server_config.address, "server.address")
+            if server_config.health_address:
+                self.health_port = await self._serve_health(server_config.health_address)
             if server_config.metrics_address:
                 self.metrics_port = await self._serve_metrics(server_config.metrics_address)
         except BaseException:
             await self._close_endpoints()
             raise
         await self._server.start()
-        log.info("serving on %s (port %d)", server_config.address, self.port)
+        log.info("serving on %s (port %d, %s)", server_config.address, self.port,
+                 "TLS" if self._certificates else "plaintext")  # fmt: skip
         return self.port
+
+    def _server_options(self) -> tuple[tuple[str, int], ...]:
+        return (("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),)
+
+    def _listen(self, server: grpc.aio.Server, address: str, key: str) -> int:
+        """Binds ``address``: with TLS (the server's certificates) when configured."""
+        try:
+            if self._certificates is not None and key == "server.address":
+                port = server.add_secure_port(address, self._certificates.credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc's way of saying the port is taken
+            raise OSError(f"cannot listen on {key} {address}") from exc
+        if port == 0:
+            raise OSError(f"cannot listen on {key} {address}")
+        return port
+
+    async def _serve_health(self, address: str) -> int:
+        """A plaintext server with grpc.health.v1 only: Kubernetes gRPC probes speak no TLS,
+        and nothing else may be reachable without it."""
+        self._health_server = grpc.aio.server(
+            options=(*self._server_options(), ("grpc.max_receive_message_length", 1024))
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+        port = self._listen(self._health_server, address, "server.health_address")
+        await self._health_server.start()
+        return port
 
     async def _serve_metrics(self, address: str) -> int:
         app = web.Application()
@@ -308,6 +381,8 @@ class AggregatorServer:
         log.info("stopped")
 
     async def _close_endpoints(self) -> None:
+        if self._health_server is not None:  # last: probes see NOT_SERVING until the end
+            await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()

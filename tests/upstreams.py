@@ -303,3 +303,103 @@ def unanswered_port() -> Iterator[int]:
 
 def echo_json(result_body: bytes) -> dict[str, Any]:
     return json.loads(result_body)  # type: ignore[no-any-return]
+
+
+# --- TLS upstreams and hostile raw-socket upstreams (trust and hardening tests) ---------------
+
+
+@contextlib.asynccontextmanager
+async def tls_rest_upstream(ssl_context: Any) -> AsyncIterator[RestUpstream]:
+    """The REST upstream above, served over TLS with ``ssl_context`` (url is https://)."""
+    recorder = Recorder()
+    runner = web.AppRunner(_rest_app(recorder), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    try:
+        yield RestUpstream(port=runner.addresses[0][1], recorder=recorder)
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def tls_grpc_upstream(credentials: grpc.ServerCredentials) -> AsyncIterator[GrpcUpstream]:
+    """The gRPC upstream above, served over TLS with ``credentials``."""
+    recorder = Recorder()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_grpc_handler(recorder),))
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        yield GrpcUpstream(port=port, recorder=recorder)
+    finally:
+        await server.stop(None)
+
+
+Script = list[bytes | float | None]
+
+
+@dataclass
+class RawUpstream:
+    """A TCP server answering each request path with a script of raw writes and pauses:
+    bytes are written, a float sleeps that many seconds, None closes the connection."""
+
+    port: int
+    scripts: dict[str, Script]
+    requests: list[str] = field(default_factory=list)
+    connections: int = 0
+    open_connections: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def _raw_connection(
+    upstream: RawUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    upstream.connections += 1
+    upstream.open_connections += 1
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1].decode()
+            upstream.requests.append(path)
+            for step in upstream.scripts[path]:
+                if step is None:
+                    return
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    continue
+                writer.write(step)
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        upstream.open_connections -= 1
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(scripts: dict[str, Script]) -> AsyncIterator[RawUpstream]:
+    upstream = RawUpstream(port=0, scripts=scripts)
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await _raw_connection(upstream, reader, writer)
+        finally:
+            handlers.discard(task)
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    upstream.port = server.sockets[0].getsockname()[1]
+    try:
+        yield upstream
+    finally:
+        server.close()
+        for task in list(handlers):
+            task.cancel()
+        await server.wait_closed()

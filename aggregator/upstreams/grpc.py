@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.security.files import Watched
+from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 
 _CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
+# How grpc words a response over grpc.max_receive_message_length (made by the client side).
+_TOO_LARGE = "Received message larger than max"
 
 
 def _channel_options(config: UpstreamConfig) -> tuple[tuple[str, int], ...]:
@@ -24,6 +29,8 @@ def _channel_options(config: UpstreamConfig) -> tuple[tuple[str, int], ...]:
     connect_ms = max(1, round(config.connect_timeout * 1000))
     return (
         *_CHANNEL_OPTIONS,
+        # grpc refuses a larger response before it is buffered whole: max_response_bytes.
+        ("grpc.max_receive_message_length", config.max_response_bytes),
         ("grpc.min_reconnect_backoff_ms", connect_ms),
         ("grpc.initial_reconnect_backoff_ms", min(connect_ms, 1_000)),
     )
@@ -34,26 +41,60 @@ class GrpcUpstream:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.name = config.name
+        self._config = config
         self._address = config.address
-        self._channel = grpc.aio.insecure_channel(config.address, options=_channel_options(config))
+        tls = config.tls
+        what = f"upstreams.{config.name}.tls"
+        self._tls = (
+            Watched(what, upstream_files(tls), lambda: channel_credentials(tls))
+            if tls is not None
+            else None
+        )
+        self._generation = 0
+        self._channel = self._open_channel()
+        # Channels replaced by a certificate rotation, closing once their calls are done.
+        self._retiring: set[asyncio.Task[None]] = set()
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     def __repr__(self) -> str:
-        return f"<GrpcUpstream {self.name} {self._address} [{len(self._methods)} methods]>"
+        tls = f" tls {self._tls!r}" if self._tls is not None else ""
+        return f"<GrpcUpstream {self.name} {self._address}{tls} [{len(self._methods)} methods]>"
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        options = _channel_options(self._config)
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._address, options=options)
+        credentials = self._tls.current()
+        self._generation = self._tls.generation
+        return grpc.aio.secure_channel(self._address, credentials, options=options)
 
     async def call(
         self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
     ) -> Reply:
         assert isinstance(request, GrpcRequest)
+        self._rotate_if_changed(timeout)
         metadata = (*request.metadata, ("x-request-id", request_id))
         try:
             body = await self._method(request.method)(
                 request.request, timeout=timeout, metadata=metadata
             )
         except grpc.aio.AioRpcError as exc:
-            return _failed_reply(self.name, exc)
+            return _failed_reply(self.name, exc, self._config.max_response_bytes)
         return Reply(ok=True, body=body, grpc_code=grpc.StatusCode.OK.value[0])
+
+    def _rotate_if_changed(self, grace: float) -> None:
+        """A new channel with the new certificates; the old one finishes its calls, then closes."""
+        if self._tls is None:
+            return
+        self._tls.current()
+        if self._tls.generation == self._generation:
+            return
+        old, self._channel = self._channel, self._open_channel()
+        self._methods.clear()
+        task = asyncio.create_task(old.close(grace), name=f"retire channel {self.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _method(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         callable_ = self._methods.get(method)
@@ -68,10 +109,14 @@ class GrpcUpstream:
         return callable_
 
     async def aclose(self) -> None:
+        for task in self._retiring:
+            task.cancel()
+        if self._retiring:
+            await asyncio.wait(self._retiring)
         await self._channel.close(None)
 
 
-def _failed_reply(name: str, exc: grpc.aio.AioRpcError) -> Reply:
+def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
     details = exc.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -82,6 +127,13 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError) -> Reply:
         raise TargetFailure(
             pb.OUTCOME_TIMEOUT,
             f"{name} did not answer within the deadline sent to it",
+            grpc_code=code.value[0],
+        ) from exc
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_TOO_LARGE):
+        raise TargetFailure(
+            pb.OUTCOME_ERROR,
+            f"response too large: {name} sent a message over "
+            f"upstreams.{name}.max_response_bytes ({max_bytes}): {details}",
             grpc_code=code.value[0],
         ) from exc
     return Reply(ok=False, body=b"", grpc_code=code.value[0], reason=f"gRPC {code.name}: {details}")

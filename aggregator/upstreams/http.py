@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import ssl
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -13,8 +14,12 @@ from yarl import URL
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.security.files import Watched
+from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
+
+_CHUNK = 64 * 1024
 
 
 class HttpUpstream:
@@ -25,6 +30,14 @@ class HttpUpstream:
         self._base = config.url
         self._host = URL(config.url).host
         self._connect_timeout = config.connect_timeout
+        self._max_response_bytes = config.max_response_bytes
+        tls = config.tls
+        # Re-read when the files change; each request takes the current context (rotation).
+        self._tls = (
+            Watched(f"upstreams.{config.name}.tls", upstream_files(tls), lambda: ssl_context(tls))
+            if tls is not None
+            else None
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=config.max_concurrency, keepalive_timeout=30, ttl_dns_cache=60
@@ -58,9 +71,10 @@ class HttpUpstream:
                 params=request.query,
                 headers=headers,
                 data=request.body,
-                allow_redirects=False,
+                allow_redirects=False,  # a redirect could lead anywhere: it is the answer
+                ssl=self._tls.current() if self._tls is not None else True,
             ) as response:
-                body = await response.read()
+                body = await self._read(response, request.method)
         status = response.status
         return Reply(
             ok=200 <= status < 300,
@@ -68,14 +82,47 @@ class HttpUpstream:
             http_status=status,
             content_type=response.headers.get("Content-Type", ""),
             cache_control=response.headers.get("Cache-Control", ""),
-            reason=f"HTTP {status} {response.reason or ''}".rstrip(),
+            reason=_reason(status, response.reason),
             retry_after=_retry_after(response.headers.get("Retry-After"))
             if status >= 400
             else None,
         )
 
+    async def _read(self, response: aiohttp.ClientResponse, method: str) -> bytes:
+        """The body, read as it arrives and abandoned past max_response_bytes, so an upstream
+        cannot make the server buffer more than that (a declared length is refused at once)."""
+        cap = self._max_response_bytes
+        declared = response.content_length
+        if method != "HEAD" and declared is not None and declared > cap:
+            response.close()
+            raise self._too_large(response.status, f"announced {declared} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                response.close()  # the rest is never read: the connection is dropped
+                raise self._too_large(response.status, f"sent more than {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, status: int, what: str) -> TargetFailure:
+        return TargetFailure(
+            pb.OUTCOME_ERROR,
+            f"response too large: {self.name} {what} "
+            f"(upstreams.{self.name}.max_response_bytes is {self._max_response_bytes})",
+            http_status=status,
+        )
+
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _reason(status: int, phrase: str | None) -> str:
+    reason = f"HTTP {status} {phrase or ''}".rstrip()
+    if 300 <= status < 400:
+        return f"{reason} (redirects are not followed)"
+    return reason
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -98,6 +145,15 @@ def _map_client_errors(name: str, connect_timeout: float) -> Iterator[None]:
     """Turns aiohttp's transport errors into target outcomes (never CancelledError)."""
     try:
         yield
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE,
+            f"could not verify {name}'s TLS certificate: {_ssl_reason(exc.certificate_error)}",
+        ) from exc
+    except aiohttp.ClientSSLError as exc:
+        raise TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"TLS handshake with {name} failed: {_ssl_reason(exc)}"
+        ) from exc
     except aiohttp.ConnectionTimeoutError as exc:
         raise TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
@@ -105,7 +161,8 @@ def _map_client_errors(name: str, connect_timeout: float) -> Iterator[None]:
         ) from exc
     except aiohttp.ClientConnectorError as exc:
         raise TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.os_error.strerror}"
+            pb.OUTCOME_UNAVAILABLE,
+            f"could not connect to {name}: {exc.os_error.strerror or exc.os_error}",
         ) from exc
     except aiohttp.ServerDisconnectedError as exc:
         raise TargetFailure(
@@ -121,3 +178,13 @@ def _map_client_errors(name: str, connect_timeout: float) -> Iterator[None]:
         ) from exc
     except (aiohttp.ClientResponseError, aiohttp.ClientError) as exc:
         raise TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}") from exc
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """The verifier's own words when there are some ("certificate has expired")."""
+    cause: BaseException = getattr(exc, "os_error", None) or exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        return cause.verify_message
+    if isinstance(cause, ssl.SSLError) and cause.reason:
+        return cause.reason.lower().replace("_", " ")
+    return str(cause)

@@ -1,0 +1,1 @@
+"""Trust and hardening: TLS material, caller identity, what may reach upstreams, limits."""

@@ -97,7 +97,8 @@ class Aggregation:
                 result = await self._next()
                 if result is _RECOUNT:
                     continue
-                if result is None:
+                if result is None:  # the budget ran out: stop the calls, then report them
+                    await self._cancel_all()
                     for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
                         yield late
                     return

@@ -19,7 +19,8 @@ _CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
-# How grpc words a response over grpc.max_receive_message_length (made by the client side).
+# How grpc words a response over grpc.max_receive_message_length, made by our side of the
+# channel ("Stream removed (CLIENT: Received message larger than max (2097152 vs. 1048576))").
 _TOO_LARGE = "Received message larger than max"
 
 
@@ -129,7 +130,7 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"{name} did not answer within the deadline sent to it",
             grpc_code=code.value[0],
         ) from exc
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(_TOO_LARGE):
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE in details:
         raise TargetFailure(
             pb.OUTCOME_ERROR,
             f"response too large: {name} sent a message over "

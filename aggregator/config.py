@@ -9,6 +9,7 @@ The result is a tree of frozen dataclasses passed explicitly to whatever needs i
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ T = TypeVar("T")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_LONGEST = 366 * 24 * 3600.0  # no duration here is meant to be longer; "9" * 400 is a typo
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _GRPC_METHOD_PATTERN = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/(\*|[A-Za-z_][A-Za-z0-9_]*)\Z")
@@ -59,7 +62,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration (use 250ms, 2s, 1m)")
-    return float(match.group(1)) * _SCALE[match.group(2)]
+    seconds = float(match.group(1)) * _SCALE[match.group(2)]
+    if not math.isfinite(seconds) or seconds > _LONGEST:
+        raise ValueError(f"{text!r} is longer than a year")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +217,7 @@ class _Reader:
     def unknown(self, raw: Mapping[str, Any], known: set[str], path: str) -> None:
         for key in raw:
             if key not in known:
-                self.problems.append(f"{_join(path, str(key))}: unknown key")
+                self.problems.append(f"{_join(path, key_label(key))}: unknown key")
 
     def value(
         self,
@@ -228,6 +234,13 @@ class _Reader:
         except ValueError as exc:
             self.problems.append(f"{_join(path, key)}: {exc}")
             return default
+
+
+def key_label(key: Any) -> str:
+    """A key as it may appear in a one-line problem: as written, or quoted (repr) when it
+    holds a line break, which would split the problem in two."""
+    text = str(key)
+    return text if text.splitlines() in ([text], []) else repr(text)
 
 
 def _join(path: str, key: str) -> str:
@@ -305,6 +318,8 @@ def _listen_address(value: Any) -> str:
 def _base_url(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a URL")
+    if _CONTROL_OR_SPACE.search(value):
+        raise ValueError(f"{value!r} contains whitespace or control characters")
     parts = urlsplit(value)
     parts.port  # noqa: B018 -- reading it validates it (ValueError names the bad port)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -575,7 +590,7 @@ _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {
 
 
 def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | None:
-    path = f"upstreams.{name}"
+    path = f"upstreams.{key_label(name)}"
     if not _UPSTREAM_NAME.match(name):
         reader.problems.append(f"{path}: upstream names must match [A-Za-z0-9_.-]{{1,64}}")
     section = reader.section(raw, path)
@@ -698,7 +713,9 @@ def _read_auth(
     reader.unknown(section, {"jwt", "callers"}, "auth")
     jwt = _read_jwt(reader, section["jwt"], "auth.jwt") if section.get("jwt") else None
     callers = {
-        str(name): _read_caller(reader, str(name), raw_caller, upstreams, f"auth.callers.{name}")
+        str(name): _read_caller(
+            reader, str(name), raw_caller, upstreams, f"auth.callers.{key_label(name)}"
+        )
         for name, raw_caller in reader.section(section.get("callers"), "auth.callers").items()
     }
     if not callers:
@@ -764,6 +781,8 @@ def load_config(path: str | Path) -> Config:
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    # PyYAML also raises ValueError (a timestamp like 2024-02-31) and RecursionError (deep
+    # nesting) for input it cannot build.
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         raise ConfigError([f"{source}: not valid YAML: {exc}".replace("\n", " ")]) from exc
     return config_from_mapping(raw)

@@ -43,5 +43,40 @@ class InvalidRequest(CallFailure):
     """The request is malformed; nothing was sent upstream. One problem per line."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, _listed(problems))
         self.problems = problems
+
+
+# The status message travels as grpc-message metadata beside the trailers, and grpc rejects
+# metadata over 8 KiB at random (over 16 KiB always): a refused call would then end as
+# RESOURCE_EXHAUSTED instead of its own status. Messages are kept under these sizes, counted
+# as sent (percent-encoded: a byte outside printable ASCII costs three).
+MAX_PROBLEMS_SIZE = 4096
+MAX_MESSAGE_SIZE = 1024
+
+
+def wire_size(text: str) -> int:
+    return sum(1 if 0x20 <= byte < 0x7F and byte != 0x25 else 3 for byte in text.encode())
+
+
+def _listed(problems: list[str]) -> str:
+    """Every problem while they fit, then how many more there are."""
+    kept: list[str] = []
+    size = 0
+    for problem in problems:
+        size += wire_size(problem) + 2
+        if size > MAX_PROBLEMS_SIZE - 40:
+            break
+        kept.append(problem)
+    left = len(problems) - len(kept)
+    return "; ".join(kept) + (f"; and {left} more problems" if left else "")
+
+
+def status_message(message: str) -> str:
+    """``message`` cut to fit MAX_MESSAGE_SIZE (an upstream's error can be any length)."""
+    if wire_size(message) <= MAX_MESSAGE_SIZE:
+        return message
+    cut = message[: MAX_MESSAGE_SIZE - 20]
+    while wire_size(cut) > MAX_MESSAGE_SIZE - 20:
+        cut = cut[: len(cut) * 3 // 4]
+    return cut + " ... (cut)"

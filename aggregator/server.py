@@ -31,7 +31,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
 from aggregator.config import Config
-from aggregator.errors import CallFailure, InvalidRequest
+from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget
 from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
@@ -146,7 +146,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._observe(request_id, reported.values(), failure, elapsed, first_at)
         tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
-            await context.abort(failure.code, failure.message)
+            message = failure.message
+            if not isinstance(
+                failure, InvalidRequest
+            ):  # that one lists problems within its own cap
+                message = status_message(message)
+            await context.abort(failure.code, message)
 
     def _checked_plan(
         self,

@@ -9,6 +9,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from aggregator.config import config_from_mapping
+from aggregator.errors import MAX_MESSAGE_SIZE, MAX_PROBLEMS_SIZE, status_message, wire_size
 from aggregator.plan import GrpcRequest
 from aggregator.security.limits import InflightCap
 from aggregator.security.outbound import target_problems
@@ -161,3 +162,21 @@ def test_target_problems_is_a_pure_check_of_a_final_request():
         "(/shop.Prices/*)",
         "target 'p': grpc.metadata: 2 entries exceed upstreams.prices.max_headers (1)",
     ]
+
+
+async def test_a_request_with_many_problems_still_ends_invalid_argument(start_server, rest, rpc):
+    _, stub = await start_server()
+    targets = [http(f"target-{i:03d}-" + "x" * 40, "no-slash/" + "p" * 80) for i in range(100)]
+    _, code, details, _ = await aggregate(stub, *targets)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED: metadata too big
+    assert details.startswith("target 'target-000-")
+    assert details.endswith(" more problems")
+    assert wire_size(details) <= MAX_PROBLEMS_SIZE
+    assert nothing_sent(rest, rpc)
+
+
+def test_status_messages_are_cut_to_fit_beside_the_trailers():
+    assert status_message("short") == "short"
+    cut = status_message("é" * 5000)
+    assert cut.endswith(" ... (cut)")
+    assert wire_size(cut) <= MAX_MESSAGE_SIZE

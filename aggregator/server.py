@@ -146,11 +146,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._observe(request_id, reported.values(), failure, elapsed, first_at)
         tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
-            message = failure.message
-            if not isinstance(
-                failure, InvalidRequest
-            ):  # that one lists problems within its own cap
-                message = status_message(message)
+            # InvalidRequest lists its problems within its own, larger cap.
+            listed = isinstance(failure, InvalidRequest)
+            message = failure.message if listed else status_message(failure.message)
             await context.abort(failure.code, message)
 
     def _checked_plan(

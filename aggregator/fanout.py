@@ -20,6 +20,7 @@ from aggregator.config import ServerConfig
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Answer, Endpoint
+from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import ITEM, Substitution, resolve
 from aggregator.upstreams import Reply
@@ -254,7 +255,12 @@ class Aggregation:
         if not target.templated:
             return target.request
         assert isinstance(target.request, HttpRequest)
-        return target.request.rendered(Substitution(target.sources, self._values(target)))
+        rendered = target.request.rendered(Substitution(target.sources, self._values(target)))
+        # Substituted values may lengthen the request or leave the allowed paths: check again.
+        problems = target_problems(target.upstream, rendered, target.id)
+        if problems:
+            raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(problems))
+        return rendered
 
     def _values(self, target: PlannedTarget) -> Callable[[str], Any]:
         """What a target's references read: dependencies' JSON bodies, and its element."""

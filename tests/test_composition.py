@@ -325,3 +325,23 @@ async def test_a_broken_redis_is_a_miss_not_a_failure(start_server, rest):
     assert code == grpc.StatusCode.OK
     assert results[0].outcome == pb.OUTCOME_OK
     assert results[0].cache == pb.CACHE_STATUS_MISS
+
+
+async def test_substituted_values_are_checked_against_the_upstreams_rules(start_server, rest):
+    small = {"kind": "http", "url": rest.url, "max_request_bytes": 64}
+    _, stub = await start_server(small=small)
+    user = source("user", {"big": "x" * 200})
+    post = http(
+        "post",
+        "/echo",
+        upstream="small",
+        method="POST",
+        json=json_value({"v": "{{user.big}}"}),
+        depends_on=["user"],
+    )
+    results, code, _, _ = await aggregate(stub, user, post)
+    failed = next(r for r in results if r.id == "post")
+    assert code == grpc.StatusCode.OK
+    assert failed.outcome == pb.OUTCOME_ERROR
+    assert "exceeds upstreams.small.max_request_bytes (64)" in failed.error
+    assert len(rest.recorder.requests) == 1  # only the user call went out

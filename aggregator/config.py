@@ -198,6 +198,17 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     auth: AuthConfig | None = None  # None: every caller may call every upstream
+    tracing: TracingConfig | None = None  # None: off
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """OpenTelemetry tracing (needs the ``otel`` extra)."""
+
+    exporter: Literal["otlp", "console"] = "otlp"
+    endpoint: str = ""  # OTLP/gRPC collector; empty: the exporter's default (localhost:4317)
+    service_name: str = "aggregator"
+    sample_ratio: float = 1.0  # of traces the caller did not already sample
 
 
 class _Reader:
@@ -753,7 +764,7 @@ def config_from_mapping(raw: Any) -> Config:
     """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
     reader = _Reader()
     top = reader.section(raw, "(top level)")
-    reader.unknown(top, {"server", "upstreams", "auth"}, "")
+    reader.unknown(top, {"server", "upstreams", "auth", "tracing"}, "")
     server = _read_server(reader, top.get("server"))
     upstreams: dict[str, UpstreamConfig] = {}
     for name, section in reader.section(top.get("upstreams"), "upstreams").items():
@@ -762,9 +773,36 @@ def config_from_mapping(raw: Any) -> Config:
             upstreams[str(name)] = upstream
     auth = top.get("auth")
     auth_config = _read_auth(reader, auth, upstreams, server) if auth is not None else None
+    tracing = top.get("tracing")
+    tracing_config = _read_tracing(reader, tracing) if tracing is not None else None
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(server=server, upstreams=upstreams, auth=auth_config)
+    return Config(server=server, upstreams=upstreams, auth=auth_config, tracing=tracing_config)
+
+
+def _read_tracing(reader: _Reader, raw: Any) -> TracingConfig:
+    section = reader.section(raw, "tracing")
+    reader.unknown(section, set(TracingConfig.__slots__), "tracing")
+    d = TracingConfig()
+
+    def exporter(value: Any) -> Literal["otlp", "console"]:
+        if value in ("otlp", "console"):
+            return "otlp" if value == "otlp" else "console"
+        raise ValueError(f"{value!r} must be otlp or console")
+
+    def text(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return value
+
+    return TracingConfig(
+        exporter=reader.value(section, "exporter", "tracing", exporter, d.exporter),
+        endpoint=reader.value(section, "endpoint", "tracing", text, d.endpoint),
+        service_name=reader.value(section, "service_name", "tracing", text, d.service_name),
+        sample_ratio=reader.value(
+            section, "sample_ratio", "tracing", _number(0, 1), d.sample_ratio
+        ),
+    )
 
 
 def load_config(path: str | Path) -> Config:

@@ -393,6 +393,7 @@ class AggregatorServer:
 
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then drains."""
+    provider = _start_tracing(config)
     server = AggregatorServer(config)
     await server.start()
     stop = asyncio.Event()
@@ -401,3 +402,22 @@ async def serve(config: Config) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.drain()
+    if provider is not None:
+        tracing.disable()
+        provider.shutdown()  # flushes the spans still batched
+
+
+def _start_tracing(config: Config) -> Any:
+    if config.tracing is None:
+        return None
+    settings = config.tracing
+    try:
+        provider = tracing.provider_for(
+            settings.exporter, settings.endpoint, settings.service_name, settings.sample_ratio
+        )
+    except ImportError as exc:
+        raise OSError(
+            "tracing is configured but OpenTelemetry is missing: pip install 'aggregator[otel]'"
+        ) from exc
+    tracing.enable(provider)
+    return provider

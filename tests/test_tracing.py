@@ -3,8 +3,12 @@ attempt's traceparent reaching REST and gRPC upstreams."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -13,7 +17,9 @@ from opentelemetry.trace import SpanKind
 
 from aggregator import tracing
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http, rpc_target
+from tests.upstreams import refused_port
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -70,3 +76,41 @@ async def test_a_call_without_traceparent_starts_a_new_trace(stub, rest, spans):
 async def test_tracing_off_sends_no_traceparent(stub, rest):
     await collect(stub.Aggregate(pb.AggregateRequest(targets=[http("a", "/delay/1")]), timeout=5))
     assert "traceparent" not in rest.recorder.requests[0]["headers"]
+
+
+async def test_tracing_section_turns_tracing_on_in_serve(tmp_path, rest):
+    port = refused_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+server: {{address: "127.0.0.1:{port}", metrics_address: "", shutdown_grace: 1s}}
+upstreams: {{rest: {{kind: http, url: "{rest.url}"}}}}
+tracing: {{exporter: console, service_name: traced-aggregator}}
+"""
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aggregator", "serve", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        # Quick reconnects: the server takes a moment to import OpenTelemetry and bind.
+        options = (
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 200),
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            stub = pb_grpc.AggregatorStub(channel)
+            request = pb.AggregateRequest(targets=[http("a", "/delay/1")])
+            results, _, _, _ = await collect(
+                stub.Aggregate(request, timeout=20, wait_for_ready=True)
+            )
+            assert [r.outcome for r in results] == [pb.OUTCOME_OK]
+        traceparent = rest.recorder.requests[0]["headers"]["traceparent"]
+        assert traceparent.startswith("00-")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await process.communicate()
+    assert process.returncode == 0
+    text = output.decode()
+    assert '"name": "aggregator.v1.Aggregator/Aggregate"' in text
+    assert '"service.name": "traced-aggregator"' in text

@@ -1,4 +1,4 @@
-"""The `aggregator` command: serve, demo, check-config."""
+"""The `aggregator` command: serve, demo, check-config, call."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import os
 import sys
 
+from aggregator.client import add_arguments as add_call_arguments
+from aggregator.client import run as run_call
 from aggregator.config import ConfigError, load_config
 from aggregator.logs import configure as configure_logging
 
@@ -23,10 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="run built-in upstreams and show an aggregate streaming in")
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
+    call = commands.add_parser(
+        "call",
+        help="send a request (JSON or YAML) to a running server and draw its results on a timeline",
+        description="Sends one AggregateRequest and draws each target as a bar on a time axis "
+        "as results arrive, then the status and the trailers. Exit status: 0 status OK, "
+        "1 another status, 2 unusable request or options.",
+    )
+    add_call_arguments(call)
     args = parser.parse_args(argv)
     configure_logging()
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "call":
+        return run_call(args)
     if args.command == "demo":
         from aggregator.demo import run_demo
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import time
+import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +18,10 @@ import grpc
 from aiohttp import web
 from google.protobuf import struct_pb2
 
+from aggregator.client import aggregate, ending_lines
 from aggregator.config import Config, config_from_mapping
 from aggregator.server import AggregatorServer
+from aggregator.timeline import Style, Timeline, TimelineView, body_lines, is_terminal
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -31,6 +33,7 @@ class DemoCall:
     id: str
     delay: float
     body: dict[str, Any]
+    status: int = 200
 
 
 PAGE = (
@@ -38,7 +41,11 @@ PAGE = (
     DemoCall("pricing", 0.095, {"sku": "A-1042", "price": "129.00", "currency": "EUR"}),
     DemoCall("inventory", 0.110, {"sku": "A-1042", "in_stock": 17}),
     DemoCall("recommendations", 0.140, {"skus": ["A-2001", "B-0310", "C-7781"]}),
+    # Overloaded: the request carries a fallback, so the page still renders.
+    DemoCall("reviews", 0.045, {"error": "overloaded"}, status=503),
 )
+REVIEWS_FALLBACK = {"reviews": [], "note": "reviews are unavailable right now"}
+CACHED = "catalog"  # cached for a minute: the warm-up call fills it, the shown call hits it
 SHIPPING = DemoCall("shipping", 0.065, {"carrier": "DHL", "days": 2})
 
 
@@ -46,7 +53,7 @@ def _rest_app() -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         call = next(c for c in PAGE if c.id == request.match_info["name"])
         await asyncio.sleep(call.delay)
-        return web.json_response(call.body)
+        return web.json_response(call.body, status=call.status)
 
     app = web.Application()
     app.router.add_get("/{name}/A-1042", handle)
@@ -83,10 +90,11 @@ async def demo_upstreams() -> AsyncIterator[tuple[int, int]]:
 
 
 def demo_config(rest_port: int, grpc_port: int) -> Config:
-    upstreams: dict[str, object] = {
+    upstreams: dict[str, dict[str, Any]] = {
         call.id: {"kind": "http", "url": f"http://127.0.0.1:{rest_port}", "timeout": "1s"}
         for call in PAGE
     }
+    upstreams[CACHED]["cache"] = {"ttl": "60s"}
     upstreams["shipping"] = {"kind": "grpc", "address": f"127.0.0.1:{grpc_port}"}
     return config_from_mapping(
         {"server": {"address": "127.0.0.1:0", "metrics_address": ""}, "upstreams": upstreams}
@@ -103,57 +111,51 @@ def demo_request() -> pb.AggregateRequest:
         )
         for call in PAGE
     ]
+    reviews = next(target for target in targets if target.id == "reviews")
+    reviews.fallback.struct_value.update(REVIEWS_FALLBACK)
     targets.append(
         pb.Target(id="shipping", grpc=pb.GrpcCall(upstream="shipping", method=SHIPPING_METHOD))
     )
     return pb.AggregateRequest(targets=targets)
 
 
-def render_result(result: pb.TargetResult, elapsed: float) -> str:
-    """One line per result: when it arrived, what it was, and a bar on a time axis."""
-    latency_ms = result.latency.ToNanoseconds() / 1e6
-    offset_ms = result.start_offset.ToNanoseconds() / 1e6
-    bar = " " * round(offset_ms / 10) + "█" * max(1, round(latency_ms / 10))
-    answer = f"HTTP {result.http_status}" if result.http_status else f"gRPC {result.grpc_code}"
-    value = (
-        json.dumps(json.loads(result.body))
-        if result.HasField("json")
-        else f"{len(result.body)} bytes"
-    )
-    outcome = pb.Outcome.Name(result.outcome).removeprefix("OUTCOME_")
-    return (
-        f"  +{elapsed * 1000:6.1f} ms  {result.id:<16} {outcome:<8} {answer:<9} "
-        f"{latency_ms:6.1f} ms  {bar:<16}  {value[:60]}"
-    )
-
-
 async def run_demo() -> None:
-    async with demo_upstreams() as (rest_port, grpc_port):
-        server = AggregatorServer(demo_config(rest_port, grpc_port))
-        port = await server.start()
-        try:
-            await _show(port)
-        finally:
-            await server.drain()
+    # The server's log lines would interleave with the timeline: only warnings during the demo.
+    server_log = logging.getLogger("aggregator")
+    level = server_log.level
+    server_log.setLevel(logging.WARNING)
+    try:
+        async with demo_upstreams() as (rest_port, grpc_port):
+            server = AggregatorServer(demo_config(rest_port, grpc_port))
+            port = await server.start()
+            try:
+                await _show(port)
+            finally:
+                await server.drain()
+    finally:
+        server_log.setLevel(level)
 
 
 async def _show(port: int) -> None:
-    total_of_calls = sum(call.delay for call in (*PAGE, SHIPPING)) * 1000
-    print(f"aggregator on 127.0.0.1:{port}: a product page of {len(PAGE) + 1} calls")
+    calls = (*PAGE, SHIPPING)
+    one_after_another = sum(call.delay for call in calls)
+    print(f"aggregator on 127.0.0.1:{port}: a product page of {len(calls)} calls")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
         async for _ in stub.Aggregate(demo_request(), timeout=2):  # warm the connections
             pass
-        started = time.perf_counter()
-        call = stub.Aggregate(demo_request(), timeout=2)
-        async for result in call:
-            print(render_result(result, time.perf_counter() - started))
-        total = (time.perf_counter() - started) * 1000
-        print(f"status {(await call.code()).name}; trailers:")
-        for key, value in await call.trailing_metadata() or ():
-            if not key.endswith("-bin"):
-                print(f"    {key}: {value}")
+        style = Style.for_stream(sys.stdout)
+        view = TimelineView(
+            sys.stdout, Timeline(demo_request().targets, style), is_terminal(sys.stdout)
+        )
+        try:
+            ending = await aggregate(channel, demo_request(), view, timeout=2)
+        finally:
+            view.finish()
+    elapsed = view.elapsed()
+    lines = body_lines(view.timeline.rows, style, limit=style.width - 20)
+    print("\n".join([*lines, *ending_lines(ending, view.timeline, elapsed)]))
     print(
-        f"total {total:.0f} ms for calls that take {total_of_calls:.0f} ms one after another "
-        f"(slowest alone: {max(c.delay for c in (*PAGE, SHIPPING)) * 1000:.0f} ms)"
+        f"total {elapsed * 1000:.0f} ms for calls that take {one_after_another * 1000:.0f} ms "
+        f"one after another (slowest alone: {max(c.delay for c in calls) * 1000:.0f} ms)"
     )

@@ -26,19 +26,57 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* Where the pod finds its files. */}}
+{{- define "aggregator.configDir" -}}/etc/aggregator/config{{- end }}
+{{- define "aggregator.tlsDir" -}}/etc/aggregator/tls{{- end }}
+{{- define "aggregator.clientCADir" -}}/etc/aggregator/client-ca{{- end }}
+
+{{- define "aggregator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "aggregator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The port the gRPC probes call: the plaintext health-only port when TLS is on. */}}
+{{- define "aggregator.probePort" -}}
+{{- if .Values.tls.enabled }}{{ int .Values.healthPort }}{{ else }}{{ int .Values.port }}{{ end }}
+{{- end }}
+
 {{/*
-The config file: .Values.config with server.address and server.metrics_address set from
-.Values.port and .Values.metricsPort, so the container ports, the probes and the listeners
-always agree.
+The config file: .Values.config with the keys the chart owns written from the values, so the
+listeners, the container ports, the probes and the mounted files always agree:
+server.address (port), server.metrics_address (metricsPort), and with tls.enabled
+server.tls (the mounted Secret) and server.health_address (healthPort).
 */}}
 {{- define "aggregator.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $server := get $config "server" | default dict }}
+{{- if and (hasKey $server "tls") (not .Values.tls.enabled) }}
+{{- fail "config.server.tls: set tls.enabled and tls.secretName instead (the chart mounts the Secret and moves the probes to healthPort)" }}
+{{- end }}
 {{- $_ := set $server "address" (printf "[::]:%d" (int .Values.port)) }}
 {{- if gt (int .Values.metricsPort) 0 }}
 {{- $_ := set $server "metrics_address" (printf "0.0.0.0:%d" (int .Values.metricsPort)) }}
 {{- else }}
 {{- $_ := set $server "metrics_address" "" }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.secretName }}
+{{- fail "tls.secretName: required when tls.enabled (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
+{{- end }}
+{{- if eq (int .Values.healthPort) (int .Values.port) }}
+{{- fail "healthPort: must differ from port (it serves plaintext health checks beside the TLS port)" }}
+{{- end }}
+{{- $tls := dict "cert" (printf "%s/tls.crt" (include "aggregator.tlsDir" .)) "key" (printf "%s/tls.key" (include "aggregator.tlsDir" .)) }}
+{{- if .Values.tls.clientCA.enabled }}
+{{- $_ := set $tls "client_ca" (printf "%s/%s" (include "aggregator.clientCADir" .) .Values.tls.clientCA.key) }}
+{{- end }}
+{{- $_ := set $server "tls" $tls }}
+{{- $_ := set $server "health_address" (printf "[::]:%d" (int .Values.healthPort)) }}
+{{- else }}
+{{- $_ := unset $server "health_address" }}
 {{- end }}
 {{- $_ := set $config "server" $server }}
 {{- toYaml $config }}
@@ -74,4 +112,9 @@ calls, then 5 s for the process to exit; an explicit value must leave room for t
 {{- else }}
 {{- int $explicit }}
 {{- end }}
+{{- end }}
+
+{{/* The headless Service's name: the full name, room kept for the suffix. */}}
+{{- define "aggregator.headlessName" -}}
+{{- printf "%s-headless" (include "aggregator.fullname" . | trunc 54 | trimSuffix "-") }}
 {{- end }}

@@ -1,0 +1,337 @@
+"""The Helm chart in deploy/helm/aggregator, rendered offline (helm-python-sdk: Helm's own Go
+code, no helm binary, no cluster) and validated against the Kubernetes 1.32 schemas
+(kubernetes-validate, strict: unknown fields are errors)."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from aggregator.config import ConfigError, config_from_mapping, parse_duration
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="validates manifests")
+
+CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "aggregator"
+KUBERNETES = "1.32.0"
+TLS = {"enabled": True, "secretName": "aggregator-tls", "clientCA": {"enabled": True}}
+
+
+@dataclass
+class Release:
+    """A rendered release: every manifest, and the raw text of each template."""
+
+    manifests: list[dict[str, Any]]
+    texts: dict[str, str]
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.manifests if m["kind"] == kind]
+
+    def one(self, kind: str) -> dict[str, Any]:
+        (manifest,) = self.all(kind)
+        return manifest
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.one("Deployment")["spec"]["template"]
+
+    @property
+    def container(self) -> dict[str, Any]:
+        (container,) = self.pod["spec"]["containers"]
+        return container
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.one("ConfigMap")["data"]["config.yaml"])
+
+    def container_port(self, name: str) -> int:
+        return next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
+
+
+def render(values: dict[str, Any] | None = None) -> Release:
+    with helm.Chart.load(str(CHART)) as chart:
+        texts = chart.render(values or {}, name="shop", namespace="checkout")
+    manifests = [
+        manifest
+        for name, text in sorted(texts.items())
+        if name.endswith(".yaml")
+        for manifest in yaml.safe_load_all(text)
+        if manifest
+    ]
+    return Release(manifests, texts)
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+VARIANTS = {
+    "defaults": {},
+    "tls": {"tls": TLS},
+    "service-monitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "no-autoscaling": {"autoscaling": {"enabled": False}, "replicaCount": 3},
+    "headless": {"headless": {"enabled": True}},
+    "no-metrics": {"metricsPort": 0, "serviceMonitor": {"enabled": True}},
+    "min-available": {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None}},
+    "two-workers": {"config": {"server": {"workers": 2}}, "resources": {"limits": {"cpu": "2"}}},
+}
+
+
+@pytest.mark.parametrize("values", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_manifest_validates_against_the_kubernetes_schemas(values):
+    release = render(values)
+
+    kinds = set()
+    for manifest in release.manifests:
+        kinds.add(manifest["kind"])
+        if manifest["apiVersion"] == "monitoring.coreos.com/v1":
+            continue  # a CRD: no schema here, checked field by field below
+        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    assert {"ConfigMap", "Deployment", "Service", "ServiceAccount"} <= kinds
+
+
+@pytest.mark.parametrize("values", VARIANTS.values(), ids=VARIANTS.keys())
+def test_the_config_map_holds_a_config_the_service_accepts(values, tmp_path):
+    release = render(values)
+    raw = release.config
+    tls = raw["server"].get("tls", {})
+    for key, path in tls.items():  # files the config names must come from mounted volumes
+        tls[key] = str(provide_mounted_file(release, path, tmp_path))
+
+    try:
+        config = config_from_mapping(raw)
+    except ConfigError as exc:
+        pytest.fail("\n".join(exc.problems))
+    env = {e["name"]: e["value"] for e in release.container["env"]}
+    mount = next(m for m in release.container["volumeMounts"] if m["name"] == "config")
+    assert env["AGGREGATOR_CONFIG"] == f"{mount['mountPath']}/config.yaml"
+    assert config.server.workers == values.get("config", {}).get("server", {}).get("workers", 1)
+
+
+_CA = trustme.CA()
+
+
+def provide_mounted_file(release: Release, path: str, tmp_path: Path) -> Path:
+    """Checks that ``path`` is a file of a Secret volume mounted in the container; writes a
+    real certificate or key in its place under tmp_path, so the config can be checked here."""
+    directory, name = posixpath.split(path)
+    mount = next(m for m in release.container["volumeMounts"] if m["mountPath"] == directory)
+    volume = next(v for v in release.pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert name in [item["path"] for item in volume["secret"]["items"]]
+    leaf = _CA.issue_cert("shop-aggregator.checkout.svc")
+    local = tmp_path / mount["name"] / name
+    local.parent.mkdir(exist_ok=True)
+    blobs = {
+        "tls.crt": leaf.cert_chain_pems[0].bytes(),
+        "tls.key": leaf.private_key_pem.bytes(),
+        "ca.crt": _CA.cert_pem.bytes(),
+    }
+    local.write_bytes(blobs[name])
+    if name == "tls.key":  # the pair must match: write the same leaf's certificate beside it
+        (tmp_path / mount["name"] / "tls.crt").write_bytes(blobs["tls.crt"])
+    return local
+
+
+def test_probes_ask_the_health_service_on_the_grpc_port():
+    release = render()
+    container, config = release.container, release.config
+
+    grpc_port = release.container_port("grpc")
+    assert port_of(config["server"]["address"]) == grpc_port
+    assert "health_address" not in config["server"]
+    probes = {kind: container[f"{kind}Probe"] for kind in ("startup", "liveness", "readiness")}
+    for probe in probes.values():
+        assert probe["grpc"]["port"] == grpc_port  # native gRPC probe: a number, plaintext
+    assert probes["startup"]["grpc"]["service"] == ""
+    assert probes["liveness"]["grpc"]["service"] == ""
+    assert probes["readiness"]["grpc"]["service"] == "aggregator.v1.Aggregator"
+    startup = probes["startup"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
+
+
+def test_with_tls_the_probes_use_the_plaintext_health_port_and_the_secret_is_mounted():
+    release = render({"tls": TLS})
+    container, server = release.container, release.config["server"]
+
+    health_port = release.container_port("grpc-health")
+    assert health_port != release.container_port("grpc")
+    assert port_of(server["health_address"]) == health_port
+    for kind in ("startup", "liveness", "readiness"):
+        assert container[f"{kind}Probe"]["grpc"]["port"] == health_port
+    volumes = {v["name"]: v for v in release.pod["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "aggregator-tls"
+    assert volumes["client-ca"]["secret"]["secretName"] == "aggregator-tls"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert all(m["readOnly"] for name, m in mounts.items() if name != "tmp")
+    assert not any("subPath" in m for m in mounts.values())  # Secret updates reach the pod
+    assert server["tls"] == {
+        "cert": f"{mounts['tls']['mountPath']}/tls.crt",
+        "key": f"{mounts['tls']['mountPath']}/tls.key",
+        "client_ca": f"{mounts['client-ca']['mountPath']}/ca.crt",
+    }
+
+
+def test_service_ports_are_named_and_point_at_the_container():
+    release = render()
+    (service,) = release.all("Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["grpc"]["targetPort"] == "grpc"
+    assert ports["metrics"]["targetPort"] == "metrics"
+    metrics_address = release.config["server"]["metrics_address"]
+    assert port_of(metrics_address) == release.container_port("metrics")
+    assert service["spec"]["selector"].items() <= release.pod["metadata"]["labels"].items()
+
+
+def test_metrics_port_zero_turns_the_endpoint_off():
+    release = render({"metricsPort": 0, "serviceMonitor": {"enabled": True}})
+
+    assert release.config["server"]["metrics_address"] == ""
+    assert [p["name"] for p in release.container["ports"]] == ["grpc"]
+    assert [p["name"] for p in release.one("Service")["spec"]["ports"]] == ["grpc"]
+    assert release.all("ServiceMonitor") == []
+
+
+def test_headless_service_for_client_side_balancing():
+    release = render({"headless": {"enabled": True}})
+    services = {s["metadata"]["name"]: s for s in release.all("Service")}
+
+    headless = services["shop-aggregator-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]  # scraped once, not twice
+    assert headless["spec"]["selector"] == services["shop-aggregator"]["spec"]["selector"]
+    assert len(render().all("Service")) == 1  # off by default
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_and_no_capabilities():
+    release = render()
+    pod, container = release.pod["spec"], release.container["securityContext"]
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's user
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["readOnlyRootFilesystem"] is True
+    assert container["allowPrivilegeEscalation"] is False
+    assert container["capabilities"] == {"drop": ["ALL"]}
+    assert pod["automountServiceAccountToken"] is False
+    assert release.one("ServiceAccount")["automountServiceAccountToken"] is False
+    tmp = next(m for m in release.container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert next(v for v in pod["volumes"] if v["name"] == tmp["name"])["emptyDir"]
+    assert {"requests", "limits"} <= release.container["resources"].keys()
+
+
+def test_a_config_change_rolls_the_pods():
+    default = render()
+    changed = render({"config": {"upstreams": {"catalog": {"kind": "http", "url": "http://c"}}}})
+
+    def checksum(release: Release) -> str:
+        return release.pod["metadata"]["annotations"]["checksum/config"]
+
+    configmap = default.texts["aggregator/templates/configmap.yaml"]
+    assert checksum(default) == hashlib.sha256(configmap.encode()).hexdigest()
+    assert checksum(changed) != checksum(default)
+    assert checksum(render({"replicaCount": 5})) == checksum(default)
+
+
+@pytest.mark.parametrize(("grace", "pre_stop", "expected"), [("10s", 5, 20), ("25s", 0, 30)])
+def test_termination_grace_covers_the_prestop_sleep_and_the_shutdown_grace(
+    grace, pre_stop, expected
+):
+    release = render(
+        {"config": {"server": {"shutdown_grace": grace}}, "preStopSleepSeconds": pre_stop}
+    )
+    spec = release.pod["spec"]
+
+    assert spec["terminationGracePeriodSeconds"] == expected
+    assert expected >= pre_stop + parse_duration(grace) + 5
+    lifecycle = release.container.get("lifecycle", {})
+    if pre_stop:
+        assert lifecycle["preStop"] == {"sleep": {"seconds": pre_stop}}
+    else:
+        assert "preStop" not in lifecycle
+
+
+def test_autoscaling_owns_the_replica_count_when_on():
+    scaled = render()
+    fixed = render({"autoscaling": {"enabled": False}, "replicaCount": 3})
+
+    hpa = scaled.one("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == scaled.one("Deployment")["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] == 2
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in scaled.one("Deployment")["spec"]
+    assert fixed.all("HorizontalPodAutoscaler") == []
+    assert fixed.one("Deployment")["spec"]["replicas"] == 3
+
+
+def test_disruption_budget_and_topology_spread_select_this_releases_pods():
+    release = render()
+    labels = release.pod["metadata"]["labels"]
+
+    pdb = release.one("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    constraints = release.pod["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in constraints} == {
+        "topology.kubernetes.io/zone",
+        "kubernetes.io/hostname",
+    }
+    for constraint in constraints:
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+    strategy = release.one("Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxUnavailable"] == 0
+
+
+def test_service_monitor_is_off_by_default_and_scrapes_the_metrics_port():
+    assert render().all("ServiceMonitor") == []
+    release = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})
+
+    monitor = release.one("ServiceMonitor")
+    service = release.one("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["checkout"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert endpoint["path"] == "/metrics"
+    assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"tls": {"enabled": True}}, "tls.secretName: required when tls.enabled"),
+        (
+            {"config": {"server": {"tls": {"cert": "/c", "key": "/k"}}}},
+            "config.server.tls: set tls.enabled and tls.secretName instead",
+        ),
+        ({"tls": TLS, "healthPort": 50051}, "healthPort: must differ from port"),
+        (
+            {"terminationGracePeriodSeconds": 12},
+            "terminationGracePeriodSeconds (12) must be larger than",
+        ),
+        ({"config": {"server": {"shutdown_grace": "ten"}}}, '"ten" is not a duration'),
+    ],
+)
+def test_values_that_cannot_work_are_refused_at_render_time(values, message):
+    with pytest.raises(helm.HelmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        render(values)
+
+
+def test_the_chart_lints_clean():
+    report = helm.lint(str(CHART), strict=True, kube_version=f"v{KUBERNETES}")
+
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []

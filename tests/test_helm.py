@@ -323,6 +323,9 @@ def test_service_monitor_is_off_by_default_and_scrapes_the_metrics_port():
             "terminationGracePeriodSeconds (12) must be larger than",
         ),
         ({"config": {"server": {"shutdown_grace": "ten"}}}, '"ten" is not a duration'),
+        # values.schema.json: a misspelt or mistyped value fails instead of being ignored.
+        ({"tls": {"enable": True}}, "additional properties 'enable' not allowed"),
+        ({"port": "grpc"}, "at '/port': got string, want integer"),
     ],
 )
 def test_values_that_cannot_work_are_refused_at_render_time(values, message):

@@ -431,8 +431,9 @@ def body_lines(rows: Sequence[Row], style: Style, limit: int = 0) -> list[str]:
 def body_text(result: pb.TargetResult) -> str:
     """The result's value on one line: JSON, text, or the size of a binary body."""
     if result.HasField("json"):
+        # Sorted: a protobuf Struct keeps no key order, so the order would change from run to run.
         value = _whole_numbers(json_format.MessageToDict(result.json))
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
     if not result.body:
         return "(empty)"
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("aggregator")
+Emit = Callable[[pb.TargetResult], Awaitable[None]]
 _OK = pb.OUTCOME_OK
 # Put on the queue when the number of results to expect changed (a for_each expanded).
 _RECOUNT = pb.TargetResult()
@@ -79,6 +80,7 @@ class Aggregation:
         self._tasks: list[asyncio.Task[None]] = []
         self.reported: dict[str, pb.TargetResult] = {}
         self.failure: CallFailure | None = None
+        self.first_at: float | None = None  # when the first result was emitted
 
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
@@ -87,8 +89,9 @@ class Aggregation:
             f"reported, {running} running] {self._budget!r}>"
         )
 
-    async def results(self) -> AsyncGenerator[pb.TargetResult]:
-        """Yields one result per target; stops early (setting ``failure``) on a required failure."""
+    async def run(self, emit: Emit) -> None:
+        """Emits one result per target as each completes; stops early (setting ``failure``)
+        on a required failure. Every task it started is cancelled and awaited on the way out."""
         self._tasks = [
             asyncio.create_task(self._run(target), name=f"target {target.id}")
             for target in self._plan.targets
@@ -101,15 +104,16 @@ class Aggregation:
                 if result is None:  # the budget ran out: stop the calls, then report them
                     await self._cancel_all()
                     for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
-                        yield late
+                        await emit(late)
                     return
                 self._report(result)
-                yield result
+                self.first_at = self.first_at or self._loop.time()
+                await emit(result)
                 if self.failure is not None:
                     await self._cancel_all()
                     sentence = f"cancelled because required target {result.id!r} failed"
                     for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence):
-                        yield cancelled
+                        await emit(cancelled)
                     return
         finally:
             await self._cancel_all()

@@ -18,7 +18,7 @@ import logging
 import re
 import signal
 import uuid
-from collections.abc import AsyncGenerator, Collection, Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import grpc
@@ -32,7 +32,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from aggregator import tracing
 from aggregator.config import Config
 from aggregator.errors import CallFailure, InvalidRequest, status_message
-from aggregator.fanout import Aggregation, Budget
+from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
@@ -78,19 +78,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
     async def Aggregate(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncGenerator[pb.TargetResult]:
-        async with contextlib.aclosing(self._run("Aggregate", request, context)) as results:
-            async for result in results:
-                yield result
+    ) -> None:
+        # Results are written as they complete (context.write), not yielded through
+        # generators: the stream is the hot path.
+        await self._run("Aggregate", request, context, context.write)
 
     async def Collect(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CollectResponse:
         response = pb.CollectResponse()
-        async with contextlib.aclosing(self._run("Collect", request, context)) as results:
-            async for result in results:
-                response.results.append(result)
-                _merge(response.merged, result)
+
+        async def gather(result: pb.TargetResult) -> None:
+            response.results.append(result)
+            _merge(response.merged, result)
+
+        await self._run("Collect", request, context, gather)
         return response
 
     async def _run(
@@ -98,16 +100,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         method: str,
         request: pb.AggregateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncGenerator[pb.TargetResult]:
+        emit: Emit,
+    ) -> None:
         budget = Budget.for_call(context.time_remaining(), self._config.server, self._loop.time())
         request_id = _request_id(context)
         metadata = context.invocation_metadata() or ()
         with tracing.aggregate_span(method, request_id, metadata) as span:
-            async with contextlib.aclosing(
-                self._aggregate(request, context, budget, request_id, span)
-            ) as results:
-                async for result in results:
-                    yield result
+            await self._aggregate(request, context, budget, request_id, span, emit)
 
     async def _aggregate(
         self,
@@ -116,7 +115,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         budget: Budget,
         request_id: str,
         span: Any,
-    ) -> AsyncGenerator[pb.TargetResult]:
+        emit: Emit,
+    ) -> None:
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
         failure: CallFailure | None = None
@@ -129,17 +129,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 plan = self._checked_plan(request, caller, context)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id)
                 reported = aggregation.reported
-                async with contextlib.aclosing(aggregation.results()) as results:
-                    async for result in results:
-                        first_at = first_at or self._loop.time()
-                        yield result
+                await aggregation.run(emit)
+                first_at = aggregation.first_at
                 failure = aggregation.failure
         except CallFailure as refused:
             failure = refused
         except asyncio.CancelledError:  # the caller went away: count and log it, then go
             gone = CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
             elapsed = self._loop.time() - budget.started
-            self._observe(request_id, reported.values(), gone, elapsed, first_at)
+            self._observe(request_id, reported.values(), gone, elapsed, None)
             raise
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))

@@ -36,8 +36,8 @@ from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.limits import Bulkhead
 from aggregator.security.auth import Caller, Gate
-from aggregator.security.limits import CappedUpstream, InflightCap
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
 from aggregator.trailers import trailers
@@ -279,7 +279,13 @@ class AggregatorServer:
         self._health_server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._certificates = ServerCertificates(config.server.tls) if config.server.tls else None
-        self.upstream_inflight = InflightCap(config.server.max_upstream_inflight)
+        limit = config.server.max_upstream_inflight
+        self.upstream_inflight = Bulkhead(
+            "all upstreams",
+            limit,
+            f"{limit} upstream calls in flight (server.max_upstream_inflight) "
+            "and none finished in time",
+        )
         self._service: AggregatorService | None = None
         self._metrics_runner: web.AppRunner | None = None
 
@@ -301,9 +307,10 @@ class AggregatorServer:
         upstreams = open_upstreams(self.config.upstreams)
         self.endpoints = {
             name: Endpoint(
-                CappedUpstream(upstream, self.upstream_inflight),
+                upstream,
                 self.config.upstreams[name],
                 self.metrics.upstreams[name],
+                self.upstream_inflight,
             )
             for name, upstream in upstreams.items()
         }

@@ -77,12 +77,19 @@ def aggregate_span(
         yield span
 
 
-@contextlib.contextmanager
-def attempt_span(upstream: str, kind: str) -> Iterator[Span | None]:
+def attempt_span(upstream: str, kind: str) -> contextlib.AbstractContextManager[Span | None]:
     """The span of one attempt to ``upstream``; current while the attempt runs."""
     if _tracer is None:
-        yield None
-        return
+        return _OFF  # the hot path: no generator-based context manager when tracing is off
+    return _attempt_span(upstream, kind)
+
+
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _attempt_span(upstream: str, kind: str) -> Iterator[Span | None]:
+    assert _tracer is not None
     from opentelemetry import trace
 
     with _tracer.start_as_current_span(

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from aggregator.config import config_from_mapping
 from aggregator.errors import MAX_MESSAGE_SIZE, MAX_PROBLEMS_SIZE, status_message, wire_size
 from aggregator.plan import GrpcRequest
-from aggregator.security.limits import InflightCap
+from aggregator.policies.limits import Bulkhead
 from aggregator.security.outbound import target_problems
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
@@ -106,7 +106,9 @@ async def test_upstream_calls_beyond_the_global_cap_wait_for_a_slot(start_server
     assert code == grpc.StatusCode.OK
     assert [r.outcome for r in results] == [pb.OUTCOME_OK] * 3
     assert rest.recorder.max_inflight == 1
-    assert repr(aggregator.upstream_inflight) == "<InflightCap [0/1 in flight, 0 waiting]>"
+    assert (
+        repr(aggregator.upstream_inflight) == "<Bulkhead all upstreams [0/1 in flight, 0 waiting]>"
+    )
 
 
 async def test_a_call_that_cannot_get_a_slot_in_time_is_rejected(start_server, rest, rpc):
@@ -127,16 +129,17 @@ async def test_a_call_that_cannot_get_a_slot_in_time_is_rejected(start_server, r
 
 
 async def test_a_cancelled_waiter_gives_its_place_back():
-    cap = InflightCap(1)
-    await cap.acquire(1.0)
-    waiter = asyncio.create_task(cap.acquire(10.0))
+    cap = Bulkhead("all", 1, "full")
+    now = asyncio.get_running_loop().time()
+    await cap.acquire(now + 1.0)
+    waiter = asyncio.create_task(cap.acquire(now + 10.0))
     await asyncio.sleep(0)
-    assert repr(cap) == "<InflightCap [1/1 in flight, 1 waiting]>"
+    assert repr(cap) == "<Bulkhead all [1/1 in flight, 1 waiting]>"
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
     cap.release()
-    assert repr(cap) == "<InflightCap [0/1 in flight, 0 waiting]>"
-    await cap.acquire(0.1)
+    assert repr(cap) == "<Bulkhead all [0/1 in flight, 0 waiting]>"
+    await cap.acquire(now + 0.1)
     assert cap.inflight == 1
 
 

@@ -63,7 +63,11 @@ class Answer:
 
 class Endpoint:
     def __init__(
-        self, upstream: Upstream, config: UpstreamConfig, metrics: UpstreamMetrics
+        self,
+        upstream: Upstream,
+        config: UpstreamConfig,
+        metrics: UpstreamMetrics,
+        all_upstreams: Bulkhead,
     ) -> None:
         self.name = config.name
         self.metrics = metrics
@@ -76,7 +80,13 @@ class Endpoint:
         self._retry_grpc_codes = frozenset(
             _CODES_BY_NAME[name] for name in (retry.grpc_codes if retry else ())
         )
-        self.bulkhead = Bulkhead(config.name, config.max_concurrency)
+        self.bulkhead = Bulkhead(
+            config.name,
+            config.max_concurrency,
+            f"{config.name} has {config.max_concurrency} calls in flight (max_concurrency) "
+            "and none finished in time",
+        )
+        self._all_upstreams = all_upstreams
         self.bucket = (
             TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
             if config.rate_limit
@@ -90,6 +100,7 @@ class Endpoint:
         )
         self._latency = 0.0  # moving average of good attempts, to tell if a retry can finish
         self.cache = ResponseCache(config.name, config.cache) if config.cache else None
+        self._single_attempt = config.retry is None and config.hedge is None
         self._coalescer = Coalescer()
 
     def __repr__(self) -> str:
@@ -105,13 +116,16 @@ class Endpoint:
         request_id: str,
     ) -> Answer:
         """The cache's answer, or the upstream's through every policy by ``deadline``."""
-        if self.cache is None or not isinstance(request, HttpRequest):
-            return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
-        if not self.cache.cacheable(request):
-            return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
-        return await self._cached(
-            self.cache, request, idempotent, deadline, deadline_reason, request_id
-        )
+        if self.cache is not None and self.cache.cacheable(request):
+            assert isinstance(request, HttpRequest)
+            return await self._cached(
+                self.cache, request, idempotent, deadline, deadline_reason, request_id
+            )
+        if self._single_attempt:  # the common case, without the retry machinery
+            sent = _Sent()
+            result = await self._attempt(request, deadline, deadline_reason, request_id, sent)
+            return Answer(result, sent.count)
+        return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
 
     async def _cached(
         self,
@@ -245,15 +259,28 @@ class Endpoint:
             return failure
         result: Result | None = None
         try:
-            async with self.bulkhead.slot(deadline):
+            await self._hold_slots(deadline)
+            try:
                 sent.count += 1
                 result = await self._timed(request, deadline, reason, request_id)
+            finally:
+                self._all_upstreams.release()
+                self.bulkhead.release()
         except TargetFailure as failure:
             result = failure
         finally:
             if self.breaker is not None:
                 self.breaker.record(trial, None if result is None else _breaker_failure(result))
         return result
+
+    async def _hold_slots(self, deadline: float) -> None:
+        """A slot of this upstream's bulkhead, then one of the cap on all upstreams."""
+        await self.bulkhead.acquire(deadline)
+        try:
+            await self._all_upstreams.acquire(deadline)
+        except BaseException:
+            self.bulkhead.release()
+            raise
 
     async def _timed(
         self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str

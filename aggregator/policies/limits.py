@@ -7,44 +7,51 @@ one in time it is rejected at once (OUTCOME_REJECTED) instead of queueing withou
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from aggregator.errors import TargetFailure
 from aggregator.v1 import aggregator_pb2 as pb
 
 
 class Bulkhead:
-    def __init__(self, upstream: str, limit: int) -> None:
-        self._upstream = upstream
-        self._limit = limit
+    """At most ``limit`` attempts in flight. Per upstream (``max_concurrency``), and once for
+    all upstreams together (``server.max_upstream_inflight``), so a burst of wide fan-outs
+    sheds load quickly instead of opening sockets without bound."""
+
+    def __init__(self, name: str, limit: int, refusal: str) -> None:
+        self._name = name
+        self.limit = limit
+        self._refusal = refusal  # the error sentence of an attempt that got no slot in time
         self._slots = asyncio.Semaphore(limit)
         self.inflight = 0
+        self.waiting = 0
 
     def __repr__(self) -> str:
-        return f"<Bulkhead {self._upstream} [{self.inflight}/{self._limit} in flight]>"
+        return (
+            f"<Bulkhead {self._name} [{self.inflight}/{self.limit} in flight, "
+            f"{self.waiting} waiting]>"
+        )
 
-    @contextlib.asynccontextmanager
-    async def slot(self, deadline: float) -> AsyncIterator[None]:
-        """Holds one of ``limit`` slots; waits for one until the loop time ``deadline``."""
+    async def acquire(self, deadline: float) -> None:
+        """Takes a slot, waiting for one until the loop time ``deadline``, else REJECTED."""
         if self._slots.locked():
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise TargetFailure(
-                    pb.OUTCOME_REJECTED,
-                    f"{self._upstream} has {self._limit} calls in flight (max_concurrency) "
-                    "and none finished in time",
-                ) from None
+            await self._wait(deadline)
         else:
             await self._slots.acquire()
         self.inflight += 1
+
+    async def _wait(self, deadline: float) -> None:
+        self.waiting += 1
         try:
-            yield
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise TargetFailure(pb.OUTCOME_REJECTED, self._refusal) from None
         finally:
-            self.inflight -= 1
-            self._slots.release()
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self.inflight -= 1
+        self._slots.release()
 
 
 class TokenBucket:

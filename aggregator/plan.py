@@ -9,6 +9,7 @@ InvalidRequest naming each problem with its target, e.g.::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
 _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Connection-level headers, and the ones that would let a caller steer the request
 # somewhere or frame it differently than aiohttp does.
@@ -193,8 +195,10 @@ def _http_problems(call: pb.HttpCall) -> Iterator[str]:
             yield f"http.headers: {name!r} is not a valid header name"
         elif name.lower() in _FORBIDDEN_HEADERS:
             yield f"http.headers: {name!r} may not be set by callers"
-        if any(ch in value for ch in "\r\n\x00"):
-            yield f"http.headers[{name!r}]: value contains CR, LF or NUL"
+        if _HEADER_CONTROL.search(value):
+            yield f"http.headers[{name!r}]: value contains control characters (CR, LF, NUL...)"
+    if call.WhichOneof("payload") == "json" and not _finite_json(call.json):
+        yield "http.json: NaN and Infinity are not JSON numbers"
 
 
 def _path_problems(path: str) -> Iterator[str]:
@@ -228,7 +232,7 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
                 yield f"target {target_id!r}: depends_on names unknown target {dep!r}"
     cycle = _find_cycle(graph)
     if cycle:
-        yield f"depends_on: cycle {' -> '.join(cycle)}"
+        yield f"depends_on: cycle {' -> '.join(i if _ID.match(i) else repr(i) for i in cycle)}"
 
 
 def _template_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
@@ -265,32 +269,50 @@ def _template_texts(target: pb.Target) -> Iterator[str]:
     yield call.path
     yield from call.query.values()
     yield from call.headers.values()
-    if call.WhichOneof("payload") == "json":
+    if call.WhichOneof("payload") == "json" and _finite_json(call.json):
         yield from json_strings(json_format.MessageToDict(call.json))
 
 
+def _finite_json(value: struct_pb2.Value) -> bool:
+    """Whether ``value`` holds no NaN or Infinity, which JSON cannot carry."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = item.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(item.number_value):
+            return False
+        if kind == "list_value":
+            stack.extend(item.list_value.values)
+        elif kind == "struct_value":
+            stack.extend(item.struct_value.fields.values())
+    return True
+
+
 def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
-    """Returns one cycle (first id repeated at the end), or [] when there is none."""
+    """Returns one cycle (first id repeated at the end), or [] when there is none.
+    Iterative: a chain of thousands of targets must not exhaust the stack."""
     state: dict[str, int] = {}  # 1 = on the current path, 2 = fully explored
-    path: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        path.append(node)
-        for dep in graph.get(node, ()):
-            if dep == node or dep not in graph:
-                continue
-            if state.get(dep) == 1:
+    for root in graph:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        state[root] = 1
+        pending = [iter(graph[root])]
+        while pending:
+            node = path[-1]
+            dep = next(
+                (d for d in pending[-1] if d != node and d in graph and state.get(d) != 2), None
+            )
+            if dep is None:
+                state[node] = 2
+                path.pop()
+                pending.pop()
+            elif state.get(dep) == 1:
                 return [*path[path.index(dep) :], dep]
-            if dep not in state and (found := visit(dep)):
-                return found
-        path.pop()
-        state[node] = 2
-        return []
-
-    for node in graph:
-        if node not in state and (found := visit(node)):
-            return found
+            else:
+                state[dep] = 1
+                path.append(dep)
+                pending.append(iter(graph[dep]))
     return []
 
 

@@ -38,5 +38,8 @@ proto: install
 		--grpc_python_out=generated --pyi_out=generated $(PROTO)
 	touch generated/aggregator/v1/__init__.py
 
+bench: install
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""``python -m bench``: runs the scenarios, writes bench-results.json, prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import running_harness
+from bench.measure import Settings, measure
+from bench.procs import ProcessFailed
+from bench.report import machine, now, ratios, table, versions
+from bench.scenarios import SCENARIOS, SIDES, SKIPPED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few calls a slice")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join([*SCENARIOS, *SKIPPED]),
+        help=f"comma-separated, of: {', '.join([*SCENARIOS, *SKIPPED])} (default: all)",
+    )
+    parser.add_argument("--output", default="bench-results.json", help="where the JSON goes")
+    parser.add_argument("--seed", type=int, default=7, help="the slow upstream's RNG seed")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="record the aggregator with py-spy into FILE (collapsed stacks; py-spy on harness "
+        "CPUs, so it costs the harness, not the aggregator, CPU time)",
+    )
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS and name not in SKIPPED]
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(unknown)}")
+    try:
+        selected = [n for n in names if n in SCENARIOS]
+        report = run(selected, Settings(quick=args.quick), args.seed, args.profile)
+    except ProcessFailed as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    report["skipped"] = {n: why for n, why in SKIPPED.items() if n in names}
+    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nwritten to {args.output}")
+    return 0
+
+
+def run(
+    names: list[str], settings: Settings, seed: int, profile: Path | None = None
+) -> dict[str, Any]:
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        with running_harness(Path(tmp), seed, profile) as harness:
+            for name in names:
+                scenario = SCENARIOS[name]
+                for point in scenario.points:
+                    key = f"{name}/{point.key}"
+                    print(f"bench: {key} ...", file=sys.stderr, flush=True)
+                    results[key] = measure(harness, scenario, point, settings)
+            pinning = harness.describe()
+            peak_rss = (
+                "VmHWM per scenario point (reset through /proc/<pid>/clear_refs)"
+                if harness.peak_rss_resets
+                else "VmHWM since the process started (the kernel refused to reset it)"
+            )
+        exit_codes = dict(harness.exit_codes)
+    return {
+        "date": now(),
+        "machine": machine(),
+        "versions": versions(),
+        "pinning": pinning,
+        "peak_rss": peak_rss,
+        # Other jobs on the machine make the figures noisy: see also other_cpu_util per side.
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "options": {
+            "quick": settings.quick,
+            "scenarios": names,
+            "seed": seed,
+            "profile": str(profile) if profile else None,
+        },
+        "sides": {
+            "aggregator": "python -m aggregator serve, production-like config (breaker, "
+            "bulkhead, metrics); see bench/scenarios.py",
+            "naive": "grpc.aio + asyncio.as_completed over one aiohttp session (bench/naive.py)",
+            "sequential": "the naive server awaiting the calls one after another",
+        },
+        "scenarios": {
+            name: {
+                "description": SCENARIOS[name].description,
+                "targets": len(SCENARIOS[name].calls),
+                "slowest_upstream_ms": SCENARIOS[name].slowest_ms,
+                "rounds": settings.rounds(SCENARIOS[name]),
+            }
+            for name in names
+        },
+        "results": results,
+        **ratios(results),
+        "exit_codes": exit_codes,
+        "duration_s": round(time.monotonic() - started, 1),
+        "side_order": f"round r runs {', '.join(SIDES)} rotated by r",
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

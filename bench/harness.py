@@ -1,0 +1,153 @@
+"""The processes of one run, started once and shared by every scenario.
+
+Upstreams first (their ports go into every side's config), then the three server sides and the
+load generator, in parallel. The aggregator runs as ``python -m aggregator serve --config``: the
+production entry point with a production-like config (bench/scenarios.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.procs import Child, ProcessFailed, cpu_plan, python_module
+from bench.scenarios import SIDES, aggregator_config, naive_upstreams
+
+_START_TIMEOUT = 30.0
+
+
+class Harness:
+    def __init__(self, log_dir: Path, seed: int, profile: Path | None = None) -> None:
+        self.log_dir = log_dir
+        self._profile = profile
+        self.pinning = cpu_plan()
+        self._server_cpus = self.pinning.get("server_cpus")
+        self._harness_cpus = self.pinning.get("harness_cpus")
+        self._seed = seed
+        self._children: list[Child] = []
+        self.servers: dict[str, Child] = {}
+        self.addresses: dict[str, str] = {}
+        self.upstreams: Child | None = None
+        self.load: Child | None = None
+        self.exit_codes: dict[str, int | None] = {}
+        self.peak_rss_resets = True  # False once the kernel refused to reset VmHWM
+
+    def __repr__(self) -> str:
+        return f"<Harness {self._children!r}>"
+
+    def _spawn(self, name: str, argv: list[str], server: bool, **kwargs: Any) -> Child:
+        cpus = self._server_cpus if server else self._harness_cpus
+        child = Child(name, argv, self.log_dir, cpus, **kwargs)
+        self._children.append(child)
+        return child
+
+    def start(self) -> None:
+        if self._harness_cpus:
+            os.sched_setaffinity(0, self._harness_cpus)  # the orchestrator is harness too
+        self.upstreams = self._spawn(
+            "upstreams", python_module("bench.upstreams", "--seed", str(self._seed)), server=False
+        )
+        ports = self.upstreams.read_line(_START_TIMEOUT)
+        http_urls = {name: f"http://127.0.0.1:{port}" for name, port in ports["http_ports"].items()}
+        grpc_address = f"127.0.0.1:{ports['grpc_port']}"
+        self.servers["aggregator"] = self._start_aggregator(http_urls, grpc_address)
+        peers = json.dumps(naive_upstreams(http_urls, grpc_address))
+        for side, extra in (("naive", ()), ("sequential", ("--sequential",))):
+            argv = python_module("bench.naive", "--upstreams", peers, *extra)
+            self.servers[side] = self._spawn(side, argv, server=True)
+        self.load = self._spawn(
+            "load", python_module("bench.load"), server=False, stdin=subprocess.PIPE
+        )
+        for side in ("naive", "sequential"):
+            port = self.servers[side].read_line(_START_TIMEOUT)["port"]
+            self.addresses[side] = f"127.0.0.1:{port}"
+        for side in SIDES:
+            self._wait_ready(side)
+        if self._profile is not None:
+            self._start_profiler(self._profile)
+
+    def _start_profiler(self, output: Path) -> None:
+        """py-spy on the aggregator for the whole run: collapsed stacks, ready for flamegraphs."""
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(py_spy).exists():
+            raise ProcessFailed("--profile needs py-spy: .venv/bin/pip install py-spy")
+        argv = [py_spy, "record", "--pid", str(self.servers["aggregator"].pid), "--nonblocking"]
+        argv += ["--rate", "250", "--format", "raw", "--output", str(output)]
+        # SIGINT makes py-spy write its output and exit.
+        self._spawn("py-spy", argv, server=False, stdout_to_log=True, stop_signal=signal.SIGINT)
+
+    def _start_aggregator(self, http_urls: dict[str, str], grpc_address: str) -> Child:
+        port, metrics_port = _free_port(), _free_port()
+        config = aggregator_config(http_urls, grpc_address, port, metrics_port)
+        config_path = self.log_dir / "aggregator.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.addresses["aggregator"] = f"127.0.0.1:{port}"
+        argv = python_module("aggregator", "serve", "--config", str(config_path))
+        return self._spawn("aggregator", argv, server=True, stdout_to_log=True)
+
+    def _wait_ready(self, side: str) -> None:
+        assert self.load is not None
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            self.servers[side].check_alive()
+            answer = self.load.ask(
+                {"op": "ready", "target": self.addresses[side], "timeout": 1.0}, _START_TIMEOUT
+            )
+            if answer["ready"]:
+                return
+        raise ProcessFailed(f"{side} did not start serving\n{self.servers[side].tail()}")
+
+    def harness_cpu_seconds(self) -> dict[str, float]:
+        """CPU time so far of the processes that make the load: upstreams, load generator, us."""
+        seconds = {c.name: c.cpu_seconds() for c in (self.upstreams, self.load) if c is not None}
+        times = os.times()
+        seconds["orchestrator"] = times.user + times.system
+        return seconds
+
+    def run_slice(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.load is not None
+        side = command["side"]
+        self.servers[side].check_alive()
+        return self.load.ask({"op": "run", "target": self.addresses[side], **command}, timeout)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.pinning,
+            "processes": {c.name: {"pid": c.pid, "cpus": c.affinity()} for c in self._children},
+        }
+
+    def stop(self) -> None:
+        # Load first (its channels close cleanly), then the servers, then their upstreams.
+        for child in reversed(self._children):
+            with suppress(OSError):
+                self.exit_codes[child.name] = child.stop()
+
+
+@contextmanager
+def running_harness(log_dir: Path, seed: int, profile: Path | None = None) -> Iterator[Harness]:
+    harness = Harness(log_dir, seed, profile)
+    try:
+        harness.start()
+        yield harness
+    finally:
+        harness.stop()
+
+
+def _free_port() -> int:
+    # A small race (the port is free now, maybe not in a second) that a fixed port would not
+    # avoid either; with workers: 1 the aggregator refuses to start on a clash, so it shows.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

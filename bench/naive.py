@@ -1,0 +1,139 @@
+"""The peers the aggregator is measured against: what a user could write in an afternoon.
+
+A grpc.aio server implementing the same ``aggregator.v1.Aggregator/Aggregate``: every target is
+called over ONE shared aiohttp ClientSession (or a grpc.aio channel per gRPC upstream) and the
+results are streamed as they complete (``asyncio.as_completed``), with no validation, no
+policies, no deadline handling and two trailers. ``--sequential`` awaits the same calls one after
+another: the "before" picture. Run as ``python -m bench.naive --upstreams JSON [--sequential]``:
+prints ``{"port": ...}`` on one line, serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import grpc
+
+from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from bench.scenarios import CONNECTIONS_PER_UPSTREAM
+
+
+class NaiveAggregator(pb_grpc.AggregatorServicer):
+    def __init__(self, upstreams: Mapping[str, Mapping[str, str]], sequential: bool) -> None:
+        self._sequential = sequential
+        self._urls = {name: u["url"] for name, u in upstreams.items() if u["kind"] == "http"}
+        self._channels = {
+            name: grpc.aio.insecure_channel(u["address"])
+            for name, u in upstreams.items()
+            if u["kind"] == "grpc"
+        }
+        self._methods: dict[tuple[str, str], Any] = {}
+        # The textbook session, except that its pool is sized like the aggregator's (per upstream
+        # rather than 100 in all), so that pool size is not what the benchmark compares.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=CONNECTIONS_PER_UPSTREAM)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        )
+
+    async def Aggregate(
+        self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.TargetResult]:
+        succeeded = 0
+        async for result in self._results(request.targets):
+            succeeded += result.outcome == pb.OUTCOME_OK
+            yield result
+        completed = "true" if succeeded == len(request.targets) else "false"
+        context.set_trailing_metadata(
+            (("x-aggregate-completed", completed), ("x-aggregate-succeeded", str(succeeded)))
+        )
+
+    async def _results(self, targets: Any) -> AsyncIterator[pb.TargetResult]:
+        started = time.perf_counter()
+        if self._sequential:
+            for target in targets:
+                yield await self._call(target, started)
+        else:
+            for next_done in asyncio.as_completed([self._call(t, started) for t in targets]):
+                yield await next_done
+
+    async def _call(self, target: pb.Target, started: float) -> pb.TargetResult:
+        result = pb.TargetResult(id=target.id, attempts=1)
+        begun = time.perf_counter()
+        try:
+            if target.HasField("grpc"):
+                await self._grpc(target.grpc, result)
+            else:
+                await self._http(target.http, result)
+        except Exception as exc:  # the textbook catch-all
+            result.outcome = pb.OUTCOME_UNAVAILABLE
+            result.error = str(exc)
+        ended = time.perf_counter()
+        result.start_offset.FromNanoseconds(int((begun - started) * 1e9))
+        result.latency.FromNanoseconds(int((ended - begun) * 1e9))
+        return result
+
+    async def _http(self, call: pb.HttpCall, result: pb.TargetResult) -> None:
+        url = self._urls[call.upstream] + call.path
+        async with self._session.request(
+            call.method or "GET", url, params=dict(call.query), headers=dict(call.headers)
+        ) as response:
+            result.body = await response.read()
+        result.http_status = response.status
+        result.content_type = response.headers.get("Content-Type", "")
+        result.outcome = pb.OUTCOME_OK if response.status < 300 else pb.OUTCOME_ERROR
+
+    async def _grpc(self, call: pb.GrpcCall, result: pb.TargetResult) -> None:
+        key = (call.upstream, call.method)
+        method = self._methods.get(key)
+        if method is None:
+            channel = self._channels[call.upstream]
+            method = self._methods[key] = channel.unary_unary(call.method, None, None)
+        try:
+            result.body = await method(call.request, metadata=tuple(call.metadata.items()))
+            result.outcome = pb.OUTCOME_OK
+        except grpc.aio.AioRpcError as exc:
+            result.grpc_code = exc.code().value[0]
+            result.outcome = pb.OUTCOME_ERROR
+
+    async def aclose(self) -> None:
+        await self._session.close()
+        for channel in self._channels.values():
+            await channel.close(None)
+
+
+async def serve(upstreams: Mapping[str, Mapping[str, str]], sequential: bool) -> None:
+    server = grpc.aio.server()
+    servicer = NaiveAggregator(upstreams, sequential)
+    pb_grpc.add_AggregatorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(json.dumps({"port": port}), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(1)
+        await servicer.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.naive")
+    parser.add_argument("--upstreams", required=True, help="JSON: name -> {kind, url|address}")
+    parser.add_argument("--sequential", action="store_true", help="await one call at a time")
+    args = parser.parse_args()
+    asyncio.run(serve(json.loads(args.upstreams), args.sequential))
+
+
+if __name__ == "__main__":
+    main()

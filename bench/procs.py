@@ -1,0 +1,160 @@
+"""The benchmark's processes: started pinned to CPUs, measured through /proc, stopped by pid.
+
+CPU time is the process's utime + stime from ``/proc/<pid>/stat`` (all threads, clock ticks);
+peak RSS is ``VmHWM`` from ``/proc/<pid>/status``, reset per measurement by writing ``5`` to
+``/proc/<pid>/clear_refs`` where the kernel allows it (Linux >= 4.0, same user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_ROOT = Path(__file__).resolve().parent.parent  # where `python -m bench.*` finds the package
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+def cpu_plan() -> dict[str, Any]:
+    """Which CPUs the server under test gets and which the harness gets, if pinning works."""
+    try:
+        available = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return {"applied": False, "reason": "os.sched_getaffinity is not available"}
+    if len(available) < 2:
+        return {"applied": False, "reason": f"only {len(available)} CPU available"}
+    return {
+        "applied": True,
+        "server_cpus": available[:1],
+        "harness_cpus": available[1:],
+        "note": "each server side on server_cpus; upstreams, load generator and orchestrator "
+        "on harness_cpus",
+    }
+
+
+class Child:
+    """A process of the benchmark, started with its CPU affinity already set."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        cpus: Sequence[int] | None,
+        stdin: int | None = subprocess.DEVNULL,
+        stdout_to_log: bool = False,
+        stop_signal: int = signal.SIGTERM,
+    ) -> None:
+        self.name = name
+        self._stop_signal = stop_signal
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("w")
+        affinity = set(cpus) if cpus else None
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=self._log if stdout_to_log else subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            cwd=_ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Affinity is set before exec, so every thread the process ever starts inherits it.
+            preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
+        )
+        self.pid = self.popen.pid
+
+    def __repr__(self) -> str:
+        state = "running" if self.popen.poll() is None else f"exited {self.popen.returncode}"
+        return f"<Child {self.name} pid {self.pid} [{state}]>"
+
+    def affinity(self) -> list[int] | None:
+        try:
+            return sorted(os.sched_getaffinity(self.pid))
+        except (AttributeError, OSError):
+            return None
+
+    def read_line(self, timeout: float) -> dict[str, Any]:
+        """The next JSON line the process writes, or ProcessFailed with its log's tail."""
+        stdout: IO[str] | None = self.popen.stdout
+        assert stdout is not None
+        ready, _, _ = select.select([stdout], [], [], timeout)
+        line = stdout.readline() if ready else ""
+        if not line:
+            raise ProcessFailed(f"{self.name} gave no answer within {timeout:g}s\n{self.tail()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        stdin = self.popen.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(command) + "\n")
+        stdin.flush()
+        return self.read_line(timeout)
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise ProcessFailed(f"{self.name} exited with {self.popen.returncode}\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join(f"  {self.name}| {line}" for line in text)
+
+    def cpu_seconds(self) -> float:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+    def reset_peak_rss(self) -> bool:
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def memory_mb(self, field: str = "VmHWM") -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """EOF on stdin or the stop signal, then wait; SIGKILL only this pid if it will not go."""
+        if self.popen.poll() is None:
+            if self.popen.stdin is not None:
+                self.popen.stdin.close()
+            else:
+                self.popen.send_signal(self._stop_signal)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+def machine_busy_seconds() -> float:
+    """User and system CPU time of every process on the machine (all CPUs), from /proc/stat.
+
+    Interrupt time is left out: loopback traffic is ours but may be accounted there.
+    """
+    try:
+        user, nice, system = Path("/proc/stat").read_text().split(maxsplit=4)[1:4]
+    except (OSError, ValueError):
+        return 0.0
+    return (int(user) + int(nice) + int(system)) / _TICK
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,186 @@
+"""The report: bench-results.json's shape, the ratios, and the table printed at the end."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.scenarios import SIDES
+
+
+def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
+    """throughput_vs_naive (higher is better) and overhead_p50_vs_naive (lower is better)."""
+    throughput: dict[str, float | None] = {}
+    overhead: dict[str, float | None] = {}
+    for key, sides in results.items():
+        ours, naive = sides["aggregator"], sides["naive"]
+        throughput[key] = _ratio(ours["calls_per_s"], naive["calls_per_s"])
+        overhead[key] = _ratio(ours["overhead_p50_ms"], naive["overhead_p50_ms"])
+    return {"throughput_vs_naive": throughput, "overhead_p50_vs_naive": overhead}
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or not theirs or theirs <= 0:
+        return None
+    return round(ours / theirs, 3)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gb": _memory_gb(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in ("grpcio", "aiohttp", "protobuf", "aggregator"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    found["aggregator_git"] = _git_revision()
+    return found
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _git_revision() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "aggregator"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+_COLUMNS = (
+    ("side", "", 10, None),
+    ("calls/s", "calls_per_s", 8, 1),
+    ("p50", "p50_ms", 8, 1),
+    ("p99", "p99_ms", 8, 1),
+    ("p99.9", "p999_ms", 8, 1),
+    ("ovh p50", "overhead_p50_ms", 8, 2),
+    ("ovh p99", "overhead_p99_ms", 8, 2),
+    ("1st p50", "first_result_p50_ms", 8, 1),
+    ("cpu ms/call", "cpu_ms_per_call", 11, 3),
+    ("RSS MB", "peak_rss_mb", 7, 1),
+    ("calls", "calls", 6, 0),
+)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The human-readable report: one block per scenario and load level, then the ratios."""
+    lines = [
+        f"bench {report['date']}  grpcio {report['versions']['grpcio']}  "
+        f"aiohttp {report['versions']['aiohttp']}  pinning: {_pinning(report['pinning'])}",
+        "latencies in ms; ovh = latency minus the slowest upstream's own time; "
+        "cpu ms/call = server CPU-seconds per 1,000 aggregates",
+    ]
+    if report["load_average_before"][0] > 0.5:
+        lines.append(
+            f"! load average {report['load_average_before'][0]:.2f} at the start: "
+            "the machine was not idle, figures are noisy"
+        )
+    header = "  ".join(f"{title:>{width}}" for title, _, width, _ in _COLUMNS)
+    harness_cpus = len(report["pinning"].get("harness_cpus") or range(os.cpu_count() or 1))
+    for key, sides in report["results"].items():
+        scenario = report["scenarios"][key.split("/")[0]]
+        lines += ["", f"{key}: {scenario['description']}", header]
+        for side in SIDES:
+            lines.append(_row(side, sides[side]))
+            trouble = _trouble(sides[side], harness_cpus)
+            if trouble:
+                lines.append(f"{'':>10}  ! {trouble}")
+        other = max(sides[side]["other_cpu_util"] or 0.0 for side in SIDES)
+        if other > 0.1:
+            lines.append(
+                f"{'':>10}  ! other processes took up to {other:.0%} of a CPU during these "
+                "slices: figures are noisy"
+            )
+    lines += ["", f"{'aggregator vs naive':<22}{'throughput':>12}{'overhead p50':>14}"]
+    for key in report["results"]:
+        throughput = report["throughput_vs_naive"][key]
+        overhead = report["overhead_p50_vs_naive"][key]
+        lines.append(f"{key:<22}{_times(throughput):>12}{_times(overhead):>14}")
+    for name, why in report["skipped"].items():
+        lines.append(f"{name}: {why}")
+    return "\n".join(lines)
+
+
+def _row(side: str, figures: dict[str, Any]) -> str:
+    cells = []
+    for _, field, width, digits in _COLUMNS:
+        value = side if not field else figures.get(field)
+        if isinstance(value, float | int) and digits is not None:
+            cells.append(f"{value:>{width},.{digits}f}")
+        else:
+            cells.append(f"{'-' if value is None else value:>{width}}")
+    return "  ".join(cells)
+
+
+def _trouble(figures: dict[str, Any], harness_cpus: int) -> str:
+    notes = []
+    if figures["errors"]:
+        notes.append(f"errors {figures['errors']}")
+    if figures["not_ok_results"]:
+        notes.append(f"results not OK {figures['not_ok_results']}")
+    if figures["not_ok_sample"]:
+        notes.append(f"e.g. {figures['not_ok_sample'][:120]!r}")
+    if figures["incomplete_calls"]:
+        notes.append(f"{figures['incomplete_calls']} calls with missing results")
+    harness = figures["harness_cpu_util"]
+    if harness.get("total", 0) > 0.9 * harness_cpus:
+        shares = ", ".join(f"{name} {util:.0%}" for name, util in harness.items() if util)
+        notes.append(f"harness CPU busy ({shares}): it may be the limit, not this side")
+    return "; ".join(notes)
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _pinning(pinning: dict[str, Any]) -> str:
+    if not pinning.get("applied"):
+        return f"none ({pinning.get('reason')})"
+    return f"servers on CPU {pinning['server_cpus']}, harness on {pinning['harness_cpus']}"

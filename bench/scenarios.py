@@ -1,0 +1,205 @@
+"""What the benchmark runs: scenarios, the requests they send, and each side's upstream map.
+
+Every side gets the same ``AggregateRequest`` (target ``t0``, ``t1``, ... naming upstreams
+``u0``-``u4`` and ``bulk`` over REST, ``g0``/``g1`` over gRPC). The REST upstreams all live on one
+aiohttp app (``/delay/{ms}``), the gRPC ones on one grpc.aio server (``Delay``, milliseconds as
+ASCII). Each REST upstream name has a port of its own on that app, as distinct services would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aggregator.v1 import aggregator_pb2 as pb
+
+SIDES = ("aggregator", "naive", "sequential")
+DELAY_METHOD = "/bench.v1.Upstream/Delay"
+REST_UPSTREAMS = ("u0", "u1", "u2", "u3", "u4")
+GRPC_UPSTREAMS = ("g0", "g1")
+BULK_UPSTREAM = "bulk"  # batch1000's own pool, warmed by its warm-up request
+HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM)
+# Both sides may hold this many connections to one upstream: the aggregator through each
+# upstream's max_concurrency, the naive peers through limit_per_host of their one session.
+CONNECTIONS_PER_UPSTREAM = 100
+
+# Hedging (SPEC §6) is not implemented yet, so `tail` runs unhedged. Once it is, set this to the
+# hedge delay (e.g. 30.0): the aggregator's config gains "-hedged" twins of the REST upstreams
+# with `hedge: {delay: ...}`, and the `tail-hedged` scenario sends the aggregator the same calls
+# through them (the naive and sequential sides are unchanged: they have no hedging).
+HEDGE_DELAY_MS: float | None = None
+HEDGED_SUFFIX = "-hedged"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One target: an upstream name, its delay, and optionally how often it is slow."""
+
+    upstream: str
+    ms: float
+    kind: Literal["http", "grpc"] = "http"
+    slow_pct: float = 0.0  # the upstream rolls its seeded RNG per request
+    slow_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One load level: ``concurrency`` workers, each slice bounded by time and by count."""
+
+    concurrency: int
+    seconds: float = 2.0
+    max_calls: int = 1_000_000
+
+    @property
+    def key(self) -> str:
+        return f"c{self.concurrency}"
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    calls: tuple[Call, ...]
+    points: tuple[Point, ...]
+    rounds: int = 3
+    timeout: float = 5.0  # the caller's deadline for one aggregate, in seconds
+    warmup: tuple[Call, ...] | None = None  # a lighter request to warm pools, if not `calls`
+    warmup_max_calls: int | None = None
+    aggregator_suffix: str = ""  # the aggregator's upstream names get this (hedged twins)
+
+    def request_for(self, side: str, warmup: bool = False) -> pb.AggregateRequest:
+        calls = self.warmup if warmup and self.warmup is not None else self.calls
+        suffix = self.aggregator_suffix if side == "aggregator" else ""
+        return pb.AggregateRequest(targets=[_target(i, c, suffix) for i, c in enumerate(calls)])
+
+    @property
+    def slowest_ms(self) -> float:
+        return max(max(call.ms, call.slow_ms) for call in self.calls)
+
+
+def _target(index: int, call: Call, suffix: str) -> pb.Target:
+    upstream = call.upstream + (suffix if call.kind == "http" else "")
+    if call.kind == "grpc":
+        grpc_call = pb.GrpcCall(upstream=upstream, method=DELAY_METHOD, request=_ms(call).encode())
+        return pb.Target(id=f"t{index}", grpc=grpc_call)
+    query = {}
+    if call.slow_pct:
+        query = {"slow_pct": f"{call.slow_pct:g}", "slow_ms": f"{call.slow_ms:g}"}
+    http_call = pb.HttpCall(upstream=upstream, path=f"/delay/{_ms(call)}", query=query)
+    return pb.Target(id=f"t{index}", http=http_call)
+
+
+def _ms(call: Call) -> str:
+    return f"{call.ms:g}"
+
+
+def _rest(*delays: float) -> tuple[Call, ...]:
+    return tuple(Call(REST_UPSTREAMS[i % 5], ms) for i, ms in enumerate(delays))
+
+
+_TAIL = (*_rest(20, 20, 20, 20), Call("u4", 20, slow_pct=5, slow_ms=200))
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "page5",
+            "the demo's product page: five REST targets at 120/95/110/140/65 ms",
+            _rest(120, 95, 110, 140, 65),
+            (Point(1, seconds=3.0), Point(64)),
+        ),
+        Scenario(
+            "flat5x20ms",
+            "five REST targets at 20 ms: where does each side saturate?",
+            _rest(20, 20, 20, 20, 20),
+            (Point(1), Point(16), Point(64), Point(256)),
+        ),
+        Scenario(
+            "mixed",
+            "REST at 30/50/70 ms and gRPC at 40/60 ms together",
+            (
+                *_rest(30, 50, 70),
+                Call("g0", 40, kind="grpc"),
+                Call("g1", 60, kind="grpc"),
+            ),
+            (Point(1), Point(64)),
+        ),
+        Scenario(
+            "batch1000",
+            "one aggregate of 1,000 REST targets at 10 ms (one pool of 100 connections)",
+            tuple(Call(BULK_UPSTREAM, 10) for _ in range(1000)),
+            (Point(1, seconds=1.0, max_calls=3),),
+            rounds=2,
+            timeout=30.0,
+            warmup=tuple(Call(BULK_UPSTREAM, 10) for _ in range(100)),
+            warmup_max_calls=1,
+        ),
+        Scenario(
+            "tail",
+            "five REST targets at 20 ms, one of them 200 ms 5% of the time (no hedging)",
+            _TAIL,
+            (Point(16),),
+        ),
+    )
+}
+if HEDGE_DELAY_MS is not None:
+    SCENARIOS["tail-hedged"] = Scenario(
+        "tail-hedged",
+        f"tail, with the aggregator hedging after {HEDGE_DELAY_MS:g} ms",
+        _TAIL,
+        (Point(16),),
+        aggregator_suffix=HEDGED_SUFFIX,
+    )
+
+# Scenarios named by issue 7 that cannot run yet, and why.
+SKIPPED: dict[str, str] = {
+    "cache-hot": "skipped: the response cache is not implemented yet",
+}
+if HEDGE_DELAY_MS is None:
+    SKIPPED["tail-hedged"] = (
+        "skipped: hedging is not implemented yet (set HEDGE_DELAY_MS in bench/scenarios.py)"
+    )
+
+
+def aggregator_config(
+    http_urls: Mapping[str, str], grpc_address: str, port: int, metrics_port: int
+) -> dict[str, Any]:
+    """A production-like config: defaults plus breaker, bulkhead (max_concurrency), metrics."""
+    policies = {
+        "timeout": "1s",
+        "max_concurrency": CONNECTIONS_PER_UPSTREAM,
+        "circuit_breaker": {"fail_max": 5, "reset_timeout": "30s"},
+    }
+    http = {"kind": "http", "connect_timeout": "250ms", **policies}
+    upstreams: dict[str, Any] = {name: {**http, "url": http_urls[name]} for name in REST_UPSTREAMS}
+    upstreams[BULK_UPSTREAM] = {**http, "url": http_urls[BULK_UPSTREAM], "timeout": "5s"}
+    for name in GRPC_UPSTREAMS:
+        upstreams[name] = {"kind": "grpc", "address": grpc_address, **policies}
+    if HEDGE_DELAY_MS is not None:
+        hedge = {"hedge": {"delay": f"{HEDGE_DELAY_MS:g}ms"}}
+        for name in REST_UPSTREAMS:
+            upstreams[name + HEDGED_SUFFIX] = {**upstreams[name], **hedge}
+    return {
+        "server": {
+            "address": f"127.0.0.1:{port}",
+            "metrics_address": f"127.0.0.1:{metrics_port}",
+            "max_targets": 1000,
+            "max_concurrent_calls": 1000,
+            "default_deadline": "5s",
+            "max_deadline": "30s",
+            "shutdown_grace": "2s",
+        },
+        "upstreams": upstreams,
+    }
+
+
+def naive_upstreams(
+    http_urls: Mapping[str, str], grpc_address: str
+) -> Mapping[str, Mapping[str, str]]:
+    """The naive peers' view: upstream name -> where it is, nothing else."""
+    upstreams: dict[str, Mapping[str, str]] = {
+        name: {"kind": "http", "url": http_urls[name]} for name in HTTP_UPSTREAMS
+    }
+    upstreams.update({name: {"kind": "grpc", "address": grpc_address} for name in GRPC_UPSTREAMS})
+    return upstreams

@@ -1,0 +1,56 @@
+"""`make bench` cannot rot: a tiny run of the harness, checking the report's shape (no timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDES = ("aggregator", "naive", "sequential")
+FIGURES = (
+    "calls_per_s",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "overhead_p50_ms",
+    "overhead_p99_ms",
+    "cpu_ms_per_call",
+    "peak_rss_mb",
+)
+
+
+@pytest.mark.slow
+def test_quick_bench_reports_every_figure_for_every_side(tmp_path: Path) -> None:
+    output = tmp_path / "bench-results.json"
+    scenarios = "flat5x20ms,mixed,cache-hot"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", scenarios, "--output", output],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(output.read_text())
+
+    keys = {"flat5x20ms/c1", "flat5x20ms/c16", "flat5x20ms/c64", "flat5x20ms/c256"}
+    keys |= {"mixed/c1", "mixed/c64"}
+    assert set(report["results"]) == keys
+    for key in keys:
+        for side in SIDES:
+            figures = report["results"][key][side]
+            assert set(FIGURES) <= set(figures), (key, side)
+            assert figures["calls"] > 0, (key, side, figures)
+            assert not figures["errors"], (key, side, figures)
+            assert not figures["not_ok_results"], (key, side, figures)
+        assert key in report["throughput_vs_naive"]
+        assert key in report["overhead_p50_vs_naive"]
+    assert "cache-hot" in report["skipped"]
+    assert {"grpcio", "aiohttp"} <= set(report["versions"])
+    assert {"date", "machine", "pinning"} <= set(report)
+    assert "flat5x20ms/c64" in run.stdout  # the table was printed
+    assert set(report["exit_codes"].values()) == {0}

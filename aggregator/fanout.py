@@ -31,6 +31,9 @@ Emit = Callable[[pb.TargetResult], Awaitable[None]]
 _OK = pb.OUTCOME_OK
 # Put on the queue when the number of results to expect changed (a for_each expanded).
 _RECOUNT = pb.TargetResult()
+# Put on the queue by a timer when the budget runs out: one timer per aggregate, rather than
+# a timeout around every wait for a result.
+_DEADLINE = pb.TargetResult()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,7 @@ class Aggregation:
             asyncio.create_task(self._run(target), name=f"target {target.id}")
             for target in self._plan.targets
         ]
+        deadline = self._loop.call_at(self._budget.stop_at, self._queue.put_nowait, _DEADLINE)
         try:
             while len(self.reported) < self._expected:
                 result = await self._next()
@@ -116,13 +120,12 @@ class Aggregation:
                         await emit(cancelled)
                     return
         finally:
+            deadline.cancel()
             await self._cancel_all()
 
     async def _next(self) -> pb.TargetResult | None:
-        try:
-            async with asyncio.timeout_at(self._budget.stop_at):
-                result = await self._queue.get()
-        except TimeoutError:
+        result = await self._queue.get()
+        if result is _DEADLINE:
             return None
         if result is _RECOUNT:
             return result
@@ -187,7 +190,7 @@ class Aggregation:
         self._queue.put_nowait(result)
 
     async def _settle(self, target: PlannedTarget) -> pb.TargetResult | None:
-        blocker = await self._wait_for_dependencies(target)
+        blocker = await self._wait_for_dependencies(target) if target.depends_on else None
         started = self._loop.time()
         try:
             if blocker is not None:

@@ -140,15 +140,20 @@ def make_plan(request: pb.AggregateRequest, config: Config) -> Plan:
             f"targets: {len(request.targets)} targets exceed server.max_targets ({limit})"
         )
     problems.extend(_id_problems(request.targets))
+    expanding = {target.id for target in request.targets if target.for_each}
     planned = []
     for index, target in enumerate(request.targets):
         label = f"target {target.id!r}" if target.id else f"targets[{index}]"
         target_problems = list(_target_problems(target, config.upstreams))
         problems.extend(f"{label}: {problem}" for problem in target_problems)
+        # Most targets have no {{...}}: look for references only where braces are.
+        templated = any("{{" in text for text in _template_texts(target))
+        if templated or target.for_each:
+            problems.extend(_template_problems(target, expanding))
         if not target_problems:
-            planned.append(_plan_target(target, config.upstreams))
-    problems.extend(_dependency_problems(request.targets))
-    problems.extend(_template_problems(request.targets))
+            planned.append(_plan_target(target, config.upstreams, templated))
+    if any(target.depends_on for target in request.targets):
+        problems.extend(_dependency_problems(request.targets))
     if problems:
         raise InvalidRequest(problems)
     return Plan(targets=tuple(planned), max_targets=limit)
@@ -235,24 +240,23 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
         yield f"depends_on: cycle {' -> '.join(i if _ID.match(i) else repr(i) for i in cycle)}"
 
 
-def _template_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
-    expanding = {target.id for target in targets if target.for_each}
-    for target in targets:
-        label = f"target {target.id!r}"
-        sources = tuple(target.depends_on)
-        if target.for_each:
-            yield from (f"{label}: {p}" for p in _for_each_problems(target.for_each, sources))
-            sources = (*sources, ITEM)
-        for text in _template_texts(target):
-            for raw in references(text):
-                reference = parse_reference(raw, sources)
-                if reference is None:
-                    yield (
-                        f"{label}: {{{{{raw}}}}} names no target in depends_on"
-                        + (" (nor item)" if target.for_each else "")
-                    )
-                elif reference.source in expanding:
-                    yield f"{label}: {{{{{raw}}}}} names for_each target {reference.source!r}"
+def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
+    """References that name no dependency (or a for_each target, whose body is not one)."""
+    label = f"target {target.id!r}"
+    sources = tuple(target.depends_on)
+    if target.for_each:
+        yield from (f"{label}: {p}" for p in _for_each_problems(target.for_each, sources))
+        sources = (*sources, ITEM)
+    for text in _template_texts(target):
+        for raw in references(text):
+            reference = parse_reference(raw, sources)
+            if reference is None:
+                yield (
+                    f"{label}: {{{{{raw}}}}} names no target in depends_on"
+                    + (" (nor item)" if target.for_each else "")
+                )
+            elif reference.source in expanding:
+                yield f"{label}: {{{{{raw}}}}} names for_each target {reference.source!r}"
 
 
 def _for_each_problems(text: str, sources: tuple[str, ...]) -> Iterator[str]:
@@ -316,7 +320,9 @@ def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
     return []
 
 
-def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> PlannedTarget:
+def _plan_target(
+    target: pb.Target, upstreams: Mapping[str, UpstreamConfig], templated: bool
+) -> PlannedTarget:
     request: HttpRequest | GrpcRequest
     if target.WhichOneof("call") == "http":
         call = target.http
@@ -336,7 +342,7 @@ def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> 
         )
     upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
     for_each = None
-    found = list(references(target.for_each))
+    found = list(references(target.for_each)) if target.for_each else []
     if found:  # a bad for_each is reported by _template_problems; the plan is then dropped
         for_each = parse_reference(found[0], tuple(target.depends_on))
     return PlannedTarget(
@@ -348,7 +354,7 @@ def _plan_target(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> 
         depends_on=tuple(target.depends_on),
         fallback=target.fallback if target.HasField("fallback") else None,
         decode_json=target.decode_json,
-        templated=any(True for text in _template_texts(target) for _ in references(text)),
+        templated=templated,
         for_each=for_each,
     )
 

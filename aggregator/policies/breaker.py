@@ -96,6 +96,8 @@ class Breaker:
         # In half-open only the trial decides; late results of older attempts say nothing.
         if failed is None or state == pybreaker.STATE_OPEN:
             return
+        if not failed and state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0:
+            return  # the common case: a success changes nothing
         if state == pybreaker.STATE_HALF_OPEN and not trial:
             return
         with contextlib.suppress(_Fault, pybreaker.CircuitBreakerError):

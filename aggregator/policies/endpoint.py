@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 
@@ -285,27 +286,28 @@ class Endpoint:
     async def _timed(
         self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
     ) -> Reply:
+        """One call under the smaller of the upstream's timeout and the time left."""
         started = self._loop.time()
-        left = deadline - started
-        limit = self._config.timeout
-        if limit < left:
-            reason = f"upstream timeout {limit * 1000:g}ms"
-        timeout = max(min(limit, left), 0.0)
+        timeout = max(min(self._config.timeout, deadline - started), 0.0)
         with tracing.attempt_span(self.name, self._config.kind) as span:
             try:
                 async with asyncio.timeout(timeout):
                     reply = await self._upstream.call(_traced(request), timeout, request_id)
             except TimeoutError:
-                tracing.annotate(span, {"aggregator.outcome": "OUTCOME_TIMEOUT"})
-                raise TargetFailure(
+                if self._config.timeout < deadline - started:
+                    reason = f"upstream timeout {self._config.timeout * 1000:g}ms"
+                failure = TargetFailure(
                     pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
-                ) from None
+                )
+                _annotate_failure(span, failure)
+                raise failure from None
             except TargetFailure as failure:
-                tracing.annotate(span, {"aggregator.outcome": pb.Outcome.Name(failure.outcome)})
+                _annotate_failure(span, failure)
                 raise
             finally:
                 self.metrics.request_duration.observe(self._loop.time() - started)
-            tracing.annotate(span, _reply_attributes(reply))
+            if span is not None:
+                tracing.annotate(span, _reply_attributes(reply))
         if reply.ok:
             self._latency = 0.8 * self._latency + 0.2 * (self._loop.time() - started)
         return reply
@@ -347,6 +349,11 @@ def _traced(request: HttpRequest | GrpcRequest) -> HttpRequest | GrpcRequest:
     if isinstance(request, HttpRequest):
         return replace(request, headers=(*request.headers, *trace_headers))
     return replace(request, metadata=(*request.metadata, *trace_headers))
+
+
+def _annotate_failure(span: Any, failure: TargetFailure) -> None:
+    if span is not None:
+        tracing.annotate(span, {"aggregator.outcome": pb.Outcome.Name(failure.outcome)})
 
 
 def _reply_attributes(reply: Reply) -> dict[str, int | str]:

@@ -819,8 +819,10 @@ def load_config(path: str | Path) -> Config:
 def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         raw = yaml.safe_load(text)
-    # PyYAML also raises ValueError (a timestamp like 2024-02-31) and RecursionError (deep
-    # nesting) for input it cannot build.
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}".replace("\n", " ")]) from exc
+    # PyYAML's constructors raise more than YAMLError on input they cannot build: ValueError
+    # (a timestamp like 2024-02-31), KeyError (!!bool maybe), TypeError, RecursionError (deep
+    # nesting)... Whatever it raises, the file is not usable YAML: say so, on one line.
+    except Exception as exc:
+        detail = str(exc) if isinstance(exc, yaml.YAMLError) else f"{type(exc).__name__} {exc}"
+        raise ConfigError([f"{source}: not valid YAML: {detail}".replace("\n", " ")]) from exc
     return config_from_mapping(raw)

@@ -505,3 +505,14 @@ def test_check_config_refuses_a_bad_file_in_one_line(tmp_path: Path, content):
     assert len(done.stdout.splitlines()) == 1
     assert done.stdout != "ok\n"
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "text", ["address: !!bool maybe", "address: !!timestamp x", "a: !!int zz", "a: !!float q"]
+)
+def test_yaml_that_pyyaml_cannot_build_is_one_clean_problem(text):
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, source="bad.yaml")
+    (problem,) = raised.value.problems
+    assert problem.startswith("bad.yaml: not valid YAML: ")
+    assert "\n" not in problem

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
-import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -103,15 +103,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         emit: Emit,
     ) -> None:
         budget = Budget.for_call(context.time_remaining(), self._config.server, self._loop.time())
-        request_id = _request_id(context)
-        metadata = context.invocation_metadata() or ()
+        # (key, value) pairs on the server side, whatever grpc-stubs says.
+        metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
+        request_id = _request_id(metadata)
         with tracing.aggregate_span(method, request_id, metadata) as span:
-            await self._aggregate(request, context, budget, request_id, span, emit)
+            await self._aggregate(request, context, metadata, budget, request_id, span, emit)
 
     async def _aggregate(
         self,
         request: pb.AggregateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
+        metadata: Sequence[tuple[str, Any]],
         budget: Budget,
         request_id: str,
         span: Any,
@@ -122,11 +124,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         failure: CallFailure | None = None
         first_at: float | None = None
         try:
-            caller = self._gate.identify(
-                context.invocation_metadata() or (), context.auth_context() or {}
+            caller = (
+                self._gate.identify(metadata, context.auth_context() or {})
+                if self._gate.enabled
+                else None
             )
             with self._admission():
-                plan = self._checked_plan(request, caller, context)
+                plan = self._checked_plan(request, caller, metadata)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id)
                 reported = aggregation.reported
                 await aggregation.run(emit)
@@ -142,7 +146,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
         self._observe(request_id, reported.values(), failure, elapsed, first_at)
-        tracing.annotate(span, _span_attributes(reported.values(), failure))
+        if span is not None:
+            tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
             # InvalidRequest lists its problems within its own, larger cap.
             listed = isinstance(failure, InvalidRequest)
@@ -153,12 +158,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self,
         request: pb.AggregateRequest,
         caller: Caller | None,
-        context: grpc.aio.ServicerContext[Any, Any],
+        metadata: Sequence[tuple[str, Any]],
     ) -> Plan:
         """The plan, once the caller may run it and every upstream accepts what it would get."""
         plan = make_plan(request, self._config)
         self._gate.authorize(caller, plan)
-        plan = forward_caller_metadata(plan, context.invocation_metadata() or ())
+        plan = forward_caller_metadata(plan, metadata)
         problems = plan_problems(plan)
         if problems:
             raise InvalidRequest(problems)
@@ -245,11 +250,11 @@ def _span_attributes(
             "aggregator.failed": failed}  # fmt: skip
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
+    for key, value in metadata:
         if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
             return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _merge(merged: struct_pb2.Struct, result: pb.TargetResult) -> None:

@@ -62,6 +62,11 @@ class Gate:
             f"{'on' if self._by_certificate else 'off'}]>"
         )
 
+    @property
+    def enabled(self) -> bool:
+        """Whether callers must identify themselves (an ``auth`` section is configured)."""
+        return self._auth is not None
+
     def identify(
         self,
         metadata: Iterable[tuple[str, Any]],

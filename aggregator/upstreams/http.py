@@ -31,6 +31,7 @@ class HttpUpstream:
         self._host = URL(config.url).host
         self._connect_timeout = config.connect_timeout
         self._max_response_bytes = config.max_response_bytes
+        self._urls: dict[str, URL] = {}
         tls = config.tls
         # Re-read when the files change; each request takes the current context (rotation).
         self._tls = (
@@ -59,9 +60,7 @@ class HttpUpstream:
         self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
     ) -> Reply:
         assert isinstance(request, HttpRequest)
-        url = URL(self._base + request.path)
-        if url.host != self._host:  # unreachable after validation; kept as the last fence
-            raise TargetFailure(pb.OUTCOME_ERROR, f"path {request.path!r} leaves the upstream")
+        url = self._url(request.path)
         headers = dict(request.headers)
         headers["X-Request-Id"] = request_id
         with _map_client_errors(self.name, self._connect_timeout):
@@ -88,6 +87,18 @@ class HttpUpstream:
             else None,
         )
 
+    def _url(self, path: str) -> URL:
+        """The URL of ``path`` on this upstream, parsed once per distinct path (bounded)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self._base + path)
+            if url.host != self._host:  # unreachable after validation; kept as the last fence
+                raise TargetFailure(pb.OUTCOME_ERROR, f"path {path!r} leaves the upstream")
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            self._urls[path] = url
+        return url
+
     async def _read(self, response: aiohttp.ClientResponse, method: str) -> bytes:
         """The body, read as it arrives and abandoned past max_response_bytes, so an upstream
         cannot make the server buffer more than that (a declared length is refused at once)."""
@@ -96,6 +107,8 @@ class HttpUpstream:
         if method != "HEAD" and declared is not None and declared > cap:
             response.close()
             raise self._too_large(response.status, f"announced {declared} bytes")
+        if declared is not None:  # within the cap: one read of exactly that many bytes
+            return await response.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(_CHUNK):

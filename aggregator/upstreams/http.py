@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import ssl
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import aiohttp
@@ -63,17 +61,19 @@ class HttpUpstream:
         url = self._url(request.path)
         headers = dict(request.headers)
         headers["X-Request-Id"] = request_id
-        with _map_client_errors(self.name, self._connect_timeout):
+        try:
             async with self._session.request(
                 request.method,
                 url,
-                params=request.query,
+                params=request.query or None,
                 headers=headers,
                 data=request.body,
                 allow_redirects=False,  # a redirect could lead anywhere: it is the answer
                 ssl=self._tls.current() if self._tls is not None else True,
             ) as response:
                 body = await self._read(response, request.method)
+        except aiohttp.ClientError as exc:  # transport errors become outcomes; never Cancelled
+            raise _target_failure(exc, self.name, self._connect_timeout) from exc
         status = response.status
         return Reply(
             ok=200 <= status < 300,
@@ -153,44 +153,39 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-@contextlib.contextmanager
-def _map_client_errors(name: str, connect_timeout: float) -> Iterator[None]:
-    """Turns aiohttp's transport errors into target outcomes (never CancelledError)."""
-    try:
-        yield
-    except aiohttp.ClientConnectorCertificateError as exc:
-        raise TargetFailure(
-            pb.OUTCOME_UNAVAILABLE,
-            f"could not verify {name}'s TLS certificate: {_ssl_reason(exc.certificate_error)}",
-        ) from exc
-    except aiohttp.ClientSSLError as exc:
-        raise TargetFailure(
+def _target_failure(exc: aiohttp.ClientError, name: str, connect_timeout: float) -> TargetFailure:
+    """The outcome an aiohttp transport error stands for, in one sentence (most specific first:
+    the certificate and timeout errors are also connector errors)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        why = _ssl_reason(exc.certificate_error)
+        return TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"could not verify {name}'s TLS certificate: {why}"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return TargetFailure(
             pb.OUTCOME_UNAVAILABLE, f"TLS handshake with {name} failed: {_ssl_reason(exc)}"
-        ) from exc
-    except aiohttp.ConnectionTimeoutError as exc:
-        raise TargetFailure(
+        )
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
             f"could not connect to {name} within connect_timeout {connect_timeout * 1000:g}ms",
-        ) from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise TargetFailure(
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
             f"could not connect to {name}: {exc.os_error.strerror or exc.os_error}",
-        ) from exc
-    except aiohttp.ServerDisconnectedError as exc:
-        raise TargetFailure(
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TargetFailure(
             pb.OUTCOME_UNAVAILABLE, f"{name} closed the connection before answering"
-        ) from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"{name} broke off the response body: {exc}"
-        ) from exc
-    except aiohttp.ClientOSError as exc:
-        raise TargetFailure(
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TargetFailure(pb.OUTCOME_UNAVAILABLE, f"{name} broke off the response body: {exc}")
+    if isinstance(exc, aiohttp.ClientOSError):
+        return TargetFailure(
             pb.OUTCOME_UNAVAILABLE, f"connection to {name} failed: {exc.strerror or exc}"
-        ) from exc
-    except (aiohttp.ClientResponseError, aiohttp.ClientError) as exc:
-        raise TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}") from exc
+        )
+    return TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}")
 
 
 def _ssl_reason(exc: BaseException) -> str:

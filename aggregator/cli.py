@@ -71,10 +71,10 @@ def _serve(path: str | None) -> int:
         from aggregator.workers import run_workers
 
         return run_workers(config)
-    from aggregator.server import serve
+    from aggregator.server import run
 
     try:
-        asyncio.run(serve(config))
+        run(config)
     except OSError as exc:
         print(f"aggregator serve: {exc}", file=sys.stderr)
         return 1

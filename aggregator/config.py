@@ -162,6 +162,8 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
+    # auto: uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     tls: ServerTls | None = None
     health_address: str = ""  # a plaintext port serving only grpc.health.v1 (for probes)
     max_request_bytes: int = 4 * MIB  # an incoming AggregateRequest message
@@ -305,6 +307,13 @@ def _log_format(value: Any) -> Literal["text", "json"]:
     raise ValueError(f"{value!r} must be text or json")
 
 
+def _event_loop(value: Any) -> Literal["auto", "asyncio", "uvloop"]:
+    for choice in ("auto", "asyncio", "uvloop"):
+        if value == choice:
+            return choice
+    raise ValueError(f"{value!r} must be auto, asyncio or uvloop")
+
+
 def _log_level(value: Any) -> str:
     if value not in ("debug", "info", "warning", "error"):
         raise ValueError(f"{value!r} must be debug, info, warning or error")
@@ -429,6 +438,7 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         ),
         log_format=reader.value(section, "log_format", "server", _log_format, d.log_format),
         log_level=reader.value(section, "log_level", "server", _log_level, d.log_level),
+        event_loop=reader.value(section, "event_loop", "server", _event_loop, d.event_loop),
         tls=_read_server_tls(reader, tls, "server.tls") if tls is not None else None,
         health_address=reader.value(
             section, "health_address", "server", _listen_address, d.health_address

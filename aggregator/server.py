@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -399,6 +399,24 @@ class AggregatorServer:
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+
+
+def run(config: Config) -> None:
+    """Serves on the event loop ``server.event_loop`` names, until SIGTERM or SIGINT."""
+    with asyncio.Runner(loop_factory=_loop_factory(config.server.event_loop)) as runner:
+        runner.run(serve(config))
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise OSError("server.event_loop is uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def serve(config: Config) -> None:

@@ -60,11 +60,9 @@ def _fork_worker(config: Config, index: int) -> int:
         return pid
     code = 1
     try:
-        import asyncio
+        from aggregator.server import run
 
-        from aggregator.server import serve
-
-        asyncio.run(serve(config))
+        run(config)
         code = 0
     except BaseException:
         log.exception("worker %d failed", index)

@@ -24,12 +24,13 @@ HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM)
 # upstream's max_concurrency, the naive peers through limit_per_host of their one session.
 CONNECTIONS_PER_UPSTREAM = 100
 
-# Hedging (SPEC §6) is not implemented yet, so `tail` runs unhedged. Once it is, set this to the
-# hedge delay (e.g. 30.0): the aggregator's config gains "-hedged" twins of the REST upstreams
-# with `hedge: {delay: ...}`, and the `tail-hedged` scenario sends the aggregator the same calls
-# through them (the naive and sequential sides are unchanged: they have no hedging).
-HEDGE_DELAY_MS: float | None = None
+# The aggregator's config gains "-hedged" twins of the REST upstreams with `hedge: {delay: ...}`,
+# and the `tail-hedged` scenario sends the aggregator the same calls as `tail` through them (the
+# naive and sequential sides are unchanged: they have no hedging). None turns it off.
+HEDGE_DELAY_MS: float | None = 30.0
 HEDGED_SUFFIX = "-hedged"
+# And "-cached" twins with a response cache, for `cache-hot`.
+CACHED_SUFFIX = "-cached"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +153,17 @@ if HEDGE_DELAY_MS is not None:
         aggregator_suffix=HEDGED_SUFFIX,
     )
 
-# Scenarios named by issue 7 that cannot run yet, and why.
-SKIPPED: dict[str, str] = {
-    "cache-hot": "skipped: the response cache is not implemented yet",
-}
+SCENARIOS["cache-hot"] = Scenario(
+    "cache-hot",
+    "five REST targets at 20 ms, the same keys every time: the aggregator answers from its "
+    "cache (the naive and sequential sides call the upstreams every time)",
+    _rest(20, 20, 20, 20, 20),
+    (Point(1), Point(64)),
+    aggregator_suffix=CACHED_SUFFIX,
+)
+
+# Scenarios that cannot run, and why.
+SKIPPED: dict[str, str] = {}
 if HEDGE_DELAY_MS is None:
     SKIPPED["tail-hedged"] = (
         "skipped: hedging is not implemented yet (set HEDGE_DELAY_MS in bench/scenarios.py)"
@@ -180,6 +188,8 @@ def aggregator_config(
         hedge = {"hedge": {"delay": f"{HEDGE_DELAY_MS:g}ms"}}
         for name in REST_UPSTREAMS:
             upstreams[name + HEDGED_SUFFIX] = {**upstreams[name], **hedge}
+    for name in REST_UPSTREAMS:
+        upstreams[name + CACHED_SUFFIX] = {**upstreams[name], "cache": {"ttl": "60s"}}
     return {
         "server": {
             "address": f"127.0.0.1:{port}",

@@ -23,6 +23,7 @@ import yaml
 from aggregator.security import pem
 
 T = TypeVar("T")
+C = TypeVar("C", bound=str)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -299,19 +300,22 @@ def _number(low: float, high: float) -> Callable[[Any], float]:
     return convert
 
 
-def _log_format(value: Any) -> Literal["text", "json"]:
-    if value == "text":
-        return "text"
-    if value == "json":
-        return "json"
-    raise ValueError(f"{value!r} must be text or json")
+def _choice(*choices: C) -> Callable[[Any], C]:
+    """A converter accepting exactly one of ``choices``."""
+
+    def convert(value: Any) -> C:
+        for choice in choices:
+            if value == choice:
+                return choice
+        raise ValueError(f"{value!r} must be {' or '.join(choices)}")
+
+    return convert
 
 
-def _event_loop(value: Any) -> Literal["auto", "asyncio", "uvloop"]:
-    for choice in ("auto", "asyncio", "uvloop"):
-        if value == choice:
-            return choice
-    raise ValueError(f"{value!r} must be auto, asyncio or uvloop")
+LOG_FORMATS: tuple[Literal["text", "json"], ...] = ("text", "json")
+EVENT_LOOPS: tuple[Literal["auto", "asyncio", "uvloop"], ...] = ("auto", "asyncio", "uvloop")
+CACHE_BACKENDS: tuple[Literal["memory", "redis"], ...] = ("memory", "redis")
+TRACE_EXPORTERS: tuple[Literal["otlp", "console"], ...] = ("otlp", "console")
 
 
 def _log_level(value: Any) -> str:
@@ -436,9 +440,13 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         shutdown_grace=reader.value(
             section, "shutdown_grace", "server", _duration, d.shutdown_grace
         ),
-        log_format=reader.value(section, "log_format", "server", _log_format, d.log_format),
+        log_format=reader.value(
+            section, "log_format", "server", _choice(*LOG_FORMATS), d.log_format
+        ),
         log_level=reader.value(section, "log_level", "server", _log_level, d.log_level),
-        event_loop=reader.value(section, "event_loop", "server", _event_loop, d.event_loop),
+        event_loop=reader.value(
+            section, "event_loop", "server", _choice(*EVENT_LOOPS), d.event_loop
+        ),
         tls=_read_server_tls(reader, tls, "server.tls") if tls is not None else None,
         health_address=reader.value(
             section, "health_address", "server", _listen_address, d.health_address
@@ -529,20 +537,12 @@ def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
         stale_if_error=reader.value(section, "stale_if_error", path, _duration, d.stale_if_error),
         max_entries=reader.value(section, "max_entries", path, _int(1), d.max_entries),
         max_bytes=reader.value(section, "max_bytes", path, _int(1), d.max_bytes),
-        backend=reader.value(section, "backend", path, _cache_backend, d.backend),
+        backend=reader.value(section, "backend", path, _choice(*CACHE_BACKENDS), d.backend),
         redis_url=reader.value(section, "redis_url", path, _redis_url, d.redis_url),
     )
     if policy.backend == "redis" and not policy.redis_url:
         reader.problems.append(f"{path}.redis_url: required when backend is redis")
     return policy
-
-
-def _cache_backend(value: Any) -> Literal["memory", "redis"]:
-    if value == "memory":
-        return "memory"
-    if value == "redis":
-        return "redis"
-    raise ValueError(f"{value!r} must be memory or redis")
 
 
 def _redis_url(value: Any) -> str:
@@ -795,18 +795,15 @@ def _read_tracing(reader: _Reader, raw: Any) -> TracingConfig:
     reader.unknown(section, set(TracingConfig.__slots__), "tracing")
     d = TracingConfig()
 
-    def exporter(value: Any) -> Literal["otlp", "console"]:
-        if value in ("otlp", "console"):
-            return "otlp" if value == "otlp" else "console"
-        raise ValueError(f"{value!r} must be otlp or console")
-
     def text(value: Any) -> str:
         if not isinstance(value, str):
             raise ValueError(f"{value!r} is not a string")
         return value
 
     return TracingConfig(
-        exporter=reader.value(section, "exporter", "tracing", exporter, d.exporter),
+        exporter=reader.value(
+            section, "exporter", "tracing", _choice(*TRACE_EXPORTERS), d.exporter
+        ),
         endpoint=reader.value(section, "endpoint", "tracing", text, d.endpoint),
         service_name=reader.value(section, "service_name", "tracing", text, d.service_name),
         sample_ratio=reader.value(

@@ -15,6 +15,18 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.upstreams import GrpcUpstream, RestUpstream, grpc_upstream, refused_port, rest_upstream
 
+# SPEC §3: every call ends with all of these, on OK and on error.
+TRAILER_KEYS = {
+    "x-aggregate-completed",
+    "x-aggregate-succeeded",
+    "x-aggregate-failed",
+    "x-aggregate-timed-out",
+    "x-aggregate-fallback",
+    "x-aggregate-deadline-ms",
+    "x-aggregate-elapsed-ms",
+    "x-aggregate-summary-bin",
+}
+
 StartServer = Callable[..., Awaitable[pb_grpc.AggregatorStub]]
 
 
@@ -31,20 +43,25 @@ async def rpc() -> AsyncIterator[GrpcUpstream]:
 
 
 def make_config(
-    rest: RestUpstream, rpc: GrpcUpstream, server: dict[str, Any] | None = None, **upstreams: Any
+    rest: RestUpstream,
+    rpc: GrpcUpstream,
+    server: dict[str, Any] | None = None,
+    auth: dict[str, Any] | None = None,
+    **upstreams: Any,
 ) -> Config:
     """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override."""
-    return config_from_mapping(
-        {
-            "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
-            "upstreams": {
-                "rest": {"kind": "http", "url": rest.url},
-                "rpc": {"kind": "grpc", "address": rpc.address},
-                "dead": {"kind": "http", "url": f"http://127.0.0.1:{refused_port()}"},
-                **upstreams,
-            },
-        }
-    )
+    document: dict[str, Any] = {
+        "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
+        "upstreams": {
+            "rest": {"kind": "http", "url": rest.url},
+            "rpc": {"kind": "grpc", "address": rpc.address},
+            "dead": {"kind": "http", "url": f"http://127.0.0.1:{refused_port()}"},
+            **upstreams,
+        },
+    }
+    if auth is not None:
+        document["auth"] = auth
+    return config_from_mapping(document)
 
 
 @pytest.fixture
@@ -56,9 +73,11 @@ async def start_server(
     channels: list[grpc.aio.Channel] = []
 
     async def start(
-        server: dict[str, Any] | None = None, **upstreams: Any
+        server: dict[str, Any] | None = None,
+        auth: dict[str, Any] | None = None,
+        **upstreams: Any,
     ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
-        aggregator = AggregatorServer(make_config(rest, rpc, server, **upstreams))
+        aggregator = AggregatorServer(make_config(rest, rpc, server, auth, **upstreams))
         port = await aggregator.start()
         servers.append(aggregator)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from aggregator.config import ConfigError, config_from_mapping
 from aggregator.security import files
 from aggregator.security.outbound import path_allowed
-from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http, rpc_target
@@ -77,35 +75,13 @@ def jwt_auth(tmp_path: Path, signing_key: rsa.RSAPrivateKey) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def serve(rest: RestUpstream, rpc: GrpcUpstream) -> AsyncIterator[Any]:
+def serve(start_server: Any) -> Any:
     """Starts an aggregator with an ``auth`` section; returns it and a plaintext stub."""
-    servers: list[AggregatorServer] = []
-    channels: list[grpc.aio.Channel] = []
 
     async def start(auth: dict[str, Any], server: dict[str, Any] | None = None, **upstreams: Any):
-        config = config_from_mapping(
-            {
-                "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
-                "upstreams": {
-                    "rest": {"kind": "http", "url": rest.url},
-                    "rpc": {"kind": "grpc", "address": rpc.address},
-                    **upstreams,
-                },
-                "auth": auth,
-            }
-        )
-        aggregator = AggregatorServer(config)
-        servers.append(aggregator)
-        port = await aggregator.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        channels.append(channel)
-        return aggregator, pb_grpc.AggregatorStub(channel)
+        return await start_server(server, auth, **upstreams)
 
-    yield start
-    for channel in channels:
-        await channel.close()
-    for aggregator in servers:
-        await aggregator.drain()
+    return start
 
 
 def nothing_sent(rest: RestUpstream, rpc: GrpcUpstream) -> bool:

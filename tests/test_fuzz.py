@@ -35,7 +35,7 @@ from aggregator.config import Config, ConfigError, config_from_mapping, load_con
 from aggregator.errors import InvalidRequest
 from aggregator.plan import HttpRequest, Plan, make_plan
 from aggregator.v1 import aggregator_pb2 as pb
-from tests.conftest import collect
+from tests.conftest import TRAILER_KEYS, collect
 
 DATABASE = DirectoryBasedExampleDatabase(
     str(Path(__file__).resolve().parent.parent / ".hypothesis" / "examples")
@@ -74,16 +74,6 @@ CONFIG = config_from_mapping(
         },
     }
 )
-TRAILER_KEYS = {
-    "x-aggregate-completed",
-    "x-aggregate-succeeded",
-    "x-aggregate-failed",
-    "x-aggregate-timed-out",
-    "x-aggregate-fallback",
-    "x-aggregate-deadline-ms",
-    "x-aggregate-elapsed-ms",
-    "x-aggregate-summary-bin",
-}
 HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 FORBIDDEN_HEADERS = {"connection", "host", "transfer-encoding", "content-length", "upgrade", "te"}
 

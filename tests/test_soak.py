@@ -35,22 +35,12 @@ from aggregator.config import config_from_mapping
 from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
-from tests.conftest import collect, http, rpc_target, wait_for
+from tests.conftest import TRAILER_KEYS, collect, http, rpc_target, wait_for
 from tests.upstreams import RestUpstream, refused_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK_SECONDS = float(os.environ.get("AGGREGATOR_SOAK_SECONDS", "20"))
 CLIENTS = 12
-TRAILER_KEYS = {
-    "x-aggregate-completed",
-    "x-aggregate-succeeded",
-    "x-aggregate-failed",
-    "x-aggregate-timed-out",
-    "x-aggregate-fallback",
-    "x-aggregate-deadline-ms",
-    "x-aggregate-elapsed-ms",
-    "x-aggregate-summary-bin",
-}
 BREAKERS = ("slow", "failing", "flapping", "restarting", "rpc")
 # Idle keep-alive connections to the REST upstreams close after this; the baseline and the
 # final counts are taken once none is open, so a leaked socket or task cannot hide in a pool.

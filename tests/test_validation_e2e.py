@@ -7,19 +7,8 @@ import pytest
 from google.protobuf import duration_pb2
 
 from aggregator.v1 import aggregator_pb2 as pb
-from tests.conftest import collect, http, rpc_target
+from tests.conftest import TRAILER_KEYS, collect, http, rpc_target
 from tests.upstreams import GrpcUpstream, RestUpstream
-
-TRAILER_KEYS = {
-    "x-aggregate-completed",
-    "x-aggregate-succeeded",
-    "x-aggregate-failed",
-    "x-aggregate-timed-out",
-    "x-aggregate-fallback",
-    "x-aggregate-deadline-ms",
-    "x-aggregate-elapsed-ms",
-    "x-aggregate-summary-bin",
-}
 
 
 def nothing_sent(rest: RestUpstream, rpc: GrpcUpstream) -> bool:

@@ -1,8 +1,9 @@
 """Runs a Plan: every target that can start starts at once; results leave in completion order.
 
-An ``Aggregation`` owns one task per target. Its ``results()`` generator yields each
-TargetResult as it completes and, whatever ends it (all done, the budget ran out, a required
-target failed, the caller went away), cancels and awaits every task it started before it returns.
+An ``Aggregation`` owns one task per target. Its ``run(emit)`` hands each TargetResult to
+``emit`` (the stream's ``context.write``) as it completes and, whatever ends it (all done, the
+budget ran out, a required target failed, the caller went away), cancels and awaits every task
+it started before it returns.
 """
 
 from __future__ import annotations

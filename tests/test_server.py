@@ -152,3 +152,13 @@ async def test_sigterm_cancels_calls_that_outlive_the_grace(serve_process, rest)
         assert await process.wait() == 0
     # Grace is 2 s: the process gives up on the call then, not at the call's 30 s deadline.
     assert loop.time() - signalled < 8
+
+
+def test_event_loop_choice() -> None:
+    import uvloop
+
+    from aggregator.server import _loop_factory
+
+    assert _loop_factory("asyncio") is None
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("auto") is uvloop.new_event_loop  # uvloop is a dependency here

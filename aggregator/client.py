@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from aggregator.config import parse_duration
+from aggregator.config import METADATA_KEY, parse_duration
 from aggregator.timeline import (
     Style,
     Timeline,
@@ -46,7 +45,6 @@ from aggregator.timeline import (
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
-_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _TICK = 0.1  # seconds between redraws of a live chart
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -130,7 +128,7 @@ def parse_metadata(items: Sequence[str]) -> Metadata:
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().lower()
-        if not sep or not _METADATA_KEY.match(key) or key.startswith("grpc-"):
+        if not sep or not METADATA_KEY.match(key) or key.startswith("grpc-"):
             raise UsageError(f"--metadata {item!r}: expected key=value, key of [0-9a-z_.-]")
         metadata.append((key, value.encode() if key.endswith("-bin") else value))
     return tuple(metadata)

@@ -30,10 +30,11 @@ _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LONGEST = 366 * 24 * 3600.0  # no duration here is meant to be longer; "9" * 400 is a typo
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
-_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
+# gRPC metadata keys as grpc accepts them (lowercase), shared with plan.py and client.py.
+METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _GRPC_METHOD_PATTERN = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/(\*|[A-Za-z_][A-Za-z0-9_]*)\Z")
-# The methods plan.py accepts (plan imports this module, so the set is not shared).
-_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The HTTP methods callers may use (plan.py) and upstreams may allow (allowed_methods).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Caller metadata that must never be copied to an upstream: connection-level (hop-by-hop)
 # headers, framing, routing, and what the aggregator sets itself.
 UNFORWARDABLE = frozenset(
@@ -568,7 +569,7 @@ def _read_upstream_tls(reader: _Reader, raw: Any, path: str) -> UpstreamTls:
 def _forward_headers(value: Any) -> tuple[str, ...]:
     names = tuple(name.lower() for name in _strings(value))
     for name in names:
-        if not _METADATA_KEY.match(name) or name.endswith("-bin") or name.startswith("grpc-"):
+        if not METADATA_KEY.match(name) or name.endswith("-bin") or name.startswith("grpc-"):
             raise ValueError(f"{name!r} is not a forwardable metadata key ([0-9a-z_.-], no -bin)")
         if name in UNFORWARDABLE:
             raise ValueError(f"{name!r} is a hop-by-hop or reserved header and is never forwarded")
@@ -577,9 +578,9 @@ def _forward_headers(value: Any) -> tuple[str, ...]:
 
 def _http_methods(value: Any) -> tuple[str, ...]:
     methods = tuple(method.upper() for method in _strings(value))
-    unknown = [method for method in methods if method not in _HTTP_METHODS]
+    unknown = [method for method in methods if method not in HTTP_METHODS]
     if unknown:
-        raise ValueError(f"{', '.join(unknown)}: not one of {', '.join(sorted(_HTTP_METHODS))}")
+        raise ValueError(f"{', '.join(unknown)}: not one of {', '.join(sorted(HTTP_METHODS))}")
     return methods
 
 

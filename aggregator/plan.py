@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 from google.protobuf import json_format, struct_pb2
 
-from aggregator.config import Config, UpstreamConfig
+from aggregator.config import HTTP_METHODS, METADATA_KEY, Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
 from aggregator.substitution import (
     ITEM,
@@ -33,10 +33,8 @@ from aggregator.v1 import aggregator_pb2 as pb
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
-_METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Connection-level headers, and the ones that would let a caller steer the request
 # somewhere or frame it differently than aiohttp does.
 _FORBIDDEN_HEADERS = frozenset(
@@ -219,7 +217,7 @@ def _grpc_problems(call: pb.GrpcCall) -> Iterator[str]:
     if not _GRPC_METHOD.match(call.method):
         yield f"grpc.method: {call.method!r} is not a full method name /package.Service/Method"
     for key, value in call.metadata.items():
-        if not _METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
+        if not METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
             yield f"grpc.metadata: {key!r} is not a lowercase ASCII metadata key"
         elif key in _RESERVED_METADATA:
             yield f"grpc.metadata: {key!r} may not be set by callers"

@@ -16,8 +16,6 @@ import logging
 import os
 import random
 import signal
-import socket
-import struct
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +34,7 @@ from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import TRAILER_KEYS, collect, http, rpc_target, wait_for
-from tests.upstreams import RestUpstream, refused_port
+from tests.upstreams import RestUpstream, refused_port, reset_connection
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK_SECONDS = float(os.environ.get("AGGREGATOR_SOAK_SECONDS", "20"))
@@ -107,13 +105,7 @@ class FaultyUpstream:
             raise AssertionError("unreachable")
 
         async def reset(request: web.Request) -> web.Response:
-            transport = request.transport
-            assert transport is not None
-            sock = transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.abort()
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
+            return await reset_connection(request)
 
         app = web.Application()
         app.router.add_get("/delay/{ms}", delay)

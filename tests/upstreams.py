@@ -159,14 +159,7 @@ def _rest_app(recorder: Recorder) -> web.Application:
         raise AssertionError("unreachable")
 
     async def reset(request: web.Request) -> web.Response:
-        transport = request.transport
-        assert transport is not None
-        sock = transport.get_extra_info("socket")
-        # SO_LINGER 0: close() sends RST instead of FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-        await asyncio.sleep(3600)
-        raise AssertionError("unreachable")
+        return await reset_connection(request)
 
     async def echo(request: web.Request) -> web.Response:
         return web.json_response(
@@ -209,6 +202,18 @@ async def rest_upstream() -> AsyncIterator[RestUpstream]:
         yield RestUpstream(port=runner.addresses[0][1], recorder=recorder)
     finally:
         await runner.cleanup()
+
+
+async def reset_connection(request: web.Request) -> web.Response:
+    """Answers nothing: the connection is reset (RST, not FIN) under the request."""
+    transport = request.transport
+    assert transport is not None
+    sock = transport.get_extra_info("socket")
+    # SO_LINGER 0: close() sends RST instead of FIN.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
 
 
 def _grpc_handler(recorder: Recorder) -> grpc.GenericRpcHandler:

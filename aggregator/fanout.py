@@ -76,7 +76,10 @@ class Aggregation:
         self._queue: asyncio.Queue[pb.TargetResult] = asyncio.Queue()
         self._settled: dict[str, pb.TargetResult] = {}
         self._by_id = {target.id: target for target in plan.targets}
-        self._finished = {target.id: asyncio.Event() for target in plan.targets}
+        # Set when a target settles; only targets that others depend on need one.
+        self._finished = {
+            dep: asyncio.Event() for target in plan.targets for dep in target.depends_on
+        }
         self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
         self._bodies: dict[str, Any] = {}  # dependency id -> its JSON body, parsed once
         self._expanded: set[str] = set()  # for_each targets whose elements report instead
@@ -187,7 +190,8 @@ class Aggregation:
             return
         result = _with_fallback(target, settled)
         self._settled[target.id] = result
-        self._finished[target.id].set()
+        if target.id in self._finished:
+            self._finished[target.id].set()
         self._queue.put_nowait(result)
 
     async def _settle(self, target: PlannedTarget) -> pb.TargetResult | None:
@@ -239,7 +243,6 @@ class Aggregation:
         ]
         for child in children:
             self._by_id[child.id] = child
-            self._finished[child.id] = asyncio.Event()
         self._expanded.add(target.id)
         self._expected += len(children) - 1
         self._queue.put_nowait(_RECOUNT)
@@ -257,7 +260,8 @@ class Aggregation:
         # What dependents see: OK when every element is, else the first element that is not.
         failed = (self._settled[c.id] for c in children if self._settled[c.id].outcome != _OK)
         self._settled[target.id] = next(failed, pb.TargetResult(id=target.id, outcome=_OK))
-        self._finished[target.id].set()
+        if target.id in self._finished:
+            self._finished[target.id].set()
 
     def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
         if not target.templated:

@@ -327,7 +327,7 @@ def _plan_target(
         request = HttpRequest(
             method=call.method or "GET",
             path=call.path,
-            query=tuple(sorted(call.query.items())),
+            query=tuple(sorted(call.query.items())) if call.query else (),
             headers=_http_headers(call),
             body=_http_body(call),
             json_body=_json_body(call),
@@ -336,7 +336,7 @@ def _plan_target(
         request = GrpcRequest(
             method=target.grpc.method,
             request=target.grpc.request,
-            metadata=tuple(sorted(target.grpc.metadata.items())),
+            metadata=tuple(sorted(target.grpc.metadata.items())) if target.grpc.metadata else (),
         )
     upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
     for_each = None

@@ -26,7 +26,6 @@ import grpc
 from aiohttp import web
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -38,6 +37,7 @@ from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
 from aggregator.policies.limits import Bulkhead
+from aggregator.reflection import enable_reflection
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
@@ -325,9 +325,7 @@ class AggregatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), self._server
-        )
+        enable_reflection(self._server, (SERVICE_NAME, HEALTH_NAME))
         try:
             self.port = self._listen(self._server, server_config.address, "server.address")
             if server_config.health_address:

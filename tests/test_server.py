@@ -53,8 +53,20 @@ async def test_reflection_lists_aggregator_health_and_reflection(channel):
     assert names == {
         "aggregator.v1.Aggregator",
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     }
+
+
+async def test_reflection_v1_answers_like_v1alpha(channel):
+    # grpcurl and buf curl ask v1 first. Same messages, other package: v1alpha's classes parse it.
+    info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="aggregator.v1.Target")
+    call = info(iter([request.SerializeToString()]), timeout=5)
+    response = reflection_pb2.ServerReflectionResponse.FromString(await call.read())
+    protos = response.file_descriptor_response.file_descriptor_proto
+    assert any(b"aggregator/v1/aggregator.proto" in proto for proto in protos)
+    assert response.original_request.file_containing_symbol == "aggregator.v1.Target"
 
 
 async def test_reflection_serves_the_aggregator_file(channel):

@@ -229,6 +229,11 @@ class _Reader:
             return {}
         return raw
 
+    def required(self, raw: Mapping[str, Any], keys: tuple[str, ...], path: str) -> None:
+        for key in keys:
+            if key not in raw:
+                self.problems.append(f"{_join(path, key)}: required")
+
     def unknown(self, raw: Mapping[str, Any], known: set[str], path: str) -> None:
         for key in raw:
             if key not in known:
@@ -399,9 +404,7 @@ def _check_key_pair(reader: _Reader, cert: str, key: str, path: str) -> None:
 def _read_server_tls(reader: _Reader, raw: Any, path: str) -> ServerTls:
     section = reader.section(raw, path)
     reader.unknown(section, set(ServerTls.__slots__), path)
-    for key in ("cert", "key"):
-        if key not in section:
-            reader.problems.append(f"{path}.{key}: required")
+    reader.required(section, ("cert", "key"), path)
     tls = ServerTls(
         cert=reader.value(section, "cert", path, _CERT_FILE, ""),
         key=reader.value(section, "key", path, _KEY_FILE, ""),
@@ -498,8 +501,7 @@ def _read_retry(reader: _Reader, raw: Any, path: str) -> RetryPolicy:
 def _read_hedge(reader: _Reader, raw: Any, path: str) -> HedgePolicy:
     section = reader.section(raw, path)
     reader.unknown(section, {"delay"}, path)
-    if "delay" not in section:
-        reader.problems.append(f"{path}.delay: required")
+    reader.required(section, ("delay",), path)
     return HedgePolicy(delay=reader.value(section, "delay", path, _positive_duration, 0.05))
 
 
@@ -518,9 +520,7 @@ def _read_breaker(reader: _Reader, raw: Any, path: str) -> BreakerPolicy:
 def _read_rate_limit(reader: _Reader, raw: Any, path: str) -> RateLimit:
     section = reader.section(raw, path)
     reader.unknown(section, set(RateLimit.__slots__), path)
-    for key in ("rate", "burst"):
-        if key not in section:
-            reader.problems.append(f"{path}.{key}: required")
+    reader.required(section, ("rate", "burst"), path)
     return RateLimit(
         rate=reader.value(section, "rate", path, _number(0.001, 1e9), 1.0),
         burst=reader.value(section, "burst", path, _int(1), 1),
@@ -530,8 +530,7 @@ def _read_rate_limit(reader: _Reader, raw: Any, path: str) -> RateLimit:
 def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
     section = reader.section(raw, path)
     reader.unknown(section, set(CachePolicy.__slots__), path)
-    if "ttl" not in section:
-        reader.problems.append(f"{path}.ttl: required")
+    reader.required(section, ("ttl",), path)
     d = CachePolicy(ttl=0.0)
     policy = CachePolicy(
         ttl=reader.value(section, "ttl", path, _positive_duration, 1.0),

@@ -33,7 +33,8 @@ from yarl import URL
 from aggregator import config as config_module
 from aggregator.config import Config, ConfigError, config_from_mapping, load_config, parse_config
 from aggregator.errors import InvalidRequest
-from aggregator.plan import HttpRequest, Plan, make_plan
+from aggregator.plan import HttpRequest, Plan, explained_plan, make_plan, plain_plan
+from aggregator.security.outbound import explained_problems, plainly_allowed
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import TRAILER_KEYS, collect
 
@@ -313,6 +314,166 @@ def check_plan(request: pb.AggregateRequest) -> None:
 @example(request=DEEP_CHAIN)
 def test_make_plan_returns_a_plan_or_refuses_with_one_line_per_problem(request):
     check_plan(request)
+
+
+# The fast paths agree with the explained ones ---------------------------------------------------
+# plain_plan and plainly_allowed skip the sentences for the common request; they may decline
+# anything, but what they accept must be exactly what the full checks accept.
+
+RULED = config_from_mapping(
+    {
+        "server": {"max_targets": MAX_TARGETS},
+        "upstreams": {
+            "rest": {
+                "kind": "http",
+                "url": BASE_URL,
+                "allowed_methods": ["GET", "POST"],
+                "path_prefixes": ["/echo", "/status/"],
+                "max_headers": 2,
+                "max_header_bytes": 40,
+                "max_request_bytes": 32,
+            },
+            "rpc": {
+                "kind": "grpc",
+                "address": "127.0.0.1:50061",
+                "allowed_methods": ["/test.Upstream/*"],
+                "max_request_bytes": 8,
+            },
+        },
+    }
+)
+
+
+def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good`` fifteen times in sixteen: each target has several fields, and one bad one
+    is enough to leave the fast path."""
+    return st.integers(0, 15).flatmap(lambda roll: bad if roll == 0 else good)
+
+
+PLAIN_PATHS = mostly(
+    st.one_of(
+        st.from_regex(r"/[a-z0-9/.%-]{0,12}", fullmatch=True),
+        st.sampled_from(["/echo", "/echo/a.json", "/status/200", "/v1/x%20y", "/echo/.x"]),
+    ),
+    st.one_of(st.sampled_from(NASTY_PATHS), st.from_regex(r"/[a-z?#{}\\ ]{0,6}", fullmatch=True)),
+)
+PLAIN_VALUES = mostly(
+    st.from_regex(r"[a-z0-9 /._-]{0,8}", fullmatch=True),
+    st.one_of(st.sampled_from(["{{a.b}}", "x\r\ny", "\t", "é", "\x00"]), texts()),
+)
+PLAIN_HEADER_NAMES = mostly(
+    st.sampled_from(["Accept", "X-Tenant", "Authorization", "Idempotency-Key"]), HEADER_NAMES
+)
+PLAIN_IDS = mostly(VALID_IDS, st.one_of(st.sampled_from(["a", "b", ""]), texts()))
+
+
+@st.composite
+def plain_looking_targets(draw: st.DrawFn, ids: st.SearchStrategy[str]) -> pb.Target:
+    """Targets near the fast path's edge: mostly valid, with one thing wrong now and then."""
+    target = pb.Target(id=draw(ids), required=draw(st.booleans()))
+    target.decode_json = draw(st.booleans())
+    if draw(st.integers(0, 4)) == 0:
+        target.grpc.upstream = draw(mostly(st.just("rpc"), UPSTREAMS))
+        target.grpc.method = draw(mostly(st.just("/test.Upstream/Echo"), GRPC_METHODS))
+        target.grpc.request = draw(st.binary(max_size=12))
+        if draw(st.integers(0, 4)) == 0:
+            target.grpc.metadata.update(draw(st.dictionaries(METADATA_KEYS, texts(), max_size=2)))
+    else:
+        call = target.http
+        call.upstream = draw(mostly(st.just("rest"), UPSTREAMS))
+        call.method = draw(mostly(st.sampled_from(["", "GET", "POST", "PUT"]), HTTP_METHODS))
+        call.path = draw(PLAIN_PATHS)
+        call.query.update(draw(st.dictionaries(st.text(max_size=3), PLAIN_VALUES, max_size=2)))
+        call.headers.update(draw(st.dictionaries(PLAIN_HEADER_NAMES, PLAIN_VALUES, max_size=2)))
+        payload = draw(st.sampled_from(["none", "none", "body", "json"]))
+        if payload == "body":
+            call.body = draw(st.binary(max_size=40))
+        elif payload == "json":
+            call.json.CopyFrom(draw(JSON_VALUES))
+    if draw(st.integers(0, 3)) == 0:
+        target.timeout.CopyFrom(draw(DURATIONS))
+    if draw(st.integers(0, 3)) == 0:
+        target.fallback.CopyFrom(draw(JSON_VALUES))
+    if draw(st.integers(0, 7)) == 0:
+        target.depends_on.extend(draw(st.lists(ids, max_size=2)))
+    if draw(st.integers(0, 7)) == 0:
+        target.for_each = draw(FOR_EACH)
+    return target
+
+
+@st.composite
+def plain_looking_requests(draw: st.DrawFn) -> pb.AggregateRequest:
+    return pb.AggregateRequest(targets=draw(st.lists(plain_looking_targets(PLAIN_IDS), max_size=4)))
+
+
+def _rpc(target_id: str, method: str = "/test.Upstream/Echo", **fields: Any) -> pb.Target:
+    metadata = fields.pop("metadata", {})
+    call = pb.GrpcCall(upstream=fields.pop("upstream", "rpc"), method=method, metadata=metadata)
+    return pb.Target(id=target_id, grpc=call, **fields)
+
+
+# One request per check of the fast paths, each refused (or declined) for that one reason.
+NEAR_MISSES = [
+    *(_request(_http("a", "/echo"), _http("b", path)) for path in NASTY_PATHS),
+    *(_request(_http("a", "/echo", headers={name: "1"})) for name in NASTY_HEADER_NAMES),
+    *(_request(_http("a", "/echo", headers={"X-A": v})) for v in ("a\r\nb", "\x00", "{{a}}")),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="rest", path="/e", query={"q": "{{a}}"}))),
+    _request(_http("a", "/echo", headers={"X-A": "y" * 50})),
+    _request(_http("a", "/echo", headers={"X-A": "1", "X-B": "2", "X-C": "3"})),
+    _request(_http("a", "/echo"), _http("a", "/echo")),
+    _request(_http("", "/echo")),
+    _request(_http("a b", "/echo")),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="rest", path="/echo", method="BREW"))),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="rpc", path="/echo"))),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="nowhere", path="/echo"))),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="", path="/echo"))),
+    _request(pb.Target(id="a", http=pb.HttpCall(upstream="rest", path="/echo", body=b"x" * 40))),
+    _request(_http("a", "/echo", timeout=duration_pb2.Duration(seconds=0))),
+    _request(_http("a", "/echo", timeout=duration_pb2.Duration(seconds=-1))),
+    _request(_http("a", "/echo", json=struct_pb2.Value(string_value="x"))),
+    _request(_http("a", "/echo", depends_on=["b"]), _http("b", "/echo")),
+    _request(_http("a", "/echo", for_each="{{b.items}}")),
+    _request(pb.Target(id="a")),
+    _request(_rpc("a")),
+    _request(_rpc("a", "Echo")),
+    _request(_rpc("a", "/other.S/M")),
+    _request(_rpc("a", upstream="rest")),
+    _request(_rpc("a", metadata={"x-a": "1"})),
+    _request(*(_http(f"t{i}", "/echo") for i in range(MAX_TARGETS + 1))),
+    pb.AggregateRequest(),
+]
+
+
+@bounded(400)
+@given(request=plain_looking_requests(), config=st.sampled_from([CONFIG, RULED]))
+def test_the_fast_paths_accept_exactly_what_the_full_checks_accept(request, config):
+    fast = plain_plan(request, config)
+    try:
+        full: Plan | None = explained_plan(request, config)
+    except InvalidRequest:
+        full = None
+    if fast is not None:
+        assert fast == full
+    _check_outbound_fast_path(full or fast)
+
+
+@pytest.mark.parametrize("config", [CONFIG, RULED], ids=["no rules", "rules"])
+@pytest.mark.parametrize("request_", NEAR_MISSES)
+def test_the_fast_paths_agree_on_each_near_miss(request_, config):
+    fast = plain_plan(request_, config)
+    try:
+        full: Plan | None = explained_plan(request_, config)
+    except InvalidRequest:
+        full = None
+    assert fast is None or fast == full
+    _check_outbound_fast_path(full or fast)
+
+
+def _check_outbound_fast_path(plan: Plan | None) -> None:
+    for planned in (plan or Plan(targets=())).targets:
+        upstream, outbound = planned.upstream, planned.request
+        if plainly_allowed(upstream, outbound):
+            assert explained_problems(upstream, outbound, planned.id) == []
 
 
 def dependency_targets(size: int, shape: str, seed: int) -> list[pb.Target]:

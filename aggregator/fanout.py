@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from aggregator.config import ServerConfig
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
-from aggregator.policies.endpoint import Answer, Endpoint
+from aggregator.policies.endpoint import Endpoint
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import ITEM, Substitution, resolve
@@ -85,6 +85,7 @@ class Aggregation:
         self._expanded: set[str] = set()  # for_each targets whose elements report instead
         self._expected = len(plan.targets)  # results to report; for_each changes it
         self._tasks: list[asyncio.Task[None]] = []
+        self._deadline_reason = f"the call's deadline ({budget.seconds * 1000:.0f}ms budget)"
         self.reported: dict[str, pb.TargetResult] = {}
         self.failure: CallFailure | None = None
         self.first_at: float | None = None  # when the first result was emitted
@@ -111,7 +112,8 @@ class Aggregation:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
                     await self._cancel_all()
-                    for late in self._unreported(pb.OUTCOME_TIMEOUT, self._deadline_sentence()):
+                    sentence = f"{self._deadline_reason} ran out first"
+                    for late in self._unreported(pb.OUTCOME_TIMEOUT, sentence):
                         await emit(late)
                     return
                 self._report(result)
@@ -165,9 +167,6 @@ class Aggregation:
         if pending:
             await asyncio.wait(pending)
 
-    def _deadline_sentence(self) -> str:
-        return f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget) ran out first"
-
     def _required_failure(self, result: pb.TargetResult) -> CallFailure:
         cause = result
         while cause.outcome == pb.OUTCOME_SKIPPED and cause.id in self._skipped_by:
@@ -204,7 +203,14 @@ class Aggregation:
             if target.for_each is not None and target.index is None:
                 await self._expand(target, self._elements(target))
                 return None
-            answer = await self._call(target, self._request(target), started)
+            deadline, reason = self._deadline_for(target, started)
+            answer = await self._endpoints[target.upstream.name].call(
+                self._request(target),
+                idempotent=target.idempotent,
+                deadline=deadline,
+                deadline_reason=reason,
+                request_id=self._request_id,
+            )
         except TargetFailure as failure:
             return _failed(target.id, failure, 0, self._budget.started, started, self._loop.time())
         if isinstance(answer.result, TargetFailure):
@@ -305,23 +311,12 @@ class Aggregation:
                 return dep
         return None
 
-    async def _call(
-        self, target: PlannedTarget, request: HttpRequest | GrpcRequest, started: float
-    ) -> Answer:
-        """Calls the target's upstream through its policies, within the smaller of the call's
-        deadline and the target's own timeout."""
-        deadline = self._budget.stop_at
-        reason = f"the call's deadline ({self._budget.seconds * 1000:.0f}ms budget)"
-        if target.timeout is not None and started + target.timeout < deadline:
-            deadline = started + target.timeout
-            reason = f"target timeout {_ms(target.timeout)}"
-        return await self._endpoints[target.upstream.name].call(
-            request,
-            idempotent=target.idempotent,
-            deadline=deadline,
-            deadline_reason=reason,
-            request_id=self._request_id,
-        )
+    def _deadline_for(self, target: PlannedTarget, started: float) -> tuple[float, str]:
+        """When the target must be done: the call's deadline, or the target's own timeout if
+        sooner; and the words for it in a TIMEOUT result."""
+        if target.timeout is not None and started + target.timeout < self._budget.stop_at:
+            return started + target.timeout, f"target timeout {_ms(target.timeout)}"
+        return self._budget.stop_at, self._deadline_reason
 
 
 def _ms(seconds: float) -> str:

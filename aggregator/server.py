@@ -41,6 +41,7 @@ from aggregator.reflection import enable_reflection
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
+from aggregator.timers import Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
 from aggregator.v1 import aggregator_pb2 as pb
@@ -311,12 +312,14 @@ class AggregatorServer:
             )
         )
         upstreams = open_upstreams(self.config.upstreams)
+        timers = Timers()  # one for all upstreams: attempts that start together share a timer
         self.endpoints = {
             name: Endpoint(
                 upstream,
                 self.config.upstreams[name],
                 self.metrics.upstreams[name],
                 self.upstream_inflight,
+                timers,
             )
             for name, upstream in upstreams.items()
         }

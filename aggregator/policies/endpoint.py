@@ -24,6 +24,7 @@ from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache, cache_key
 from aggregator.policies.limits import Bulkhead, TokenBucket
+from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
 from aggregator.v1 import aggregator_pb2 as pb
 
@@ -69,8 +70,10 @@ class Endpoint:
         config: UpstreamConfig,
         metrics: UpstreamMetrics,
         all_upstreams: Bulkhead,
+        timers: Timers | None = None,
     ) -> None:
         self.name = config.name
+        self._timers = timers or Timers()
         self.metrics = metrics
         self._upstream = upstream
         self._config = config
@@ -260,7 +263,8 @@ class Endpoint:
             return failure
         result: Result | None = None
         try:
-            await self._hold_slots(deadline)
+            if not self._take_slots():
+                await self._hold_slots(deadline)
             try:
                 sent.count += 1
                 result = await self._timed(request, deadline, reason, request_id)
@@ -274,8 +278,17 @@ class Endpoint:
                 self.breaker.record(trial, None if result is None else _breaker_failure(result))
         return result
 
+    def _take_slots(self) -> bool:
+        """Both slots at once if both are free: the common case, without awaiting."""
+        if self.bulkhead.try_acquire():
+            if self._all_upstreams.try_acquire():
+                return True
+            self.bulkhead.release()
+        return False
+
     async def _hold_slots(self, deadline: float) -> None:
-        """A slot of this upstream's bulkhead, then one of the cap on all upstreams."""
+        """A slot of this upstream's bulkhead, then one of the cap on all upstreams, waiting
+        for them until ``deadline``."""
         await self.bulkhead.acquire(deadline)
         try:
             await self._all_upstreams.acquire(deadline)
@@ -287,15 +300,29 @@ class Endpoint:
         self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
     ) -> Reply:
         """One call under the smaller of the upstream's timeout and the time left."""
-        started = self._loop.time()
-        timeout = max(min(self._config.timeout, deadline - started), 0.0)
+        loop = self._loop
+        started = loop.time()
+        own_timeout = self._config.timeout
+        timeout = max(min(own_timeout, deadline - started), 0.0)
+        # asyncio.timeout_at's protocol on a shared timer (aggregator/timers.py): cancel this
+        # task when the time is up, and turn that cancellation, only that one, into a timeout.
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        timer = self._timers.call_at(started + timeout, task.cancel)
         with tracing.attempt_span(self.name, self._config.kind) as span:
             try:
-                async with asyncio.timeout(timeout):
+                try:
                     reply = await self._upstream.call(_traced(request), timeout, request_id)
+                except asyncio.CancelledError:
+                    if timer.expired and task.uncancel() <= cancelling:
+                        raise TimeoutError from None
+                    raise
+                finally:
+                    timer.cancel()
             except TimeoutError:
-                if self._config.timeout < deadline - started:
-                    reason = f"upstream timeout {self._config.timeout * 1000:g}ms"
+                if own_timeout < deadline - started:
+                    reason = f"upstream timeout {own_timeout * 1000:g}ms"
                 failure = TargetFailure(
                     pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
                 )
@@ -305,11 +332,12 @@ class Endpoint:
                 _annotate_failure(span, failure)
                 raise
             finally:
-                self.metrics.request_duration.observe(self._loop.time() - started)
+                ended = loop.time()
+                self.metrics.request_duration.observe(ended - started)
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
         if reply.ok:
-            self._latency = 0.8 * self._latency + 0.2 * (self._loop.time() - started)
+            self._latency = 0.8 * self._latency + 0.2 * (ended - started)
         return reply
 
     def _retryable(

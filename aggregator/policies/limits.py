@@ -40,10 +40,16 @@ class Bulkhead:
     def waiting(self) -> int:
         return sum(not waiter.done() for waiter in self._waiters)
 
-    async def acquire(self, deadline: float) -> None:
-        """Takes a slot, waiting for one until the loop time ``deadline``, else REJECTED."""
+    def try_acquire(self) -> bool:
+        """Takes a free slot if there is one (and nobody is queued before us)."""
         if self.inflight < self.limit and not self._waiters:
             self.inflight += 1
+            return True
+        return False
+
+    async def acquire(self, deadline: float) -> None:
+        """Takes a slot, waiting for one until the loop time ``deadline``, else REJECTED."""
+        if self.try_acquire():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -71,7 +71,11 @@ class HttpUpstream:
                 allow_redirects=False,  # a redirect could lead anywhere: it is the answer
                 ssl=self._tls.current() if self._tls is not None else True,
             ) as response:
-                body = await self._read(response, request.method)
+                declared = response.content_length
+                if declared is not None and declared <= self._max_response_bytes:
+                    body = await response.read()  # the common case: one read of that length
+                else:
+                    body = await self._read(response, request.method)
         except aiohttp.ClientError as exc:  # transport errors become outcomes; never Cancelled
             raise _target_failure(exc, self.name, self._connect_timeout) from exc
         status = response.status
@@ -107,7 +111,7 @@ class HttpUpstream:
         if method != "HEAD" and declared is not None and declared > cap:
             response.close()
             raise self._too_large(response.status, f"announced {declared} bytes")
-        if declared is not None:  # within the cap: one read of exactly that many bytes
+        if declared is not None:  # within the cap (HEAD: the length of what GET would send)
             return await response.read()
         chunks: list[bytes] = []
         size = 0

@@ -17,14 +17,39 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asc
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: value for key, value in vars(record).items() if key not in _STANDARD}
+    """The record's ``extra`` fields, in the order given."""
+    attributes = vars(record)
+    if not attributes.keys() - _STANDARD:  # a set difference in C: most records have none
+        return {}
+    return {key: value for key, value in attributes.items() if key not in _STANDARD}
+
+
+class _Clock:
+    """A record's time as text, the date and time part formatted once a second (strftime and
+    gmtime/localtime are most of a formatter's cost at one line per call)."""
+
+    def __init__(self, layout: str, convert: Any) -> None:
+        self._layout = layout
+        self._convert = convert
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime(self._layout, self._convert(created))
+        return self._text
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._clock(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -36,14 +61,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``2026-11-23 14:02:11,042 INFO aggregator.server message key=value ...``"""
+
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        super().__init__()
+        self._clock = _Clock("%Y-%m-%d %H:%M:%S", time.localtime)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = (
+            f"{self._clock(record.created)},{int(record.msecs):03d} {record.levelname} "
+            f"{record.name} {record.getMessage()}"
+        )
         fields = _fields(record)
         if fields:
             text += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
         return text
 
 

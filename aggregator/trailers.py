@@ -23,9 +23,16 @@ def trailers(
 ) -> Metadata:
     """The trailing metadata of an aggregate whose targets ended with ``results``."""
     results = list(results)
-    failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
-    timed_out = [r.id for r in results if r.outcome == pb.OUTCOME_TIMEOUT]
-    fallback = [r.id for r in results if r.from_fallback]
+    failed: list[str] = []
+    timed_out: list[str] = []
+    fallback: list[str] = []
+    for result in results:  # one pass: most results are OK and from no fallback
+        if result.outcome != pb.OUTCOME_OK:
+            failed.append(result.id)
+            if result.outcome == pb.OUTCOME_TIMEOUT:
+                timed_out.append(result.id)
+        if result.from_fallback:
+            fallback.append(result.id)
     completed = bool(results) and not failed and not fallback
     return (
         ("x-aggregate-completed", "true" if completed else "false"),
@@ -35,7 +42,7 @@ def trailers(
         ("x-aggregate-fallback", cut_ids(fallback, LIST_BUDGET)),
         ("x-aggregate-deadline-ms", str(round(budget_seconds * 1000))),
         ("x-aggregate-elapsed-ms", str(round(elapsed_seconds * 1000))),
-        ("x-aggregate-summary-bin", summary(results).SerializeToString()),
+        ("x-aggregate-summary-bin", summary(results, len(timed_out), len(fallback))),
     )
 
 
@@ -56,17 +63,23 @@ def cut_ids(ids: Sequence[str], budget: int) -> str:
 
 
 def summary(
-    results: Sequence[pb.TargetResult], budget: int = SUMMARY_BUDGET
-) -> pb.AggregateSummary:
-    """Counts of every outcome plus the non-OK targets that fit in ``budget`` bytes."""
+    results: Sequence[pb.TargetResult],
+    timed_out: int,
+    fallback: int,
+    budget: int = SUMMARY_BUDGET,
+) -> bytes:
+    """AggregateSummary, serialized: counts of every outcome plus the non-OK targets that fit
+    in ``budget`` bytes."""
     failures = [r for r in results if r.outcome != pb.OUTCOME_OK]
     message = pb.AggregateSummary(
         targets=len(results),
         succeeded=len(results) - len(failures),
         failed=len(failures),
-        timed_out=sum(r.outcome == pb.OUTCOME_TIMEOUT for r in results),
-        fallback=sum(r.from_fallback for r in results),
+        timed_out=timed_out,
+        fallback=fallback,
     )
+    if not failures:
+        return message.SerializeToString()
     size = message.ByteSize() + 8  # room for failures_omitted
     for index, result in enumerate(failures):
         entry = pb.TargetSummary(id=result.id, outcome=result.outcome, latency=result.latency)
@@ -75,4 +88,4 @@ def summary(
             message.failures_omitted = len(failures) - index
             break
         message.failures.append(entry)
-    return message
+    return message.SerializeToString()

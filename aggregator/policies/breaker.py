@@ -62,6 +62,9 @@ class Breaker:
             name=upstream,
         )
         self._trial_in_flight = False
+        # pybreaker's state, mirrored by the listener: reading it through pybreaker's
+        # properties on every attempt is a noticeable share of a closed breaker's cost.
+        self._state = pybreaker.STATE_CLOSED
         on_state(CIRCUIT_STATES["closed"])
 
     def __repr__(self) -> str:
@@ -72,11 +75,11 @@ class Breaker:
 
     @property
     def state(self) -> str:
-        return self._cb.current_state
+        return self._state
 
     def admit(self) -> bool:
         """Lets an attempt go (True if it is the half-open trial) or raises CIRCUIT_OPEN."""
-        state = self._cb.current_state
+        state = self._state
         if state == pybreaker.STATE_CLOSED:
             return False
         if state == pybreaker.STATE_OPEN and self._reopens_in() > 0:
@@ -121,6 +124,7 @@ class Breaker:
         )
 
     def _changed(self, old: str, new: str) -> None:
+        self._state = new
         log.warning(
             "circuit breaker for %s: %s -> %s", self._upstream, old or "start", new,
             extra={"event": "circuit_state", "upstream": self._upstream, "state": new},

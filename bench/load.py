@@ -25,6 +25,7 @@ import grpc
 
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from bench.procs import run_loop
 from bench.scenarios import SCENARIOS
 
 
@@ -144,4 +145,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_loop(main())

@@ -1,9 +1,10 @@
 """The upstreams every side calls, in a process of their own.
 
-REST: an aiohttp app, ``GET /delay/{ms}``, listening on one port per REST upstream name (as
-distinct services would: pools are per host and port); with ``?slow_pct=P&slow_ms=S`` the
-request takes S ms instead, P percent of the time (a seeded RNG, so runs are repeatable in
-distribution). gRPC: a grpc.aio generic server, ``/bench.v1.Upstream/Delay`` whose request is
+REST: a minimal HTTP/1.1 server (DelayProtocol), ``GET /delay/{ms}``, listening on one port
+per REST upstream name (as distinct services would: pools are per host and port); with
+``?slow_pct=P&slow_ms=S`` the request takes S ms instead, P percent of the time (a seeded RNG,
+so runs are repeatable in distribution). gRPC: a grpc.aio generic server,
+``/bench.v1.Upstream/Delay`` whose request is
 the milliseconds as ASCII. Both answer the same small JSON body.
 
 Run as ``python -m bench.upstreams --seed N``: prints ``{"http_ports": {name: port, ...},
@@ -17,10 +18,12 @@ import asyncio
 import json
 import random
 import signal
+from typing import cast
+from urllib.parse import parse_qsl, urlsplit
 
 import grpc
-from aiohttp import web
 
+from bench.procs import run_loop
 from bench.scenarios import DELAY_METHOD, HTTP_UPSTREAMS
 
 # A product-sized answer, so bodies are copied as they would be.
@@ -29,18 +32,53 @@ BODY = json.dumps(
 ).encode()
 
 
-def rest_app(rng: random.Random) -> web.Application:
-    async def delay(request: web.Request) -> web.Response:
-        seconds = float(request.match_info["ms"]) / 1000
-        slow_pct = request.query.get("slow_pct")
-        if slow_pct is not None and rng.random() * 100 < float(slow_pct):
-            seconds = float(request.query.get("slow_ms", "0")) / 1000
-        await asyncio.sleep(seconds)
-        return web.Response(body=BODY, content_type="application/json")
+_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY
+)
 
-    app = web.Application()
-    app.router.add_get("/delay/{ms}", delay)
-    return app
+
+class DelayProtocol(asyncio.Protocol):
+    """``GET /delay/{ms}[?slow_pct=P&slow_ms=S]`` over HTTP/1.1 keep-alive, answered after
+    the delay with BODY.
+
+    Written on asyncio's Protocol rather than aiohttp.web because the upstreams share one CPU
+    with the load generator: at full load an aiohttp.web app became what limited every side
+    alike. It serves what the benchmark's clients send (aiohttp's client: GET, no body, one
+    request at a time per connection) and nothing else.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._loop = asyncio.get_running_loop()
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None  # pending answers are dropped: the client went away
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+            target = head.split(b" ", 2)[1].decode("ascii")
+            self._loop.call_later(self._delay(target), self._answer)
+
+    def _delay(self, target: str) -> float:
+        parts = urlsplit(target)
+        seconds = float(parts.path.removeprefix("/delay/")) / 1000
+        if parts.query:
+            query = dict(parse_qsl(parts.query))
+            if self._rng.random() * 100 < float(query.get("slow_pct", "0")):
+                seconds = float(query.get("slow_ms", "0")) / 1000
+        return seconds
+
+    def _answer(self) -> None:
+        if self._transport is not None:
+            self._transport.write(_RESPONSE)
 
 
 async def _grpc_delay(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -59,18 +97,17 @@ def grpc_server() -> grpc.aio.Server:
 
 
 async def serve(seed: int) -> None:
-    runner = web.AppRunner(rest_app(random.Random(seed)), access_log=None)
-    await runner.setup()
-    http_ports = {}
-    for name in HTTP_UPSTREAMS:
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        http_ports[name] = runner.addresses[-1][1]
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    http_servers = {
+        name: await loop.create_server(lambda: DelayProtocol(rng), "127.0.0.1", 0, backlog=1024)
+        for name in HTTP_UPSTREAMS
+    }
+    http_ports = {name: s.sockets[0].getsockname()[1] for name, s in http_servers.items()}
     server = grpc_server()
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     print(json.dumps({"http_ports": http_ports, "grpc_port": grpc_port}), flush=True)
@@ -78,13 +115,15 @@ async def serve(seed: int) -> None:
         await stop.wait()
     finally:
         await server.stop(None)
-        await runner.cleanup()
+        for http_server in http_servers.values():
+            http_server.close()
+            await http_server.wait_closed()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.upstreams")
     parser.add_argument("--seed", type=int, default=7)
-    asyncio.run(serve(parser.parse_args().seed))
+    run_loop(serve(parser.parse_args().seed))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,22 @@ from typing import Any
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
+_EXTRA_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}  # record attributes -> the extra ones
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's ``extra`` fields, in the order given."""
+    """The record's ``extra`` fields, in the order given.
+
+    Which attributes are extra is worked out once per shape of record (the same log call
+    makes the same attributes), not on every line: it was the formatter's largest cost."""
     attributes = vars(record)
-    if not attributes.keys() - _STANDARD:  # a set difference in C: most records have none
-        return {}
-    return {key: value for key, value in attributes.items() if key not in _STANDARD}
+    shape = tuple(attributes)
+    extra = _EXTRA_KEYS.get(shape)
+    if extra is None:
+        if len(_EXTRA_KEYS) >= 256:  # shapes come from code, not data; bounded all the same
+            _EXTRA_KEYS.clear()
+        extra = _EXTRA_KEYS[shape] = tuple(key for key in shape if key not in _STANDARD)
+    return {key: attributes[key] for key in extra}
 
 
 class _Clock:

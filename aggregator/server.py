@@ -186,8 +186,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
         metrics.call_duration.observe(elapsed)
-        slowest = max(results, key=lambda r: r.latency.ToNanoseconds(), default=None)
-        overhead = elapsed - slowest.latency.ToNanoseconds() / 1e9 if slowest else 0.0
+        slowest, longest = None, -1
+        for result in results:
+            latency = result.latency
+            nanos = latency.seconds * 1_000_000_000 + latency.nanos
+            if nanos > longest:
+                slowest, longest = result, nanos
+        overhead = elapsed - longest / 1e9 if slowest is not None else 0.0
         if slowest is not None:
             metrics.overhead.observe(max(0.0, overhead))
         if first_at is not None:

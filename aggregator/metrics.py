@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from aggregator.v1 import aggregator_pb2 as pb
@@ -91,6 +92,7 @@ class Metrics:
             "aggregator_rejected_calls", "Calls refused before any upstream was called, by reason.",
             ["reason"], registry=registry,
         )  # fmt: skip
+        self.calls_by_code = {code: self.calls.labels(code.name) for code in grpc.StatusCode}
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
 

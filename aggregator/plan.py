@@ -177,18 +177,14 @@ def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
             if nanos <= 0:
                 return None
             timeout = nanos / 1e9
+        fallback = target.fallback if target.HasField("fallback") else None
+        # Positional arguments: keywords cost a dataclass __init__ twice as much (measured).
         planned.append(
             PlannedTarget(
-                id=target_id,
-                upstream=upstream,
-                request=planned_request,
-                required=target.required,
-                timeout=timeout,
-                depends_on=(),
-                fallback=target.fallback if target.HasField("fallback") else None,
-                decode_json=target.decode_json,
+                target_id, upstream, planned_request, target.required, timeout, (), fallback,
+                target.decode_json,
             )
-        )
+        )  # fmt: skip
     return Plan(targets=tuple(planned), max_targets=limit)
 
 
@@ -215,7 +211,7 @@ def _plain_http(call: pb.HttpCall) -> HttpRequest | None:
             ):
                 return None
     body = call.body if payload == "body" else None
-    return HttpRequest(method=method, path=path, query=query, headers=headers, body=body)
+    return HttpRequest(method, path, query, headers, body)
 
 
 def _plain_path(path: str) -> bool:
@@ -234,7 +230,7 @@ def _dot_segments(path: str) -> bool:
 def _plain_grpc(call: pb.GrpcCall) -> GrpcRequest | None:
     if call.metadata or not _GRPC_METHOD.match(call.method):
         return None
-    return GrpcRequest(method=call.method, request=call.request, metadata=())
+    return GrpcRequest(call.method, call.request, ())
 
 
 def explained_plan(request: pb.AggregateRequest, config: Config) -> Plan:

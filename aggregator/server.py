@@ -182,7 +182,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Metrics and the one log line of an aggregate."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
-        metrics.calls.labels(code.name).inc()
+        metrics.calls_by_code[code].inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
         metrics.call_duration.observe(elapsed)

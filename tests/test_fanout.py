@@ -197,6 +197,22 @@ async def test_upstream_timeout_from_config_applies(start_server, rest):
     assert "upstream timeout 150ms" in results[0].error
 
 
+async def test_an_upstreams_cookie_never_reaches_a_later_call(start_server, rest):
+    """Upstream sessions are shared by every caller: a Set-Cookie answered to one call must not
+    be sent on anyone's next request to that upstream. (By host name: aiohttp's default jar
+    already ignores cookies from IP addresses.)"""
+    by_name = rest.url.replace("127.0.0.1", "localhost")
+    _, stub = await start_server(named={"kind": "http", "url": by_name})
+    login = http("login", "/set-cookie", upstream="named", query={"value": "alice"})
+    results, _, _, _ = await collect(stub.Aggregate(pb.AggregateRequest(targets=[login])))
+    assert results[0].outcome == pb.OUTCOME_OK, results[0].error
+    after = pb.AggregateRequest(targets=[http("next", "/echo", upstream="named")])
+    await collect(stub.Aggregate(after, timeout=5))
+    seen = {name.lower() for name in rest.recorder.requests[-1]["headers"]}
+    assert rest.recorder.requests[-1]["path"].startswith("/echo")
+    assert "cookie" not in seen
+
+
 async def test_grpc_upstream_receives_the_time_left_as_its_deadline(stub, rpc: GrpcUpstream):
     request = pb.AggregateRequest(targets=[rpc_target("echo", "Echo", b"x")])
     await collect(stub.Aggregate(request, timeout=1.0))

@@ -175,6 +175,11 @@ def _rest_app(recorder: Recorder) -> web.Application:
     async def text(request: web.Request) -> web.Response:
         return web.Response(text="plain words", content_type="text/plain")
 
+    async def set_cookie(request: web.Request) -> web.Response:
+        response = web.json_response({"set": request.query.get("value", "")})
+        response.set_cookie("session", request.query.get("value", ""), path="/")
+        return response
+
     app = web.Application(middlewares=[record])
     app.router.add_route("*", "/delay/{ms}", delay)
     app.router.add_route("*", "/status/{code}", status)
@@ -188,6 +193,7 @@ def _rest_app(recorder: Recorder) -> web.Application:
     app.router.add_route("*", "/reset", reset)
     app.router.add_route("*", "/echo{tail:.*}", echo)
     app.router.add_route("*", "/text", text)
+    app.router.add_route("*", "/set-cookie", set_cookie)
     return app
 
 

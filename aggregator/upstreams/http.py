@@ -44,6 +44,9 @@ class HttpUpstream:
             # The total time is enforced by the caller (asyncio.timeout around call()), so
             # a deadline, a per-target timeout and the upstream's own timeout are one mechanism.
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
+            # Shared by every caller: an upstream's Set-Cookie must never ride on another
+            # caller's request (or this one's next). Cookies pass through as headers only.
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
             raise_for_status=False,
             skip_auto_headers=("User-Agent",),

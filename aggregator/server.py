@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import grpc
@@ -131,13 +131,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 if self._gate.enabled
                 else None
             )
-            with self._admission():
+            self._admit()
+            try:
                 plan = self._checked_plan(request, caller, metadata)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id)
                 reported = aggregation.reported
                 await aggregation.run(emit)
                 first_at = aggregation.first_at
                 failure = aggregation.failure
+            finally:
+                self.inflight -= 1
+                self._metrics.inflight.dec()
         except CallFailure as refused:
             failure = refused
         except asyncio.CancelledError:  # the caller went away: count and log it, then go
@@ -214,8 +218,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 },
             )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _admission(self) -> Iterator[None]:
+    def _admit(self) -> None:
+        """Counts the call in flight, or refuses it (draining, max_concurrent_calls)."""
         if self.draining:
             self._metrics.rejected_by["draining"].inc()
             log.warning("refused a call: draining", extra={"event": "shed", "reason": "draining"})
@@ -230,11 +234,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             )
         self.inflight += 1
         self._metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            self._metrics.inflight.dec()
 
     def _log_shed(self) -> None:
         """Logs shedding at most once a second: an overload must not become a log flood."""

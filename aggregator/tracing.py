@@ -52,14 +52,20 @@ def provider_for(exporter: str, endpoint: str, service_name: str, sample_ratio: 
     return provider
 
 
-@contextlib.contextmanager
 def aggregate_span(
     method: str, request_id: str, metadata: Iterable[tuple[str, Any]]
-) -> Iterator[Span | None]:
+) -> contextlib.AbstractContextManager[Span | None]:
     """The span of one Aggregate/Collect call, continuing the caller's trace if it sent one."""
     if _tracer is None:
-        yield None
-        return
+        return _OFF  # the hot path: no generator-based context manager when tracing is off
+    return _aggregate_span(method, request_id, metadata)
+
+
+@contextlib.contextmanager
+def _aggregate_span(
+    method: str, request_id: str, metadata: Iterable[tuple[str, Any]]
+) -> Iterator[Span | None]:
+    assert _tracer is not None
     from opentelemetry import propagate, trace
 
     carrier = {key: value for key, value in metadata if isinstance(value, str)}

@@ -115,6 +115,7 @@ SCENARIOS: dict[str, Scenario] = {
             "five REST targets at 20 ms: where does each side saturate?",
             _rest(20, 20, 20, 20, 20),
             (Point(1), Point(16), Point(64), Point(256)),
+            rounds=5,  # the headline comparison: more rounds against this machine's noise
         ),
         Scenario(
             "mixed",

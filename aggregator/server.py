@@ -151,7 +151,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         elapsed = self._loop.time() - budget.started
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
-        self._observe(request_id, reported.values(), failure, elapsed, first_at)
+        # The log line and metrics after the status has gone: like an access log, they need not
+        # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
+        self._loop.call_soon(
+            self._observe, request_id, reported.values(), failure, elapsed, first_at
+        )
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:

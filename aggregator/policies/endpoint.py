@@ -318,6 +318,9 @@ class Endpoint:
                     if timer.expired and task.uncancel() <= cancelling:
                         raise TimeoutError from None
                     raise
+                else:
+                    if timer.expired:  # fired as the answer came, and the call swallowed it
+                        task.uncancel()
                 finally:
                     timer.cancel()
             except TimeoutError:

@@ -86,9 +86,9 @@ class TextFormatter(logging.Formatter):
         if fields:
             text += " " + " ".join(f"{key}={value}" for key, value in fields.items())
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += ("" if text.endswith("\n") else "\n") + self.formatException(record.exc_info)
         if record.stack_info:
-            text += "\n" + self.formatStack(record.stack_info)
+            text += ("" if text.endswith("\n") else "\n") + self.formatStack(record.stack_info)
         return text
 
 

@@ -153,9 +153,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
-        self._loop.call_soon(
-            self._observe, request_id, reported.values(), failure, elapsed, first_at
-        )
+        fanin = self._loop.time() - first_at if first_at is not None else None
+        self._loop.call_soon(self._observe, request_id, reported.values(), failure, elapsed, fanin)
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
@@ -185,9 +184,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         results: Collection[pb.TargetResult],
         failure: CallFailure | None,
         elapsed: float,
-        first_at: float | None,
+        fanin: float | None,
     ) -> None:
-        """Metrics and the one log line of an aggregate."""
+        """Metrics and the one log line of an aggregate (``fanin``: first result to last)."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
         metrics.calls_by_code[code].inc()
@@ -203,8 +202,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         overhead = elapsed - longest / 1e9 if slowest is not None else 0.0
         if slowest is not None:
             metrics.overhead.observe(max(0.0, overhead))
-        if first_at is not None:
-            metrics.fanin_wait.observe(self._loop.time() - first_at)
+        if fanin is not None:
+            metrics.fanin_wait.observe(fanin)
         if log.isEnabledFor(logging.INFO):
             failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
             log.info(

@@ -444,6 +444,7 @@ NEAR_MISSES = [
 ]
 
 
+@pytest.mark.timeout(900 if EXPLORE else 60)
 @bounded(400)
 @given(request=plain_looking_requests(), config=st.sampled_from([CONFIG, RULED]))
 def test_the_fast_paths_accept_exactly_what_the_full_checks_accept(request, config):

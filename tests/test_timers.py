@@ -4,10 +4,12 @@ per millisecond, and a caller's cancellation is never mistaken for a timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from aggregator.config import config_from_mapping
+from aggregator.errors import TargetFailure
 from aggregator.metrics import Metrics
 from aggregator.plan import HttpRequest
 from aggregator.policies.endpoint import Endpoint
@@ -150,3 +152,38 @@ async def test_a_cancellation_in_the_instant_the_timeout_fires_is_still_a_cancel
     task.cancel()  # and the caller, in the same loop iteration
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+class _SwallowsThenFails:
+    """Like grpc.aio: the cancel lands on an inner task that absorbs it, then the call fails."""
+
+    name = "slow"
+
+    async def call(self, request: object, timeout: float, request_id: str) -> Reply:
+        async def invoke() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+        await asyncio.create_task(invoke())
+        raise TargetFailure(pb.OUTCOME_UNAVAILABLE, "slow is unavailable")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_fired_timeout_is_taken_back_however_the_call_ends():
+    endpoint = _endpoint(_SwallowsThenFails(), Timers())  # type: ignore[arg-type]
+
+    async def target() -> tuple[int, int]:
+        task = asyncio.current_task()
+        assert task is not None
+        request = HttpRequest(method="GET", path="/", query=(), headers=(), body=None)
+        deadline = asyncio.get_running_loop().time() + 5
+        answer = await endpoint.call(
+            request, idempotent=True, deadline=deadline, deadline_reason="x", request_id="r"
+        )
+        assert answer.result.outcome == pb.OUTCOME_UNAVAILABLE
+        return task.cancelling(), answer.attempts
+
+    cancelling, attempts = await asyncio.create_task(target())
+    assert (cancelling, attempts) == (0, 1)

@@ -102,7 +102,9 @@ class Endpoint:
             if breaker
             else None
         )
-        self._latency = 0.0  # moving average of good attempts, to tell if a retry can finish
+        # Moving average of answered attempts (any status: a 503 measures the round trip as
+        # well as a 200), to tell whether a retry can finish before the deadline.
+        self._latency = 0.0
         self.cache = ResponseCache(config.name, config.cache) if config.cache else None
         self._single_attempt = config.retry is None and config.hedge is None
         self._coalescer = Coalescer()
@@ -304,31 +306,25 @@ class Endpoint:
         started = loop.time()
         own_timeout = self._config.timeout
         timeout = max(min(own_timeout, deadline - started), 0.0)
-        # asyncio.timeout_at's protocol on a shared timer (aggregator/timers.py): cancel this
-        # task when the time is up, and turn that cancellation, only that one, into a timeout.
         task = asyncio.current_task()
         assert task is not None
-        cancelling = task.cancelling()
-        timer = self._timers.call_at(started + timeout, task.cancel)
         with tracing.attempt_span(self.name, self._config.kind) as span:
+            # asyncio.timeout_at's protocol on a shared timer (aggregator/timers.py): cancel
+            # this task when the time is up; once it fired, take that cancel back on every way
+            # out, and turn the cancellation into a timeout only if nobody else cancelled too.
+            cancelling = task.cancelling()
+            timer = self._timers.call_at(started + timeout, task.cancel)
             try:
+                expired = False
                 try:
                     reply = await self._upstream.call(_traced(request), timeout, request_id)
-                except asyncio.CancelledError:
-                    if timer.expired and task.uncancel() <= cancelling:
-                        raise TimeoutError from None
-                    raise
-                else:
-                    if timer.expired:  # fired as the answer came, and the call swallowed it
-                        task.uncancel()
                 finally:
                     timer.cancel()
-            except TimeoutError:
-                if own_timeout < deadline - started:
-                    reason = f"upstream timeout {own_timeout * 1000:g}ms"
-                failure = TargetFailure(
-                    pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}"
-                )
+                    expired = timer.expired and task.uncancel() <= cancelling
+            except (asyncio.CancelledError, TimeoutError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not expired:
+                    raise  # the caller's cancellation (or someone's besides ours)
+                failure = self._timeout(own_timeout, deadline - started, reason)
                 _annotate_failure(span, failure)
                 raise failure from None
             except TargetFailure as failure:
@@ -339,9 +335,14 @@ class Endpoint:
                 self.metrics.request_duration.observe(ended - started)
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
-        if reply.ok:
-            self._latency = 0.8 * self._latency + 0.2 * (ended - started)
+        self._latency = 0.8 * self._latency + 0.2 * (ended - started)
         return reply
+
+    def _timeout(self, own_timeout: float, time_left: float, reason: str) -> TargetFailure:
+        """OUTCOME_TIMEOUT, naming the limit that fired."""
+        if own_timeout < time_left:
+            reason = f"upstream timeout {own_timeout * 1000:g}ms"
+        return TargetFailure(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}")
 
     def _retryable(
         self, request: HttpRequest | GrpcRequest, idempotent: bool, result: Result

@@ -220,10 +220,11 @@ def _plain_path(path: str) -> bool:
         return False
     if "\\" in path or "?" in path or "#" in path or "{{" in path:
         return False
-    return ("." not in path and "%" not in path) or not _dot_segments(path)
+    return ("." not in path and "%" not in path) or not dot_segments(path)
 
 
-def _dot_segments(path: str) -> bool:
+def dot_segments(path: str) -> bool:
+    """Whether ``path``, percent-decoded, has a ``.`` or ``..`` segment."""
     return any(segment in (".", "..") for segment in unquote(path).split("/"))
 
 
@@ -315,7 +316,7 @@ def _path_problems(path: str) -> Iterator[str]:
         yield f'http.path: {path!r} must be a path starting with "/" (no scheme or host)'
     elif _CONTROL.search(path) or "?" in path or "#" in path:
         yield f"http.path: {path!r} contains whitespace, control characters, ? or # (use query)"
-    elif _dot_segments(path):
+    elif dot_segments(path):
         yield f"http.path: {path!r} contains . or .. segments"
 
 

@@ -412,11 +412,12 @@ class AggregatorServer:
 
 def run(config: Config) -> None:
     """Serves on the event loop ``server.event_loop`` names, until SIGTERM or SIGINT."""
-    with asyncio.Runner(loop_factory=_loop_factory(config.server.event_loop)) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
         runner.run(serve(config))
 
 
-def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop factory for ``server.event_loop`` (None: asyncio's own)."""
     if choice == "asyncio":
         return None
     try:

@@ -158,14 +158,13 @@ def machine_busy_seconds() -> float:
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Runs a harness process's ``main`` on uvloop when installed: the load generator and the
-    upstreams share one CPU, and the cheaper they are, the later they limit a measurement."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
+    """Runs a harness process's ``main`` on the loop the server would pick (uvloop when
+    installed): the load generator and the upstreams share one CPU, and the cheaper they are,
+    the later they limit a measurement."""
+    from aggregator.server import event_loop_factory
+
+    with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+        runner.run(main)
 
 
 def python_module(module: str, *args: str) -> list[str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.logs import JsonFormatter
+from aggregator.logs import JsonFormatter, TextFormatter
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http
 
@@ -100,3 +101,33 @@ async def test_one_json_log_line_per_aggregate_without_secrets(stub, log_lines):
     assert line["slowest"] == "slow"
     assert line["elapsed_ms"] >= line["overhead_ms"] >= 0
     assert "s3cr3t" not in json.dumps(line)
+
+
+def test_text_lines_carry_the_extra_fields_and_tracebacks_like_logging_does():
+    formatter = TextFormatter()
+    plain = logging.makeLogRecord({"msg": "ready", "name": "aggregator", "levelname": "INFO"})
+    with_fields = logging.makeLogRecord(
+        {"msg": "aggregate %s", "args": ("r1",), "name": "aggregator.server",
+         "levelname": "INFO", "request_id": "r1", "elapsed_ms": 21.5}
+    )  # fmt: skip
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.makeLogRecord(
+            {
+                "msg": "broke\n",
+                "name": "aggregator",
+                "levelname": "ERROR",
+                "exc_info": sys.exc_info(),
+            }
+        )
+    assert formatter.format(plain).endswith(" INFO aggregator ready")
+    assert formatter.format(with_fields).endswith(
+        " INFO aggregator.server aggregate r1 request_id=r1 elapsed_ms=21.5"
+    )
+    first, second, *rest = formatter.format(failed).splitlines()
+    assert first.endswith(" ERROR aggregator broke")
+    assert second == "Traceback (most recent call last):"  # no blank line in between
+    assert rest[-1] == "ValueError: boom"
+    # The same date and time as logging's own formatter, to the millisecond.
+    assert formatter.format(plain)[:23] == logging.Formatter("%(asctime)s").format(plain)

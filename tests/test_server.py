@@ -169,8 +169,8 @@ async def test_sigterm_cancels_calls_that_outlive_the_grace(serve_process, rest)
 def test_event_loop_choice() -> None:
     import uvloop
 
-    from aggregator.server import _loop_factory
+    from aggregator.server import event_loop_factory
 
-    assert _loop_factory("asyncio") is None
-    assert _loop_factory("uvloop") is uvloop.new_event_loop
-    assert _loop_factory("auto") is uvloop.new_event_loop  # uvloop is a dependency here
+    assert event_loop_factory("asyncio") is None
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("auto") is uvloop.new_event_loop  # uvloop is a dependency here

@@ -16,9 +16,10 @@ from urllib.parse import unquote
 
 from aggregator.config import UNFORWARDABLE, UpstreamConfig
 from aggregator.errors import InvalidRequest
-from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
+from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, dot_segments
 
 _HOP_BY_HOP = UNFORWARDABLE - {"content-type", "user-agent", "x-request-id"}
+_NONE: frozenset[str] = frozenset()
 
 
 def forward_caller_metadata(plan: Plan, metadata: Iterable[tuple[str, Any]]) -> Plan:
@@ -110,7 +111,7 @@ def plainly_allowed(upstream: UpstreamConfig, request: HttpRequest | GrpcRequest
     if not pairs:
         return True
     size = 0
-    hop_by_hop = _HOP_BY_HOP if isinstance(request, HttpRequest) else frozenset()
+    hop_by_hop = _HOP_BY_HOP if isinstance(request, HttpRequest) else _NONE
     for name, value in pairs:
         if name.lower() in hop_by_hop or "\r" in value or "\n" in value or "\x00" in value:
             return False
@@ -124,7 +125,7 @@ def _http_problems(upstream: UpstreamConfig, request: Any) -> Iterator[str]:
     if upstream.allowed_methods and request.method not in upstream.allowed_methods:
         allowed = ", ".join(upstream.allowed_methods)
         yield f"http.method {request.method!r} is not in {key}.allowed_methods ({allowed})"
-    if any(segment in (".", "..") for segment in unquote(request.path).split("/")):
+    if dot_segments(request.path):
         yield f"http.path {request.path!r} contains . or .. segments"
     elif upstream.path_prefixes and not path_allowed(request.path, upstream.path_prefixes):
         prefixes = ", ".join(upstream.path_prefixes)

@@ -69,6 +69,13 @@ class HttpRequest:
     body: bytes | None
     json_body: Any = None  # the JSON body as Python values, kept for substitution
 
+    @property
+    def idempotent(self) -> bool:
+        """Safe to send twice: an idempotent method, or a caller's Idempotency-Key."""
+        if self.method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"):
+            return True
+        return any(name.lower() == "idempotency-key" for name, _ in self.headers)
+
     def rendered(self, substitution: Substitution) -> HttpRequest:
         """This request with every {{...}} reference replaced."""
         body = self.body
@@ -115,11 +122,7 @@ class PlannedTarget:
     @property
     def idempotent(self) -> bool:
         request = self.request
-        if isinstance(request, GrpcRequest):
-            return False
-        if request.method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"):
-            return True
-        return any(name.lower() == "idempotency-key" for name, _ in request.headers)
+        return isinstance(request, HttpRequest) and request.idempotent
 
 
 @dataclass(frozen=True, slots=True)

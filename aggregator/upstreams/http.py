@@ -1,13 +1,13 @@
-"""REST upstreams: one pooled aiohttp ClientSession per upstream, alive as long as the server."""
+"""REST upstreams: one keep-alive HTTP/1.1 pool per upstream (http1.py), alive as long as the
+server; requests are written and responses read as whole messages."""
 
 from __future__ import annotations
 
 import email.utils
 import ssl
+import zlib
 from datetime import UTC, datetime
-
-import aiohttp
-from yarl import URL
+from urllib.parse import quote, quote_plus, urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
@@ -15,9 +15,21 @@ from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.upstreams import Reply
+from aggregator.upstreams.http1 import (
+    BrokenResponse,
+    ConnectTimeout,
+    Disconnected,
+    Pool,
+    Response,
+    TooLarge,
+)
 from aggregator.v1 import aggregator_pb2 as pb
 
-_CHUNK = 64 * 1024
+# RFC 3986's pchar and "/", plus "%" so that what the caller (or substitution) escaped stays so.
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+_QUERY_SAFE = "?/:@"  # as yarl, which aiohttp used: space as "+", the rest escaped
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
+_DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": 0}
 
 
 class HttpUpstream:
@@ -26,105 +38,142 @@ class HttpUpstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.name = config.name
         self._base = config.url
-        self._host = URL(config.url).host
+        parts = urlsplit(config.url)
+        secure = parts.scheme == "https"
+        self._host_line = f"Host: {parts.netloc}\r\n"
+        self._base_path = parts.path
         self._connect_timeout = config.connect_timeout
         self._max_response_bytes = config.max_response_bytes
-        self._urls: dict[str, URL] = {}
+        self._targets: dict[str, str] = {}
         tls = config.tls
-        # Re-read when the files change; each request takes the current context (rotation).
+        # Re-read when the files change; each new connection takes the current context.
         self._tls = (
             Watched(f"upstreams.{config.name}.tls", upstream_files(tls), lambda: ssl_context(tls))
             if tls is not None
             else None
         )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=config.max_concurrency, keepalive_timeout=30, ttl_dns_cache=60
-            ),
-            # The total time is enforced by the caller (asyncio.timeout around call()), so
-            # a deadline, a per-target timeout and the upstream's own timeout are one mechanism.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout),
-            # Shared by every caller: an upstream's Set-Cookie must never ride on another
-            # caller's request (or this one's next). Cookies pass through as headers only.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            raise_for_status=False,
-            skip_auto_headers=("User-Agent",),
+        self._default_tls = ssl.create_default_context() if secure and tls is None else None
+        self._pool = Pool(
+            parts.hostname or "",
+            parts.port or (443 if secure else 80),
+            config.connect_timeout,
+            max_idle=config.max_concurrency,
+            ssl_context=self._ssl_context if secure else None,
         )
 
     def __repr__(self) -> str:
-        connector = self._session.connector
-        limit = connector.limit if connector else 0
-        return f"<HttpUpstream {self.name} {self._base} [limit {limit}]>"
+        return f"<HttpUpstream {self.name} {self._base} {self._pool!r}>"
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._tls is not None:
+            return self._tls.current()
+        assert self._default_tls is not None
+        return self._default_tls
 
     async def call(
         self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
     ) -> Reply:
         assert isinstance(request, HttpRequest)
-        url = self._url(request.path)
-        headers = dict(request.headers)
-        headers["X-Request-Id"] = request_id
+        method = request.method
         try:
-            async with self._session.request(
-                request.method,
-                url,
-                params=request.query or None,
-                headers=headers,
-                data=request.body,
-                allow_redirects=False,  # a redirect could lead anywhere: it is the answer
-                ssl=self._tls.current() if self._tls is not None else True,
-            ) as response:
-                declared = response.content_length
-                if declared is not None and declared <= self._max_response_bytes:
-                    body = await response.read()  # the common case: one read of that length
-                else:
-                    body = await self._read(response, request.method)
-        except aiohttp.ClientError as exc:  # transport errors become outcomes; never Cancelled
+            response = await self._pool.request(
+                self._encode(request, request_id),
+                method == "HEAD",
+                self._max_response_bytes,
+                request.idempotent,
+            )
+        except (OSError, ConnectTimeout, Disconnected, BrokenResponse) as exc:
+            # Transport failures become outcomes; CancelledError is none of these.
             raise _target_failure(exc, self.name, self._connect_timeout) from exc
+        except TooLarge as exc:
+            raise self._too_large(exc.status, exc.what) from exc
+        return self._reply(response)
+
+    def _encode(self, request: HttpRequest, request_id: str) -> bytes:
+        """The whole request as it goes on the wire: head and body."""
+        target = self._target(request.path)
+        if request.query:
+            target += "?" + "&".join(
+                f"{quote_plus(name, _QUERY_SAFE)}={quote_plus(value, _QUERY_SAFE)}"
+                for name, value in request.query
+            )
+        lines = [f"{request.method} {target} HTTP/1.1\r\n", self._host_line]
+        typed = False
+        for name, value in request.headers:
+            folded = name.lower()
+            if folded == "x-request-id":
+                continue  # ours, below: the one id that every log line carries
+            typed = typed or folded == "content-type"
+            lines.append(f"{name}: {value}\r\n")
+        lines.append(f"X-Request-Id: {request_id}\r\n")
+        body = request.body
+        if body is not None:
+            if not typed:
+                lines.append("Content-Type: application/octet-stream\r\n")
+            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+            return "".join(lines).encode() + body
+        if request.method in _WITH_BODY:
+            lines.append("Content-Length: 0\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode()
+
+    def _target(self, path: str) -> str:
+        """The request target of ``path`` on this upstream, escaped once per distinct path."""
+        target = self._targets.get(path)
+        if target is None:
+            target = self._base_path + quote(path, _PATH_SAFE)
+            if len(self._targets) >= 4096:
+                self._targets.clear()
+            self._targets[path] = target
+        return target
+
+    def _reply(self, response: Response) -> Reply:
         status = response.status
+        headers = response.headers
+        body = response.body
+        encoding = headers.get(b"content-encoding")
+        if encoding is not None and body:
+            body = self._decoded(body, encoding.strip().lower(), status)
         return Reply(
             ok=200 <= status < 300,
             body=body,
             http_status=status,
-            content_type=response.headers.get("Content-Type", ""),
-            cache_control=response.headers.get("Cache-Control", ""),
+            content_type=headers.get(b"content-type", b"").decode("latin-1"),
+            cache_control=headers.get(b"cache-control", b"").decode("latin-1"),
             reason=_reason(status, response.reason),
-            retry_after=_retry_after(response.headers.get("Retry-After"))
+            retry_after=_retry_after(headers.get(b"retry-after", b"").decode("latin-1"))
             if status >= 400
             else None,
         )
 
-    def _url(self, path: str) -> URL:
-        """The URL of ``path`` on this upstream, parsed once per distinct path (bounded)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = URL(self._base + path)
-            if url.host != self._host:  # unreachable after validation; kept as the last fence
-                raise TargetFailure(pb.OUTCOME_ERROR, f"path {path!r} leaves the upstream")
-            if len(self._urls) >= 4096:
-                self._urls.clear()
-            self._urls[path] = url
-        return url
-
-    async def _read(self, response: aiohttp.ClientResponse, method: str) -> bytes:
-        """The body, read as it arrives and abandoned past max_response_bytes, so an upstream
-        cannot make the server buffer more than that (a declared length is refused at once)."""
+    def _decoded(self, body: bytes, encoding: bytes, status: int) -> bytes:
+        """A gzip or deflate body decompressed (the caller gets the body, never its coding),
+        within max_response_bytes."""
+        if encoding == b"identity":
+            return body
+        wbits = _DECODERS.get(encoding)
+        if wbits is None:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR,
+                f"{self.name} sent a body in content-coding {encoding.decode('latin-1')!r} "
+                "(gzip and deflate are decoded)",
+                http_status=status,
+            )
         cap = self._max_response_bytes
-        declared = response.content_length
-        if method != "HEAD" and declared is not None and declared > cap:
-            response.close()
-            raise self._too_large(response.status, f"announced {declared} bytes")
-        if declared is not None:  # within the cap (HEAD: the length of what GET would send)
-            return await response.read()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_chunked(_CHUNK):
-            size += len(chunk)
-            if size > cap:
-                response.close()  # the rest is never read: the connection is dropped
-                raise self._too_large(response.status, f"sent more than {cap} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            if encoding == b"deflate" and body[:1] != b"\x78":  # raw deflate, no zlib header
+                wbits = -zlib.MAX_WBITS
+            decoder = zlib.decompressobj(wbits or zlib.MAX_WBITS)
+            decoded = decoder.decompress(body, cap + 1)
+        except zlib.error as exc:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR,
+                f"{self.name} sent a broken {encoding.decode()} body: {exc}",
+                http_status=status,
+            ) from exc
+        if len(decoded) > cap:
+            raise self._too_large(status, f"sent more than {cap} bytes once decompressed")
+        return decoded
 
     def _too_large(self, status: int, what: str) -> TargetFailure:
         return TargetFailure(
@@ -135,10 +184,10 @@ class HttpUpstream:
         )
 
     async def aclose(self) -> None:
-        await self._session.close()
+        await self._pool.aclose()
 
 
-def _reason(status: int, phrase: str | None) -> str:
+def _reason(status: int, phrase: str) -> str:
     reason = f"HTTP {status} {phrase or ''}".rstrip()
     if 300 <= status < 400:
         return f"{reason} (redirects are not followed)"
@@ -160,46 +209,49 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _target_failure(exc: aiohttp.ClientError, name: str, connect_timeout: float) -> TargetFailure:
-    """The outcome an aiohttp transport error stands for, in one sentence (most specific first:
-    the certificate and timeout errors are also connector errors)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        why = _ssl_reason(exc.certificate_error)
+def _target_failure(exc: Exception, name: str, connect_timeout: float) -> TargetFailure:
+    """The outcome a transport error stands for, in one sentence (most specific first: the
+    certificate error is an SSL error, and every SSL error an OSError)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
         return TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"could not verify {name}'s TLS certificate: {why}"
+            pb.OUTCOME_UNAVAILABLE, f"could not verify {name}'s TLS certificate: {_ssl_reason(exc)}"
         )
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, ssl.SSLError):
         return TargetFailure(
             pb.OUTCOME_UNAVAILABLE, f"TLS handshake with {name} failed: {_ssl_reason(exc)}"
         )
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, ConnectTimeout):
         return TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
             f"could not connect to {name} within connect_timeout {connect_timeout * 1000:g}ms",
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, Disconnected):
+        if exc.answered:
+            return TargetFailure(
+                pb.OUTCOME_UNAVAILABLE, f"{name} broke off the response body{_cause(exc.cause)}"
+            )
         return TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
-            f"could not connect to {name}: {exc.os_error.strerror or exc.os_error}",
+            f"{name} closed the connection before answering{_cause(exc.cause)}",
         )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"{name} closed the connection before answering"
-        )
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return TargetFailure(pb.OUTCOME_UNAVAILABLE, f"{name} broke off the response body: {exc}")
-    if isinstance(exc, aiohttp.ClientOSError):
-        return TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"connection to {name} failed: {exc.strerror or exc}"
-        )
-    return TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}")
+    if isinstance(exc, BrokenResponse):
+        return TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}")
+    assert isinstance(exc, OSError)
+    return TargetFailure(
+        pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.strerror or exc}"
+    )
+
+
+def _cause(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f" ({exc.strerror.lower()})"
+    return ""
 
 
 def _ssl_reason(exc: BaseException) -> str:
     """The verifier's own words when there are some ("certificate has expired")."""
-    cause: BaseException = getattr(exc, "os_error", None) or exc.__cause__ or exc
-    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
-        return cause.verify_message
-    if isinstance(cause, ssl.SSLError) and cause.reason:
-        return cause.reason.lower().replace("_", " ")
-    return str(cause)
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return exc.verify_message
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return str(exc)

@@ -17,6 +17,7 @@ handed over whole; bodies are bounded by ``max_response_bytes``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -99,10 +100,7 @@ class Pool:
         self._closed = False
 
     def __repr__(self) -> str:
-        return (
-            f"<Pool {self._host}:{self._port} "
-            f"[{len(self._open)} open, {len(self._idle)} idle]>"
-        )
+        return f"<Pool {self._host}:{self._port} [{len(self._open)} open, {len(self._idle)} idle]>"
 
     async def request(self, data: bytes, head_only: bool, cap: int, idempotent: bool) -> Response:
         """Sends ``data`` (a whole request) and returns the whole response.
@@ -156,7 +154,7 @@ class Pool:
                 )
         except TimeoutError as exc:
             raise ConnectTimeout() from exc
-        return cast(_Connection, protocol)
+        return protocol
 
     def opened(self, connection: _Connection) -> None:
         self._open.add(connection)
@@ -236,7 +234,8 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise Disconnected(False, self._served > 0, None)
         self._reset(head_only, cap)
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
         # No wait for the write buffer to drain: a request is bounded by max_request_bytes.
         transport.write(data)
         return await waiter
@@ -276,6 +275,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio and uvloop both set it today; a request is one write, never worth a delay
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pool.opened(self)
 
     def data_received(self, data: bytes) -> None:

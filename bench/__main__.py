@@ -94,6 +94,9 @@ def run(
             "bulkhead, metrics); see bench/scenarios.py",
             "naive": "grpc.aio + asyncio.as_completed over one aiohttp session (bench/naive.py)",
             "sequential": "the naive server awaiting the calls one after another",
+            "floor": "at concurrency 1 only: grpc.aio calling nothing, waiting as long as the "
+            "slowest target and streaming ready-made results (bench/naive.py --floor): "
+            "the stack's own overhead",
         },
         "scenarios": {
             name: {
@@ -108,7 +111,7 @@ def run(
         **ratios(results),
         "exit_codes": exit_codes,
         "duration_s": round(time.monotonic() - started, 1),
-        "side_order": f"round r runs {', '.join(SIDES)} rotated by r",
+        "side_order": f"round r runs {', '.join(SIDES)} (and floor at c1) rotated by r",
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from bench.procs import Child, ProcessFailed, cpu_plan, python_module
-from bench.scenarios import SIDES, aggregator_config, naive_upstreams
+from bench.scenarios import FLOOR, SIDES, aggregator_config, naive_upstreams
 
 _START_TIMEOUT = 30.0
 
@@ -64,16 +64,17 @@ class Harness:
         grpc_address = f"127.0.0.1:{ports['grpc_port']}"
         self.servers["aggregator"] = self._start_aggregator(http_urls, grpc_address)
         peers = json.dumps(naive_upstreams(http_urls, grpc_address))
-        for side, extra in (("naive", ()), ("sequential", ("--sequential",))):
+        peer_sides = (("naive", ()), ("sequential", ("--sequential",)), (FLOOR, ("--floor",)))
+        for side, extra in peer_sides:
             argv = python_module("bench.naive", "--upstreams", peers, *extra)
             self.servers[side] = self._spawn(side, argv, server=True)
         self.load = self._spawn(
             "load", python_module("bench.load"), server=False, stdin=subprocess.PIPE
         )
-        for side in ("naive", "sequential"):
+        for side, _ in peer_sides:
             port = self.servers[side].read_line(_START_TIMEOUT)["port"]
             self.addresses[side] = f"127.0.0.1:{port}"
-        for side in SIDES:
+        for side in (*SIDES, FLOOR):
             self._wait_ready(side)
         if self._profile is not None:
             self._start_profiler(self._profile)

@@ -1,8 +1,8 @@
 """Runs one scenario at one load level: warm-up, then rounds alternating the sides.
 
-Round r runs the sides in SIDES order rotated by r (A B C, B C A, C A B, ...), each for one
-slice of load; a side's figures are pooled over its slices. Server CPU is read from /proc right
-around each slice, so it covers that side's own work and nothing else.
+Round r runs the point's sides (SIDES, and FLOOR at concurrency 1) rotated by r (A B C, B C A,
+C A B, ...), each for one slice of load; a side's figures are pooled over its slices. Server CPU
+is read from /proc right around each slice, so it covers that side's own work and nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.harness import Harness
 from bench.procs import machine_busy_seconds
-from bench.scenarios import SIDES, Point, Scenario
+from bench.scenarios import Point, Scenario
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,14 +120,15 @@ class SideRun:
 def measure(
     harness: Harness, scenario: Scenario, point: Point, settings: Settings
 ) -> dict[str, dict[str, Any]]:
-    runs = {side: SideRun() for side in SIDES}
-    for side in SIDES:
+    sides = point.sides
+    runs = {side: SideRun() for side in sides}
+    for side in sides:
         server = harness.servers[side]
         runs[side].rss_before_mb = server.memory_mb("VmRSS")
         harness.peak_rss_resets &= server.reset_peak_rss()
         _slice(harness, scenario, point, side, settings, warmup=True)
     for round_ in range(settings.rounds(scenario)):
-        for side in _rotated(SIDES, round_):
+        for side in _rotated(sides, round_):
             before = _cpu_counters(harness, side)
             answer = _slice(harness, scenario, point, side, settings, warmup=False)
             used = {
@@ -137,9 +138,9 @@ def measure(
             server_cpu, machine_cpu = used.pop("server"), used.pop("machine")
             other_cpu = max(0.0, machine_cpu - server_cpu - sum(used.values()))
             runs[side].add(answer, server_cpu, used, other_cpu)
-    for side in SIDES:
+    for side in sides:
         runs[side].peak_rss_mb = harness.servers[side].memory_mb("VmHWM")
-    return {side: runs[side].summary(len(scenario.calls)) for side in SIDES}
+    return {side: runs[side].summary(len(scenario.calls)) for side in sides}
 
 
 def _slice(

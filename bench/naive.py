@@ -4,8 +4,10 @@ A grpc.aio server implementing the same ``aggregator.v1.Aggregator/Aggregate``: 
 called over ONE shared aiohttp ClientSession (or a grpc.aio channel per gRPC upstream) and the
 results are streamed as they complete (``asyncio.as_completed``), with no validation, no
 policies, no deadline handling and two trailers. ``--sequential`` awaits the same calls one after
-another: the "before" picture. Run as ``python -m bench.naive --upstreams JSON [--sequential]``:
-prints ``{"port": ...}`` on one line, serves until SIGTERM.
+another: the "before" picture. ``--floor`` calls nothing at all: it waits as long as the slowest
+target would take and streams ready-made results, so its overhead is grpc.aio's own. Run as
+``python -m bench.naive --upstreams JSON [--sequential | --floor]``: prints ``{"port": ...}`` on
+one line, serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import grpc
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from bench.scenarios import CONNECTIONS_PER_UPSTREAM
+from bench.upstreams import BODY
 
 
 class NaiveAggregator(pb_grpc.AggregatorServicer):
@@ -109,9 +112,40 @@ class NaiveAggregator(pb_grpc.AggregatorServicer):
             await channel.close(None)
 
 
-async def serve(upstreams: Mapping[str, Mapping[str, str]], sequential: bool) -> None:
+class Floor(pb_grpc.AggregatorServicer):
+    """The gRPC stack's floor: one wait as long as the slowest target's delay (read from its
+    ``/delay/{ms}`` path or gRPC request), then one result per target with the upstreams' body.
+    Each result's latency is the wait as measured, so overhead is everything but the wait."""
+
+    async def Aggregate(
+        self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.TargetResult]:
+        slowest = max(_delay_ms(target) for target in request.targets)
+        begun = time.perf_counter()
+        await asyncio.sleep(slowest / 1000)
+        waited = int((time.perf_counter() - begun) * 1e9)
+        for target in request.targets:
+            result = pb.TargetResult(
+                id=target.id, outcome=pb.OUTCOME_OK, http_status=200, body=BODY, attempts=1
+            )
+            result.latency.FromNanoseconds(waited)
+            yield result
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _delay_ms(target: pb.Target) -> float:
+    if target.HasField("grpc"):
+        return float(target.grpc.request.decode("ascii"))
+    return float(target.http.path.removeprefix("/delay/"))
+
+
+async def serve(upstreams: Mapping[str, Mapping[str, str]], mode: str) -> None:
     server = grpc.aio.server()
-    servicer = NaiveAggregator(upstreams, sequential)
+    servicer: NaiveAggregator | Floor = (
+        Floor() if mode == "floor" else NaiveAggregator(upstreams, mode == "sequential")
+    )
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -130,9 +164,12 @@ async def serve(upstreams: Mapping[str, Mapping[str, str]], sequential: bool) ->
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.naive")
     parser.add_argument("--upstreams", required=True, help="JSON: name -> {kind, url|address}")
-    parser.add_argument("--sequential", action="store_true", help="await one call at a time")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--sequential", action="store_true", help="await one call at a time")
+    modes.add_argument("--floor", action="store_true", help="call nothing: grpc.aio's floor")
     args = parser.parse_args()
-    asyncio.run(serve(json.loads(args.upstreams), args.sequential))
+    mode = "sequential" if args.sequential else "floor" if args.floor else "naive"
+    asyncio.run(serve(json.loads(args.upstreams), mode))
 
 
 if __name__ == "__main__":

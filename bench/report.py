@@ -10,8 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.scenarios import SIDES
-
 
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
     """throughput_vs_naive (higher is better) and overhead_p50_vs_naive (lower is better)."""
@@ -127,12 +125,12 @@ def table(report: dict[str, Any]) -> str:
     for key, sides in report["results"].items():
         scenario = report["scenarios"][key.split("/")[0]]
         lines += ["", f"{key}: {scenario['description']}", header]
-        for side in SIDES:
+        for side in sides:
             lines.append(_row(side, sides[side]))
             trouble = _trouble(sides[side], harness_cpus)
             if trouble:
                 lines.append(f"{'':>10}  ! {trouble}")
-        other = max(sides[side]["other_cpu_util"] or 0.0 for side in SIDES)
+        other = max(figures["other_cpu_util"] or 0.0 for figures in sides.values())
         if other > 0.1:
             lines.append(
                 f"{'':>10}  ! other processes took up to {other:.0%} of a CPU during these "

@@ -15,6 +15,10 @@ from typing import Any, Literal
 from aggregator.v1 import aggregator_pb2 as pb
 
 SIDES = ("aggregator", "naive", "sequential")
+# The gRPC stack alone, at concurrency 1 only: a grpc.aio server that calls nothing, waits as long
+# as the slowest target would take and streams ready-made results. Its overhead is what no
+# Python aggregator on grpc.aio can go below on this machine (bench/naive.py --floor).
+FLOOR = "floor"
 DELAY_METHOD = "/bench.v1.Upstream/Delay"
 REST_UPSTREAMS = ("u0", "u1", "u2", "u3", "u4")
 GRPC_UPSTREAMS = ("g0", "g1")
@@ -55,6 +59,10 @@ class Point:
     @property
     def key(self) -> str:
         return f"c{self.concurrency}"
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return (*SIDES, FLOOR) if self.concurrency == 1 else SIDES
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,24 +110,17 @@ class Pool:
         """
         connection = self._take()
         if connection is None:
-            return await self._exchange(await self._connect(), data, head_only, cap)
+            connection = await self._connect()
+            return await connection.exchange(data, head_only, cap)
         try:
-            return await self._exchange(connection, data, head_only, cap)
+            return await connection.exchange(data, head_only, cap)
         except Disconnected as exc:
             # The upstream closed a kept-alive connection as we reused it (it had not read
             # the request, or would have answered something): once more on a fresh one.
             if exc.answered or not idempotent:
                 raise
-        return await self._exchange(await self._connect(), data, head_only, cap)
-
-    async def _exchange(
-        self, connection: _Connection, data: bytes, head_only: bool, cap: int
-    ) -> Response:
-        try:
-            return await connection.exchange(data, head_only, cap)
-        except BaseException:
-            connection.abort()  # whatever was left on it is not the next request's answer
-            raise
+        connection = await self._connect()
+        return await connection.exchange(data, head_only, cap)
 
     def _take(self) -> _Connection | None:
         idle = self._idle
@@ -238,7 +231,15 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         # No wait for the write buffer to drain: a request is bounded by max_request_bytes.
         transport.write(data)
-        return await waiter
+        try:
+            return await waiter
+        except BaseException:
+            # Cancelled (or failed) while the exchange is still ours: what is left on the
+            # connection is not the next request's answer. Once the answer is in, the
+            # connection may already serve another request: then it is not ours to close.
+            if self._waiter is waiter:
+                self.abort()
+            raise
 
     def usable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()

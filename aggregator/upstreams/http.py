@@ -160,11 +160,10 @@ class HttpUpstream:
                 http_status=status,
             )
         cap = self._max_response_bytes
+        if encoding == b"deflate" and body[:1] != b"\x78":  # raw deflate, no zlib header
+            wbits = -zlib.MAX_WBITS
         try:
-            if encoding == b"deflate" and body[:1] != b"\x78":  # raw deflate, no zlib header
-                wbits = -zlib.MAX_WBITS
-            decoder = zlib.decompressobj(wbits or zlib.MAX_WBITS)
-            decoded = decoder.decompress(body, cap + 1)
+            decoded = _decompress(body, wbits or zlib.MAX_WBITS, cap + 1)
         except zlib.error as exc:
             raise TargetFailure(
                 pb.OUTCOME_ERROR,
@@ -185,6 +184,24 @@ class HttpUpstream:
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
+    """Every member of a gzip body (RFC 1952 allows several), at most ``limit`` bytes of them;
+    raises zlib.error for a stream that is broken or cut short."""
+    parts: list[bytes] = []
+    size = 0
+    while body and size < limit:
+        decoder = zlib.decompressobj(wbits)
+        part = decoder.decompress(body, limit - size)
+        parts.append(part)
+        size += len(part)
+        if size >= limit:
+            break
+        if not decoder.eof:
+            raise zlib.error("the stream ends before its end")
+        body = decoder.unused_data
+    return b"".join(parts)
 
 
 def _reason(status: int, phrase: str) -> str:

@@ -212,7 +212,8 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._reason = b""
         self._headers: dict[bytes, bytes] = {}
-        self._head_size = 0
+        self._head_size = 0  # header bytes parsed, for _MAX_HEAD
+        self._head_read = 0  # bytes read while the head is incomplete, for _MAX_HEAD too
         self._chunks: list[bytes] = []
         self._size = 0
         self._received = False
@@ -287,6 +288,8 @@ class _Connection(asyncio.Protocol):
             self._fail(BrokenResponse("data arrived with no request outstanding"))
             return
         self._received = True
+        if not self._headers_done:
+            self._head_read += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -295,6 +298,9 @@ class _Connection(asyncio.Protocol):
             pass  # 101 Switching Protocols: its head is the answer (_on_headers_complete)
         except httptools.HttpParserError as exc:
             self._failure = self._failure or BrokenResponse(str(exc) or type(exc).__name__)
+        if self._failure is None and not self._headers_done and self._head_read > _MAX_HEAD:
+            # llhttp reports a header only once its line ends: an endless line must be cut here
+            self._failure = BrokenResponse("a response head is too long")
         if self._failure is not None:
             self._fail(self._failure)
 
@@ -313,10 +319,21 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks (an exception here is kept in _failure and raised by data_received)
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # More after the answer, in the same read: never the next request's answer.
+            self._failure = BrokenResponse("data arrived with no request outstanding")
+            raise self._failure
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        if len(self._reason) > _MAX_HEADER_LINE:
+            self._failure = BrokenResponse("a response's status line is too long")
+            raise self._failure
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a chunked body's trailers: not headers of this response
         self._head_size += len(name) + len(value) + 4
         if len(name) + len(value) + 2 > _MAX_HEADER_LINE or self._head_size > _MAX_HEAD:
             self._failure = BrokenResponse("a response header is too long")
@@ -337,6 +354,8 @@ class _Connection(asyncio.Protocol):
         if status == 101 or self._head_only:
             self._finish(False)  # no body follows that is ours to read
             return
+        if status in (204, 304):
+            return  # never a body, whatever length the representation has
         declared = self._headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._cap:
             self._failure = TooLarge(status, f"announced {int(declared)} bytes")

@@ -20,6 +20,16 @@ from tests.conftest import collect, http
 from tests.upstreams import refused_port
 
 
+async def counted(metrics_dir: Path, calls: int) -> list[float]:
+    """Calls per worker once all ``calls`` are counted: a worker counts a call just after
+    answering it (call_soon), and across processes there is no event to wait on, so this polls,
+    for at most 5 s."""
+    async with asyncio.timeout(5):
+        while sum(per_worker := calls_per_worker(metrics_dir)) < calls:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return per_worker
+
+
 def calls_per_worker(metrics_dir: Path) -> list[float]:
     totals = []
     for path in sorted(metrics_dir.glob("counter_*.db")):
@@ -56,8 +66,10 @@ upstreams:
         env=env, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        calls = 24
-        for index in range(calls):
+        calls = 0
+        # Until both workers have served (the second may bind after the first already serves),
+        # and at least 24 calls: bounded at 200.
+        while calls < 24 or (min(calls_per_worker(metrics_dir)) == 0 and calls < 200):
             # A channel per call: a new connection each time, spread by SO_REUSEPORT.
             async with grpc.aio.insecure_channel(
                 f"127.0.0.1:{port}", options=(("grpc.use_local_subchannel_pool", 1),)
@@ -65,10 +77,11 @@ upstreams:
                 health = health_pb2_grpc.HealthStub(channel)
                 await health.Check(health_pb2.HealthCheckRequest(), timeout=20, wait_for_ready=True)
                 stub = pb_grpc.AggregatorStub(channel)
-                request = pb.AggregateRequest(targets=[http(f"t{index}", "/delay/1")])
+                request = pb.AggregateRequest(targets=[http(f"t{calls}", "/delay/1")])
                 _, code, _, _ = await collect(stub.Aggregate(request, timeout=5))
                 assert code == grpc.StatusCode.OK
-        per_worker = calls_per_worker(metrics_dir)
+                calls += 1
+        per_worker = await counted(metrics_dir, calls)
         assert len(per_worker) == 2
         assert all(count > 0 for count in per_worker), per_worker
         assert sum(per_worker) == calls

@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import running_harness
 from bench.measure import Settings, measure
 from bench.procs import ProcessFailed
-from bench.report import machine, now, ratios, table, versions
+from bench.report import machine, markdown, now, ratios, table, versions
 from bench.scenarios import SCENARIOS, SIDES, SKIPPED
 
 
@@ -35,7 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         help="record the aggregator with py-spy into FILE (collapsed stacks; py-spy on harness "
         "CPUs, so it costs the harness, not the aggregator, CPU time)",
     )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="print FILE (a bench-results.json) as the README's Markdown table, run nothing",
+    )
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = [name for name in names if name not in SCENARIOS and name not in SKIPPED]
     if unknown:

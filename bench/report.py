@@ -182,3 +182,30 @@ def _pinning(pinning: dict[str, Any]) -> str:
     if not pinning.get("applied"):
         return f"none ({pinning.get('reason')})"
     return f"servers on CPU {pinning['server_cpus']}, harness on {pinning['harness_cpus']}"
+
+
+_MARKDOWN = (
+    ("calls/s", "calls_per_s", 1),
+    ("p50", "p50_ms", 1),
+    ("p99", "p99_ms", 1),
+    ("overhead p50", "overhead_p50_ms", 2),
+    ("overhead p99", "overhead_p99_ms", 1),
+    ("CPU ms/call", "cpu_ms_per_call", 2),
+    ("RSS MB", "peak_rss_mb", 0),
+)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The table the README's Performance section shows (``python -m bench --markdown FILE``)."""
+    titles = ["scenario", "side", *(title for title, _, _ in _MARKDOWN), "vs naive"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for key, sides in report["results"].items():
+        ratio = _times(report["throughput_vs_naive"].get(key)).replace("x", "\u00d7")
+        for index, (side, figures) in enumerate(sides.items()):
+            cells = [key if index == 0 else "", side]
+            for _, field, digits in _MARKDOWN:
+                value = figures.get(field)
+                cells.append("-" if value is None else f"{value:,.{digits}f}")
+            cells.append(ratio if index == 0 else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -57,3 +57,14 @@ def test_quick_bench_reports_every_figure_for_every_side(tmp_path: Path) -> None
     assert {"date", "machine", "pinning"} <= set(report)
     assert "flat5x20ms/c64" in run.stdout  # the table was printed
     assert set(report["exit_codes"].values()) == {0}
+
+    readme_table = subprocess.run(
+        [sys.executable, "-m", "bench", "--markdown", output],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout.splitlines()
+    assert readme_table[0].startswith("| scenario | side | calls/s |")
+    assert len(readme_table) == 2 + sum(len(sides) for sides in report["results"].values())

@@ -458,7 +458,9 @@ def soak_config(app: FaultyUpstream, flapping: FaultyUpstream, restarting: Fault
             },
             "restarting": {
                 "kind": "http", "url": restarting.url, "timeout": "500ms",
-                "connect_timeout": "100ms", "max_concurrency": 16, "retry": retry,
+                # Refused at once while it is down (loopback); 1 s so that a stalled loop
+                # (a full collection in a long run) does not time a done connect out.
+                "connect_timeout": "1s", "max_concurrency": 16, "retry": retry,
                 "circuit_breaker": breaker,
             },
             "rpc": {

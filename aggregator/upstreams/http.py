@@ -4,6 +4,7 @@ server; requests are written and responses read as whole messages."""
 from __future__ import annotations
 
 import email.utils
+import re
 import ssl
 import zlib
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.upstreams import Reply
 from aggregator.upstreams.http1 import (
     BrokenResponse,
+    Closed,
     ConnectTimeout,
     Disconnected,
     Pool,
@@ -28,8 +30,14 @@ from aggregator.v1 import aggregator_pb2 as pb
 # RFC 3986's pchar and "/", plus "%" so that what the caller (or substitution) escaped stays so.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_SAFE = "?/:@"  # as yarl, which aiohttp used: space as "+", the rest escaped
+_BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" that begins no escape: "%25"
+_GZIP_MAGIC = b"\x1f\x8b"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
-_DECODERS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": 0}
+_DECODERS = {
+    b"gzip": 16 + zlib.MAX_WBITS,
+    b"x-gzip": 16 + zlib.MAX_WBITS,
+    b"deflate": zlib.MAX_WBITS,  # with the zlib header RFC 9110 asks for; raw deflate below
+}
 
 
 class HttpUpstream:
@@ -40,7 +48,7 @@ class HttpUpstream:
         self._base = config.url
         parts = urlsplit(config.url)
         secure = parts.scheme == "https"
-        self._host_line = f"Host: {parts.netloc}\r\n"
+        self._host_line = f"Host: {_host_header(parts.netloc, parts.hostname or '')}\r\n"
         self._base_path = parts.path
         self._connect_timeout = config.connect_timeout
         self._max_response_bytes = config.max_response_bytes
@@ -78,11 +86,11 @@ class HttpUpstream:
         try:
             response = await self._pool.request(
                 self._encode(request, request_id),
-                method == "HEAD",
-                self._max_response_bytes,
-                request.idempotent,
+                head_only=method == "HEAD",
+                cap=self._max_response_bytes,
+                idempotent=request.idempotent,
             )
-        except (OSError, ConnectTimeout, Disconnected, BrokenResponse) as exc:
+        except (OSError, ConnectTimeout, Disconnected, BrokenResponse, Closed) as exc:
             # Transport failures become outcomes; CancelledError is none of these.
             raise _target_failure(exc, self.name, self._connect_timeout) from exc
         except TooLarge as exc:
@@ -98,13 +106,16 @@ class HttpUpstream:
                 for name, value in request.query
             )
         lines = [f"{request.method} {target} HTTP/1.1\r\n", self._host_line]
-        typed = False
+        typed = accepts = False
         for name, value in request.headers:
             folded = name.lower()
             if folded == "x-request-id":
                 continue  # ours, below: the one id that every log line carries
             typed = typed or folded == "content-type"
+            accepts = accepts or folded == "accept"
             lines.append(f"{name}: {value}\r\n")
+        if not accepts:
+            lines.append("Accept: */*\r\n")  # as curl and aiohttp: some servers want one
         lines.append(f"X-Request-Id: {request_id}\r\n")
         body = request.body
         if body is not None:
@@ -121,7 +132,7 @@ class HttpUpstream:
         """The request target of ``path`` on this upstream, escaped once per distinct path."""
         target = self._targets.get(path)
         if target is None:
-            target = self._base_path + quote(path, _PATH_SAFE)
+            target = self._base_path + _BARE_PERCENT.sub("%25", quote(path, _PATH_SAFE))
             if len(self._targets) >= 4096:
                 self._targets.clear()
             self._targets[path] = target
@@ -163,7 +174,7 @@ class HttpUpstream:
         if encoding == b"deflate" and body[:1] != b"\x78":  # raw deflate, no zlib header
             wbits = -zlib.MAX_WBITS
         try:
-            decoded = _decompress(body, wbits or zlib.MAX_WBITS, cap + 1)
+            decoded = _decompress(body, wbits, cap + 1)
         except zlib.error as exc:
             raise TargetFailure(
                 pb.OUTCOME_ERROR,
@@ -187,11 +198,12 @@ class HttpUpstream:
 
 
 def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
-    """Every member of a gzip body (RFC 1952 allows several), at most ``limit`` bytes of them;
-    raises zlib.error for a stream that is broken or cut short."""
+    """At most ``limit`` bytes of ``body`` decoded: every member of a gzip body (RFC 1952 allows
+    several; zero padding after the last is ignored, as gzip does); raises zlib.error for a
+    stream that is broken or cut short."""
     parts: list[bytes] = []
     size = 0
-    while body and size < limit:
+    while size < limit:
         decoder = zlib.decompressobj(wbits)
         part = decoder.decompress(body, limit - size)
         parts.append(part)
@@ -200,8 +212,17 @@ def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
             break
         if not decoder.eof:
             raise zlib.error("the stream ends before its end")
-        body = decoder.unused_data
+        body = decoder.unused_data.lstrip(b"\x00")
+        if wbits != _DECODERS[b"gzip"] or not body.startswith(_GZIP_MAGIC):
+            break  # one deflate stream; or after the last gzip member, nothing of ours
     return b"".join(parts)
+
+
+def _host_header(netloc: str, hostname: str) -> str:
+    """The Host header of a base URL: as written, with a non-ASCII name in its IDNA form."""
+    if netloc.isascii():
+        return netloc
+    return netloc.replace(hostname, hostname.encode("idna").decode("ascii"), 1)
 
 
 def _reason(status: int, phrase: str) -> str:
@@ -250,6 +271,10 @@ def _target_failure(exc: Exception, name: str, connect_timeout: float) -> Target
         return TargetFailure(
             pb.OUTCOME_UNAVAILABLE,
             f"{name} closed the connection before answering{_cause(exc.cause)}",
+        )
+    if isinstance(exc, Closed):
+        return TargetFailure(
+            pb.OUTCOME_UNAVAILABLE, f"the connections to {name} were closed: the server is stopping"
         )
     if isinstance(exc, BrokenResponse):
         return TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}")

@@ -17,6 +17,7 @@ handed over whole; bodies are bounded by ``max_response_bytes``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 import time
@@ -31,6 +32,9 @@ import httptools
 _MAX_HEADER_LINE = 8190
 _MAX_HEAD = 64 * 1024
 _KEEPALIVE = 30.0  # an idle connection is closed after this long (aiohttp's was 30 s too)
+_DNS_TTL = 60.0  # a host name's addresses are kept this long (aiohttp's ttl_dns_cache here)
+_MAX_INFORMATIONAL = 8  # 1xx responses before the answer; more is an upstream stuck in a loop
+_TLS_SHUTDOWN = 2.0  # a closed TLS connection waits at most this long for the peer's close_notify
 # Response headers the upstream layer reads; the others are parsed by llhttp and dropped.
 WANTED_HEADERS = frozenset(
     {b"content-type", b"cache-control", b"retry-after", b"content-encoding", b"content-length"}
@@ -53,6 +57,10 @@ class Disconnected(Exception):
 
 class BrokenResponse(Exception):
     """What arrived is not an HTTP/1.1 response (llhttp's words, or ours)."""
+
+
+class Closed(Exception):
+    """The pool was closed (the server is stopping) before or while the request ran."""
 
 
 class TooLarge(Exception):
@@ -90,6 +98,9 @@ class Pool:
     ) -> None:
         self._host = host
         self._port = port
+        self._literal = _is_ip_literal(host)
+        self._addresses: list[str] = [host] if self._literal else []
+        self._resolved_until = 0.0
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._ssl_context = ssl_context
@@ -102,11 +113,14 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self._host}:{self._port} [{len(self._open)} open, {len(self._idle)} idle]>"
 
-    async def request(self, data: bytes, head_only: bool, cap: int, idempotent: bool) -> Response:
+    async def request(
+        self, data: bytes, *, head_only: bool, cap: int, idempotent: bool
+    ) -> Response:
         """Sends ``data`` (a whole request) and returns the whole response.
 
-        Raises ConnectTimeout, OSError (ssl.SSLError included) from connecting, Disconnected,
-        BrokenResponse or TooLarge. A cancelled request closes its connection.
+        Raises ConnectTimeout, OSError (ssl.SSLError and socket.gaierror included) from
+        connecting, Disconnected, BrokenResponse, TooLarge or Closed. A cancelled request closes
+        its connection.
         """
         connection = self._take()
         if connection is None:
@@ -124,30 +138,62 @@ class Pool:
 
     def _take(self) -> _Connection | None:
         idle = self._idle
+        # After a certificate rotation, connections made with the old context are not reused.
+        context = self._ssl_context() if self._ssl_context is not None else None
         while idle:
             connection = idle.pop()
-            if connection.usable():
+            if connection.usable() and connection.context is context:
                 return connection
-            connection.abort()
+            connection.close()
         return None
 
     async def _connect(self) -> _Connection:
+        """A new connection. Only the TCP (and TLS) connect is held to the connect timeout: a
+        name is looked up before it, and its addresses are kept for _DNS_TTL."""
+        addresses = await self._resolved()
         if self._closed:
-            raise ConnectionAbortedError("the upstream's pool is closed")
-        loop = asyncio.get_running_loop()
+            raise Closed()
         context = self._ssl_context() if self._ssl_context is not None else None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self._host,
+                connection = await self._connect_to(addresses, context)
+        except TimeoutError as exc:
+            raise ConnectTimeout() from exc
+        if self._closed:  # closed while connecting: aclose did not see this one
+            connection.shut()
+            raise Closed()
+        return connection
+
+    async def _connect_to(
+        self, addresses: list[str], context: ssl.SSLContext | None
+    ) -> _Connection:
+        """The first of ``addresses`` that accepts, in order (as asyncio's own connect)."""
+        loop = asyncio.get_running_loop()
+        for index, address in enumerate(addresses):
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, context),
+                    address,
                     self._port,
                     ssl=context,
                     server_hostname=self._host if context is not None else None,
+                    ssl_shutdown_timeout=_TLS_SHUTDOWN if context is not None else None,
                 )
-        except TimeoutError as exc:
-            raise ConnectTimeout() from exc
-        return protocol
+            except OSError:
+                if index == len(addresses) - 1:
+                    raise
+            else:
+                return connection
+        raise OSError(f"{self._host} has no address")
+
+    async def _resolved(self) -> list[str]:
+        if self._literal or time.monotonic() < self._resolved_until:
+            return self._addresses
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        self._addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._resolved_until = time.monotonic() + _DNS_TTL
+        return self._addresses
 
     def opened(self, connection: _Connection) -> None:
         self._open.add(connection)
@@ -181,22 +227,30 @@ class Pool:
             self._arm_sweep()
 
     async def aclose(self) -> None:
+        """Fails requests still running (Closed), closes every connection and waits until
+        they are gone."""
         self._closed = True
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for connection in list(self._open):
-            connection.close()
         self._idle.clear()
+        connections = list(self._open)
+        for connection in connections:
+            connection.shut()
+        if connections:
+            await asyncio.wait([connection.lost for connection in connections])
 
 
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; one exchange at a time, responses handed over whole."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, context: ssl.SSLContext | None = None) -> None:
         self._pool = pool
+        self.context = context  # what it was made with: after a rotation it is not reused
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._informational = 0
         self._waiter: asyncio.Future[Response] | None = None
         self._served = 0
         self.idle_since = 0.0
@@ -213,7 +267,8 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: dict[bytes, bytes] = {}
         self._head_size = 0  # header bytes parsed, for _MAX_HEAD
-        self._head_read = 0  # bytes read while the head is incomplete, for _MAX_HEAD too
+        self._read = 0  # bytes of this response read so far: what is not body is framing
+        self._chunk_count = 0
         self._chunks: list[bytes] = []
         self._size = 0
         self._received = False
@@ -228,6 +283,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise Disconnected(False, self._served > 0, None)
         self._reset(head_only, cap)
+        self._informational = 0
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         # No wait for the write buffer to drain: a request is bounded by max_request_bytes.
@@ -245,6 +301,10 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
+    def shut(self) -> None:
+        """Fails the request running on this connection, if any, and closes it at once."""
+        self._fail(Closed())
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -261,6 +321,7 @@ class _Connection(asyncio.Protocol):
             body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
             reason = self._reason.decode("latin-1")
             waiter.set_result(Response(self._status, reason, self._headers, body))
+        self._chunks = []  # an idle connection holds nothing of its last answer
         if reusable:
             self._pool.release(self)
         else:
@@ -270,6 +331,7 @@ class _Connection(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        self._chunks = []
         if self._transport is not None:
             self._transport.abort()
 
@@ -277,39 +339,47 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._pool.opened(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio and uvloop both set it today; a request is one write, never worth a delay
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._pool.opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:
             self._fail(BrokenResponse("data arrived with no request outstanding"))
             return
         self._received = True
-        if not self._headers_done:
-            self._head_read += len(data)
+        self._read += len(data)
+        assert self._parser is not None  # until connection_lost
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            pass  # a callback set _failure: handled below
         except httptools.HttpParserUpgrade:
-            pass  # 101 Switching Protocols: its head is the answer (_on_headers_complete)
-        except httptools.HttpParserError as exc:
+            pass  # 101 Switching Protocols: its head is the answer (on_headers_complete)
+        except httptools.HttpParserError as exc:  # a callback's own failure comes first
             self._failure = self._failure or BrokenResponse(str(exc) or type(exc).__name__)
-        if self._failure is None and not self._headers_done and self._head_read > _MAX_HEAD:
-            # llhttp reports a header only once its line ends: an endless line must be cut here
-            self._failure = BrokenResponse("a response head is too long")
+        if self._failure is None and self._read - self._size > self._framing_allowed():
+            # llhttp reports a header or trailer only once its line ends: an endless line
+            # would be buffered until then, so what is not body is counted here
+            self._failure = BrokenResponse("a response head or trailer is too long")
         if self._failure is not None:
             self._fail(self._failure)
+
+    def _framing_allowed(self) -> int:
+        """Bytes of a response that are not body: its head, chunk sizes, trailers."""
+        if not self._headers_done:
+            return _MAX_HEAD
+        return 2 * _MAX_HEAD + 64 * self._chunk_count
 
     def eof_received(self) -> bool:
         return False  # close: a response is never followed by a half-closed conversation
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._parser = None  # it and this protocol refer to each other: freed without the GC
         self._pool.lost(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
         if self._waiter is None:
             return
         if self._headers_done and not self._framed and exc is None:
@@ -331,6 +401,9 @@ class _Connection(asyncio.Protocol):
             self._failure = BrokenResponse("a response's status line is too long")
             raise self._failure
 
+    def on_chunk_header(self) -> None:
+        self._chunk_count += 1
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
             return  # a chunked body's trailers: not headers of this response
@@ -346,6 +419,7 @@ class _Connection(asyncio.Protocol):
             self._headers[name] = value if seen is None else seen + b", " + value
 
     def on_headers_complete(self) -> None:
+        assert self._parser is not None
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # informational: the answer follows
@@ -370,8 +444,21 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self._headers_done:  # the end of a 1xx response: start over for the answer
+            self._informational += 1
+            if self._informational > _MAX_INFORMATIONAL:
+                self._failure = BrokenResponse("too many informational (1xx) responses")
+                raise self._failure
             self._reset(self._head_only, self._cap)
             self._received = True
             return
         if self._waiter is not None:
+            assert self._parser is not None
             self._finish(self._parser.should_keep_alive())
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -358,7 +358,8 @@ class _Connection(asyncio.Protocol):
             pass  # 101 Switching Protocols: its head is the answer (on_headers_complete)
         except httptools.HttpParserError as exc:  # a callback's own failure comes first
             self._failure = self._failure or BrokenResponse(str(exc) or type(exc).__name__)
-        if self._failure is None and self._read - self._size > self._framing_allowed():
+        framing = self._read - self._size
+        if framing > _MAX_HEAD and self._failure is None and framing > self._framing_allowed():
             # llhttp reports a header or trailer only once its line ends: an endless line
             # would be buffered until then, so what is not body is counted here
             self._failure = BrokenResponse("a response head or trailer is too long")

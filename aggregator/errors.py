@@ -22,12 +22,16 @@ class TargetFailure(Exception):
         *,
         http_status: int = 0,
         grpc_code: int = 0,
+        protocol_error: bool = False,
     ) -> None:
         super().__init__(sentence)
         self.outcome = outcome
         self.sentence = sentence
         self.http_status = http_status
         self.grpc_code = grpc_code
+        # What came back was not a valid answer (not HTTP, a broken body): counted against the
+        # upstream's breaker like a 5xx, although the outcome is ERROR, as Envoy counts them.
+        self.protocol_error = protocol_error
 
 
 class CallFailure(Exception):

@@ -36,7 +36,7 @@ _GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Connection-level headers, and the ones that would let a caller steer the request
-# somewhere or frame it differently than aiohttp does.
+# somewhere or frame it differently than the upstream's connection does.
 _FORBIDDEN_HEADERS = frozenset(
     {
         "connection",

@@ -7,7 +7,7 @@ the target starts, against the dependency's JSON body.
 
 Values never change where a request goes: in a path they are percent-encoded (a ``/`` becomes
 ``%2F``, so no segment can be added, and ``.``/``..`` are refused); in a query they are
-encoded by the URL builder; in headers CR, LF and NUL are refused.
+percent-encoded when the request is written; in headers CR, LF and NUL are refused.
 """
 
 from __future__ import annotations

@@ -214,3 +214,20 @@ async def test_every_hostile_upstream_at_once_ends_cleanly_with_no_task_left(stu
     assert all(r.error for r in results if r.outcome != pb.OUTCOME_OK)
     assert "x-aggregate-summary-bin" in trailers
     assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("target ")] == []
+
+
+async def test_garbage_answers_count_against_the_breaker(start_server, hostile):
+    # Not HTTP at all (a wrong port, TLS spoken to plaintext): ERROR, but the upstream is not
+    # healthy, so it trips the breaker as a 5xx would.
+    _, stub = await start_server(
+        hostile={
+            "kind": "http",
+            "url": hostile.url,
+            "circuit_breaker": {"fail_max": 2, "reset_timeout": "30s"},
+        }
+    )
+    outcomes = []
+    for _ in range(3):
+        result = await one(stub, "/garbage")
+        outcomes.append(result.outcome)
+    assert outcomes == [pb.OUTCOME_ERROR, pb.OUTCOME_ERROR, pb.OUTCOME_CIRCUIT_OPEN]

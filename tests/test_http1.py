@@ -673,6 +673,45 @@ async def test_idle_connections_are_closed_after_the_keepalive(
     assert origin.connections == 2
 
 
+@pytest.mark.parametrize(
+    ("keep_alive", "reused"), [("timeout=1", False), ("timeout=5, max=100", True)]
+)
+async def test_the_upstreams_keep_alive_timeout_is_honoured(
+    pool: Pool, origin: Origin, keep_alive: str, reused: bool
+) -> None:
+    # Kept a second less than the upstream keeps it (so never past it); timeout=1 is not at all.
+    _, peer, _ = await served(origin, None, ok(b"a", f"Keep-Alive: {keep_alive}"), fetch(pool))
+    if not reused:
+        assert await peer.ended() == b""
+    response, next_peer, _ = await served(origin, peer if reused else None, ok(b"b"), fetch(pool))
+    assert response.body == b"b"
+    assert (next_peer is peer) == reused
+    assert origin.connections == (1 if reused else 2)
+
+
+async def test_an_idle_connection_past_its_time_is_never_taken(
+    pools: Callable[..., Pool], origin: Origin
+) -> None:
+    pool = pools(keepalive=0.05)
+    pool._arm_sweep = lambda: None  # type: ignore[method-assign]  # no sweep to help
+    _, peer, _ = await served(origin, None, ok(), fetch(pool))
+    assert repr(pool) == state(origin, 1, 1)
+    await asyncio.sleep(0.06)  # the subject is the clock: past the keep-alive
+    response, next_peer, _ = await served(origin, None, ok(b"fresh"), fetch(pool))
+    assert response.body == b"fresh"
+    assert next_peer is not peer
+    assert await peer.ended() == b""
+
+
+def test_a_non_ascii_host_is_sent_in_its_idna_form() -> None:
+    from aggregator.upstreams.http import _host_header
+
+    assert _host_header("Bücher.Example:8080", "bücher.example", 8080) == (
+        "xn--bcher-kva.example:8080"
+    )
+    assert _host_header("[::1]:8080", "::1", 8080) == "[::1]:8080"
+
+
 async def test_connections_past_max_idle_are_closed_when_released(
     pools: Callable[..., Pool], origin: Origin
 ) -> None:
@@ -985,7 +1024,7 @@ async def test_aclose_closes_every_connection_and_later_calls_fail_cleanly(
         assert await peer.ended() == b""
     with pytest.raises(TargetFailure) as caught:
         await call(upstream)
-    assert caught.value.outcome == pb.OUTCOME_UNAVAILABLE
+    assert caught.value.outcome == pb.OUTCOME_CANCELLED  # neither retried nor a breaker failure
     assert caught.value.sentence == "the connections to up were closed: the server is stopping"
     assert origin.connections == 2
 

@@ -43,6 +43,8 @@ _BREAKER_GRPC_CODES = frozenset(
 )
 _CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
 _DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
+# Outcomes the upstream had no part in: our own limits, an open breaker, the server stopping.
+_SAYS_NOTHING_OF_HEALTH = (pb.OUTCOME_REJECTED, pb.OUTCOME_CIRCUIT_OPEN, pb.OUTCOME_CANCELLED)
 
 
 class _Sent:
@@ -404,9 +406,9 @@ def _is_good(result: Result) -> bool:
 def _breaker_failure(result: Result) -> bool | None:
     """Whether ``result`` counts against the breaker (None: it says nothing about health)."""
     if isinstance(result, TargetFailure):
-        if result.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT):
+        if result.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT) or result.protocol_error:
             return True
-        return None if result.outcome in (pb.OUTCOME_REJECTED, pb.OUTCOME_CIRCUIT_OPEN) else False
+        return None if result.outcome in _SAYS_NOTHING_OF_HEALTH else False
     if result.http_status:
         return result.http_status >= 500
     return result.grpc_code in _BREAKER_GRPC_CODES

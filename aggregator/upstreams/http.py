@@ -48,7 +48,9 @@ class HttpUpstream:
         self._base = config.url
         parts = urlsplit(config.url)
         secure = parts.scheme == "https"
-        self._host_line = f"Host: {_host_header(parts.netloc, parts.hostname or '')}\r\n"
+        self._host_line = (
+            f"Host: {_host_header(parts.netloc, parts.hostname or '', parts.port)}\r\n"
+        )
         self._base_path = parts.path
         self._connect_timeout = config.connect_timeout
         self._max_response_bytes = config.max_response_bytes
@@ -180,6 +182,7 @@ class HttpUpstream:
                 pb.OUTCOME_ERROR,
                 f"{self.name} sent a broken {encoding.decode()} body: {exc}",
                 http_status=status,
+                protocol_error=True,
             ) from exc
         if len(decoded) > cap:
             raise self._too_large(status, f"sent more than {cap} bytes once decompressed")
@@ -218,11 +221,12 @@ def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _host_header(netloc: str, hostname: str) -> str:
-    """The Host header of a base URL: as written, with a non-ASCII name in its IDNA form."""
+def _host_header(netloc: str, hostname: str, port: int | None) -> str:
+    """The Host header of a base URL: as written, or a non-ASCII name in its IDNA form."""
     if netloc.isascii():
         return netloc
-    return netloc.replace(hostname, hostname.encode("idna").decode("ascii"), 1)
+    host = hostname.encode("idna").decode("ascii")
+    return host if port is None else f"{host}:{port}"
 
 
 def _reason(status: int, phrase: str) -> str:
@@ -272,12 +276,14 @@ def _target_failure(exc: Exception, name: str, connect_timeout: float) -> Target
             pb.OUTCOME_UNAVAILABLE,
             f"{name} closed the connection before answering{_cause(exc.cause)}",
         )
-    if isinstance(exc, Closed):
+    if isinstance(exc, Closed):  # neither retried nor held against the upstream's breaker
         return TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"the connections to {name} were closed: the server is stopping"
+            pb.OUTCOME_CANCELLED, f"the connections to {name} were closed: the server is stopping"
         )
     if isinstance(exc, BrokenResponse):
-        return TargetFailure(pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}")
+        return TargetFailure(
+            pb.OUTCOME_ERROR, f"{name} sent a broken response: {exc}", protocol_error=True
+        )
     assert isinstance(exc, OSError)
     return TargetFailure(
         pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.strerror or exc}"

@@ -23,8 +23,9 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import aiohappyeyeballs
 import httptools
 
 # A header line longer than this, or a head larger than _MAX_HEAD, is a broken response (the
@@ -33,12 +34,21 @@ _MAX_HEADER_LINE = 8190
 _MAX_HEAD = 64 * 1024
 _KEEPALIVE = 30.0  # an idle connection is closed after this long (aiohttp's was 30 s too)
 _DNS_TTL = 60.0  # a host name's addresses are kept this long (aiohttp's ttl_dns_cache here)
+_HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's default: the next address is tried after this long
 _MAX_INFORMATIONAL = 8  # 1xx responses before the answer; more is an upstream stuck in a loop
 _TLS_SHUTDOWN = 2.0  # a closed TLS connection waits at most this long for the peer's close_notify
 # Response headers the upstream layer reads; the others are parsed by llhttp and dropped.
 WANTED_HEADERS = frozenset(
-    {b"content-type", b"cache-control", b"retry-after", b"content-encoding", b"content-length"}
+    {
+        b"content-type",
+        b"cache-control",
+        b"retry-after",
+        b"content-encoding",
+        b"content-length",
+        b"keep-alive",  # its timeout=N: the upstream closes idle connections sooner than we would
+    }
 )
+AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
 
 
 class ConnectTimeout(Exception):
@@ -99,7 +109,7 @@ class Pool:
         self._host = host
         self._port = port
         self._literal = _is_ip_literal(host)
-        self._addresses: list[str] = [host] if self._literal else []
+        self._addresses: list[AddressInfo] = [_literal_info(host, port)] if self._literal else []
         self._resolved_until = 0.0
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
@@ -140,9 +150,10 @@ class Pool:
         idle = self._idle
         # After a certificate rotation, connections made with the old context are not reused.
         context = self._ssl_context() if self._ssl_context is not None else None
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if connection.usable() and connection.context is context:
+            if connection.usable() and connection.context is context and connection.expires > now:
                 return connection
             connection.close()
         return None
@@ -150,9 +161,9 @@ class Pool:
     async def _connect(self) -> _Connection:
         """A new connection. Only the TCP (and TLS) connect is held to the connect timeout: a
         name is looked up before it, and its addresses are kept for _DNS_TTL."""
-        addresses = await self._resolved()
         if self._closed:
             raise Closed()
+        addresses = await self._resolved()
         context = self._ssl_context() if self._ssl_context is not None else None
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -165,33 +176,33 @@ class Pool:
         return connection
 
     async def _connect_to(
-        self, addresses: list[str], context: ssl.SSLContext | None
+        self, addresses: list[AddressInfo], context: ssl.SSLContext | None
     ) -> _Connection:
-        """The first of ``addresses`` that accepts, in order (as asyncio's own connect)."""
+        """A connection to one of ``addresses``: tried in order, the next one started when the
+        one before has not answered within 250 ms (Happy Eyeballs, RFC 8305, as aiohttp)."""
         loop = asyncio.get_running_loop()
-        for index, address in enumerate(addresses):
-            try:
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, context),
-                    address,
-                    self._port,
-                    ssl=context,
-                    server_hostname=self._host if context is not None else None,
-                    ssl_shutdown_timeout=_TLS_SHUTDOWN if context is not None else None,
-                )
-            except OSError:
-                if index == len(addresses) - 1:
-                    raise
-            else:
-                return connection
-        raise OSError(f"{self._host} has no address")
+        sock = await aiohappyeyeballs.start_connection(
+            addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, interleave=1
+        )
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _Connection(self, context),
+                sock=sock,
+                ssl=context,
+                server_hostname=self._host if context is not None else None,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN if context is not None else None,
+            )
+        except BaseException:
+            sock.close()  # create_connection owns it only once it succeeds
+            raise
+        return connection
 
-    async def _resolved(self) -> list[str]:
+    async def _resolved(self) -> list[AddressInfo]:
         if self._literal or time.monotonic() < self._resolved_until:
             return self._addresses
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
-        self._addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._addresses = [(int(f), int(t), p, c, a) for f, t, p, c, a in infos]
         self._resolved_until = time.monotonic() + _DNS_TTL
         return self._addresses
 
@@ -203,12 +214,16 @@ class Pool:
         if connection in self._idle:
             self._idle.remove(connection)
 
-    def release(self, connection: _Connection) -> None:
-        """Takes back a connection whose last response ended cleanly and may be reused."""
-        if self._closed or len(self._idle) >= self._max_idle:
+    def release(self, connection: _Connection, upstream_keepalive: float | None) -> None:
+        """Takes back a connection whose last response ended cleanly and may be reused, for as
+        long as we keep idle connections or, if less, a second less than the upstream said."""
+        keep = self._keepalive
+        if upstream_keepalive is not None:
+            keep = min(keep, upstream_keepalive - 1.0)
+        if self._closed or len(self._idle) >= self._max_idle or keep <= 0:
             connection.close()
             return
-        connection.idle_since = time.monotonic()
+        connection.expires = time.monotonic() + keep
         self._idle.append(connection)
         if self._sweep is None:
             self._arm_sweep()
@@ -218,11 +233,12 @@ class Pool:
         self._sweep = loop.call_later(self._keepalive / 2, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        """Closes connections idle longer than the keep-alive (the oldest are at the front)."""
+        """Closes the idle connections past their time (a request never takes one: _take)."""
         self._sweep = None
-        expired = time.monotonic() - self._keepalive
-        while self._idle and self._idle[0].idle_since < expired:
-            self._idle.pop(0).close()
+        now = time.monotonic()
+        for connection in [c for c in self._idle if c.expires <= now]:
+            self._idle.remove(connection)
+            connection.close()
         if self._idle:
             self._arm_sweep()
 
@@ -237,8 +253,8 @@ class Pool:
         connections = list(self._open)
         for connection in connections:
             connection.shut()
-        if connections:
-            await asyncio.wait([connection.lost for connection in connections])
+        if connections:  # aborted transports report their end at once; bounded all the same
+            await asyncio.wait([connection.lost for connection in connections], timeout=2.0)
 
 
 class _Connection(asyncio.Protocol):
@@ -253,7 +269,7 @@ class _Connection(asyncio.Protocol):
         self._informational = 0
         self._waiter: asyncio.Future[Response] | None = None
         self._served = 0
-        self.idle_since = 0.0
+        self.expires = 0.0  # while idle: when it may no longer be taken
         self._reset(False, 0)
 
     def __repr__(self) -> str:
@@ -323,7 +339,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(Response(self._status, reason, self._headers, body))
         self._chunks = []  # an idle connection holds nothing of its last answer
         if reusable:
-            self._pool.release(self)
+            self._pool.release(self, _keepalive_timeout(self._headers.get(b"keep-alive")))
         else:
             self.close()
 
@@ -463,3 +479,20 @@ def _is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _literal_info(host: str, port: int) -> AddressInfo:
+    if ":" in host:
+        return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
+
+
+def _keepalive_timeout(value: bytes | None) -> float | None:
+    """``timeout=N`` of a Keep-Alive header (RFC 2068 §19.7.1), if any and well formed."""
+    if value is None:
+        return None
+    for part in value.split(b","):
+        name, _, number = part.strip().partition(b"=")
+        if name.strip().lower() == b"timeout" and number.strip().isdigit():
+            return float(number.strip())
+    return None

@@ -32,7 +32,7 @@ import httptools
 # limits of aiohttp's client and of most servers: nothing legitimate comes near them).
 _MAX_HEADER_LINE = 8190
 _MAX_HEAD = 64 * 1024
-_KEEPALIVE = 30.0  # an idle connection is closed after this long (aiohttp's was 30 s too)
+_KEEPALIVE = 30.0  # an idle connection is reused for at most this long (aiohttp's was 30 s too)
 _DNS_TTL = 60.0  # a host name's addresses are kept this long (aiohttp's ttl_dns_cache here)
 _HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's default: the next address is tried after this long
 _MAX_INFORMATIONAL = 8  # 1xx responses before the answer; more is an upstream stuck in a loop
@@ -58,10 +58,9 @@ class ConnectTimeout(Exception):
 class Disconnected(Exception):
     """The connection ended before the response did."""
 
-    def __init__(self, answered: bool, reused: bool, cause: BaseException | None) -> None:
+    def __init__(self, answered: bool, cause: BaseException | None) -> None:
         super().__init__("answered" if answered else "not answered")
         self.answered = answered  # some of a response had arrived
-        self.reused = reused  # the connection had served a response before this request
         self.cause = cause
 
 
@@ -108,9 +107,9 @@ class Pool:
     ) -> None:
         self._host = host
         self._port = port
-        self._literal = _is_ip_literal(host)
-        self._addresses: list[AddressInfo] = [_literal_info(host, port)] if self._literal else []
-        self._resolved_until = 0.0
+        literal = _literal_info(host, port)
+        self._addresses: list[AddressInfo] = [literal] if literal is not None else []
+        self._resolved_until = float("inf") if literal is not None else 0.0
         self._connect_timeout = connect_timeout
         self._max_idle = max_idle
         self._ssl_context = ssl_context
@@ -198,7 +197,7 @@ class Pool:
         return connection
 
     async def _resolved(self) -> list[AddressInfo]:
-        if self._literal or time.monotonic() < self._resolved_until:
+        if time.monotonic() < self._resolved_until:  # an IP literal: for ever
             return self._addresses
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
@@ -297,7 +296,7 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, data: bytes, head_only: bool, cap: int) -> Response:
         transport = self._transport
         if transport is None or transport.is_closing():
-            raise Disconnected(False, self._served > 0, None)
+            raise Disconnected(False, None)
         self._reset(head_only, cap)
         self._informational = 0
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
@@ -402,7 +401,7 @@ class _Connection(asyncio.Protocol):
         if self._headers_done and not self._framed and exc is None:
             self._finish(False)  # a body ended by the connection's end (no length, not chunked)
         else:
-            self._fail(Disconnected(self._received, self._served > 0, exc))
+            self._fail(Disconnected(self._received, exc))
 
     # httptools callbacks (an exception here is kept in _failure and raised by data_received)
 
@@ -473,16 +472,13 @@ class _Connection(asyncio.Protocol):
             self._finish(self._parser.should_keep_alive())
 
 
-def _is_ip_literal(host: str) -> bool:
+def _literal_info(host: str, port: int) -> AddressInfo | None:
+    """The address of an IP literal, which needs no lookup; None for a name."""
     try:
-        ipaddress.ip_address(host)
+        version = ipaddress.ip_address(host).version
     except ValueError:
-        return False
-    return True
-
-
-def _literal_info(host: str, port: int) -> AddressInfo:
-    if ":" in host:
+        return None
+    if version == 6:
         return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))
     return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
 

@@ -97,7 +97,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
         async def gather(result: pb.TargetResult) -> None:
             await _merge(response.merged, result, decoder)
-            response.results.append(result)
+            # A copy: as long as decoding the body was, for a large one.
+            await decoder.run(len(result.body), response.results.append, result)
 
         await self._run("Collect", request, context, gather, decoder)
         return response
@@ -281,7 +282,7 @@ async def _merge(merged: struct_pb2.Struct, result: pb.TargetResult, decoder: Ca
     if result.outcome != pb.OUTCOME_OK:
         return
     if result.HasField("json"):
-        merged.fields[result.id].CopyFrom(result.json)
+        await decoder.run(len(result.body), merged.fields[result.id].CopyFrom, result.json)
         return
     if result.body and result.id not in decoder.undecoded:  # decode_json may have tried
         try:
@@ -314,7 +315,7 @@ class AggregatorServer:
             "and none finished in time",
         )
         self._service: AggregatorService | None = None
-        self._decoder = JsonDecoder()
+        self.decoder = JsonDecoder()  # large JSON bodies, off the loop
         self._metrics_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
@@ -344,7 +345,7 @@ class AggregatorServer:
             )
             for name, upstream in upstreams.items()
         }
-        self._service = AggregatorService(self.config, self.endpoints, self.metrics, self._decoder)
+        self._service = AggregatorService(self.config, self.endpoints, self.metrics, self.decoder)
         pb_grpc.add_AggregatorServicer_to_server(self._service, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -420,7 +421,7 @@ class AggregatorServer:
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
             await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
-        self._decoder.close()
+        self.decoder.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

@@ -1,0 +1,194 @@
+"""Security review (issue 17), the decode side: large JSON bodies off the loop and capped per call,
+mixed RSA/EC JWT keys, log injection, mTLS with a stranger's certificate, slow-reading callers and
+an aggregator configured as its own upstream. Real servers and sockets on 127.0.0.1 throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from tests.conftest import collect, http
+
+MIB = 1024 * 1024
+
+
+def big_document(size: int) -> bytes:
+    """A JSON object of about ``size`` bytes, shaped like a catalogue page (many small objects)."""
+    item = {"id": 0, "name": "item name", "price": 12.5, "tags": ["a", "b"], "ok": True}
+    one = len(json.dumps(item)) + 2
+    items = [dict(item, id=i) for i in range(size // one)]
+    return json.dumps({"items": items}).encode()
+
+
+@contextlib.asynccontextmanager
+async def big_json_upstream(body: bytes) -> AsyncIterator[str]:
+    """An aiohttp app answering every path with ``body`` as application/json."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def one_mib_json() -> bytes:
+    return big_document(MIB - 4096)
+
+
+@pytest.fixture
+async def big(one_mib_json: bytes) -> AsyncIterator[str]:
+    async with big_json_upstream(one_mib_json) as url:
+        yield url
+
+
+def big_upstream(url: str) -> dict[str, Any]:
+    return {"kind": "http", "url": url, "max_response_bytes": 2 * MIB, "timeout": "10s"}
+
+
+@contextlib.asynccontextmanager
+async def big_channel(port: int) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel that takes answers of any size these tests make (grpc's 4 MiB default would
+    refuse a Collect of a few 1 MiB bodies and their decoded JSON)."""
+    options = (("grpc.max_receive_message_length", 64 * MIB),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        yield channel
+
+
+async def health_latencies(port: int, busy: asyncio.Task[Any]) -> list[float]:
+    """Health checks, one after another, for as long as ``busy`` runs: each one's latency."""
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=5)  # connected first
+        for _ in range(10_000):
+            if busy.done():
+                break
+            started = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+# Finding 7. Before the fix, json_format.Parse ran on the event loop: each 1 MiB body held it for
+# 0.2-0.4 s here (3-5 s on a loaded machine), and health checks waited that long.
+async def test_large_json_bodies_do_not_stall_health_checks(start_server, big, one_mib_json):
+    aggregator, _ = await start_server(big=big_upstream(big))
+    targets = [http(f"t{i}", f"/{i}", upstream="big") for i in range(2)]
+    targets += [http(f"d{i}", f"/d{i}", upstream="big", decode_json=True) for i in range(2)]
+    worst = []
+    for _ in range(3):
+        async with big_channel(aggregator.port) as channel:
+            # The answer is read as bytes and parsed once the checks are done: parsing it takes
+            # this process's loop (the test's client shares it with the server) for 50 ms.
+            collect_bytes = channel.unary_unary(
+                "/aggregator.v1.Aggregator/Collect",
+                request_serializer=pb.AggregateRequest.SerializeToString,
+                response_deserializer=None,
+            )
+            call = asyncio.ensure_future(
+                collect_bytes(pb.AggregateRequest(targets=targets), timeout=30)
+            )
+            latencies = await health_latencies(aggregator.port, call)
+            response = pb.CollectResponse.FromString(await call)
+        worst.append(max(latencies, default=0.0))
+        print(f"health checks: {len(latencies)}, worst {worst[-1] * 1000:.0f} ms")
+        assert sorted(response.merged.fields) == sorted(t.id for t in targets)
+        assert all(r.outcome == pb.OUTCOME_OK and not r.error for r in response.results)
+        assert len(response.merged.fields["t0"].struct_value.fields["items"].list_value.values)
+    # Four 1 MiB bodies decoded per call; a health check waits for no decode as a whole.
+    assert statistics.median(worst) < 0.4, worst
+
+
+async def test_bodies_past_max_decoded_bytes_keep_their_body_and_say_why(
+    start_server, big, one_mib_json
+):
+    limit = 2 * len(one_mib_json) + 1000  # two bodies fit, not three
+    aggregator, _ = await start_server(server={"max_decoded_bytes": limit}, big=big_upstream(big))
+    targets = [http(f"t{i}", f"/{i}", upstream="big", decode_json=True) for i in range(3)]
+    async with big_channel(aggregator.port) as channel:
+        stub = pb_grpc.AggregatorStub(channel)
+        response = await stub.Collect(pb.AggregateRequest(targets=targets), timeout=30)
+    results = {r.id: r for r in response.results}
+    refused = [r for r in results.values() if r.error]
+    assert len(refused) == 1  # whichever finished last
+    [late] = refused
+    assert late.outcome == pb.OUTCOME_OK
+    assert not late.HasField("json")
+    assert len(late.body) > MIB - 8192
+    assert f"past server.max_decoded_bytes ({limit})" in late.error
+    assert sorted(response.merged.fields) == sorted(set(results) - {late.id})  # SPEC §6
+
+
+async def test_json_too_deep_for_protobuf_is_refused_and_the_call_still_answers(start_server):
+    deep = ('{"a":' * 40 + "1" + "}" * 40).encode()  # 121 message levels once a Value
+    shallow = ('{"a":' * 20 + "1" + "}" * 20).encode()
+    async with big_json_upstream(deep) as deep_url, big_json_upstream(shallow) as shallow_url:
+        _, stub = await start_server(deep={"kind": "http", "url": deep_url},
+                                     shallow={"kind": "http", "url": shallow_url})  # fmt: skip
+        targets = [
+            http("deep", "/", upstream="deep", decode_json=True),
+            http("shallow", "/", upstream="shallow", decode_json=True),
+        ]
+        # The client parses what it gets: before, the deep Value was sent and unreadable.
+        response = await stub.Collect(pb.AggregateRequest(targets=targets), timeout=10)
+        results, code, _, _ = await collect(
+            stub.Aggregate(pb.AggregateRequest(targets=targets), timeout=10)
+        )
+    by_id = {r.id: r for r in response.results}
+    assert "nested deeper than a protobuf Value can carry" in by_id["deep"].error
+    assert by_id["deep"].body == deep
+    assert not by_id["deep"].HasField("json")
+    assert by_id["shallow"].HasField("json")
+    assert not by_id["shallow"].error
+    assert sorted(response.merged.fields) == ["shallow"]
+    assert code == grpc.StatusCode.OK
+    assert {r.id: r.HasField("json") for r in results} == {"deep": False, "shallow": True}
+
+
+async def test_a_call_cancelled_while_its_bodies_decode_leaves_no_work_behind(start_server, big):
+    aggregator, stub = await start_server(big=big_upstream(big))
+    targets = [http(f"t{i}", f"/{i}", upstream="big") for i in range(6)]
+    calls = [
+        asyncio.ensure_future(stub.Collect(pb.AggregateRequest(targets=targets), timeout=30))
+        for _ in range(3)
+    ]
+    for _ in range(5000):  # until a body is being decoded on the thread
+        if aggregator.decoder.busy:
+            break
+        await asyncio.sleep(0.001)
+    assert aggregator.decoder.busy == 1  # one thread, whatever the number of calls
+    for call in calls:
+        call.cancel()
+    await asyncio.wait(calls)
+    # The one body in progress finishes on the thread; nothing queued behind it runs.
+    for _ in range(5000):
+        if not aggregator.decoder.busy:
+            break
+        await asyncio.sleep(0.001)
+    assert aggregator.decoder.busy == 0
+    assert [t.name for t in threading.enumerate()].count("json-decode_0") == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("json-decode_1")]
+    response = await stub.Collect(pb.AggregateRequest(targets=[http("small", "/echo")]), timeout=5)
+    assert [r.outcome for r in response.results] == [pb.OUTCOME_OK]

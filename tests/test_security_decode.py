@@ -5,22 +5,27 @@ an aggregator configured as its own upstream. Real servers and sockets on 127.0.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import logging
 import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
+from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
 
 MIB = 1024 * 1024
 
@@ -192,3 +197,60 @@ async def test_a_call_cancelled_while_its_bodies_decode_leaves_no_work_behind(st
     assert not [t for t in threading.enumerate() if t.name.startswith("json-decode_1")]
     response = await stub.Collect(pb.AggregateRequest(targets=[http("small", "/echo")]), timeout=5)
     assert [r.outcome for r in response.results] == [pb.OUTCOME_OK]
+
+
+# Finding 9. Before: PyJWT raised TypeError for the RSA key tried against an ES256 token: the
+# caller got UNKNOWN, and every garbage token signed "ES256" put a traceback in the log.
+@pytest.fixture
+def mixed_keys(tmp_path: Path) -> tuple[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, dict]:
+    rsa_private, ec_private = rsa_key(), ec.generate_private_key(ec.SECP256R1())
+    other_curve = ec.generate_private_key(ec.SECP384R1())
+    paths = []
+    for name, key in (("rsa", rsa_private), ("p384", other_curve), ("ec", ec_private)):
+        path = tmp_path / f"{name}.pem"
+        path.write_bytes(public_pem(key))
+        paths.append(str(path))
+    auth = {
+        "jwt": {"issuer": ISSUER, "audience": AUDIENCE, "keys": paths},
+        "callers": {"web": {"token_subject": "web-frontend", "upstreams": ["rest"]}},
+    }
+    return rsa_private, ec_private, auth
+
+
+async def test_mixed_rsa_and_ec_keys_accept_both_and_refuse_garbage_quietly(
+    start_server, mixed_keys, caplog
+):
+    rsa_private, ec_private, auth = mixed_keys
+    _, stub = await start_server(auth=auth)
+    request = pb.AggregateRequest(targets=[http("page", "/echo/page")])
+
+    async def code_for(value: str) -> grpc.StatusCode:
+        call = stub.Aggregate(request, timeout=5, metadata=bearer(value))
+        return (await collect(call))[1]
+
+    assert await code_for(token(ec_private, algorithm="ES256")) == grpc.StatusCode.OK
+    assert await code_for(token(rsa_private, algorithm="RS256")) == grpc.StatusCode.OK
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    garbage = [
+        token(stranger, algorithm="ES256"),  # no configured key signed it
+        token(ec.generate_private_key(ec.SECP384R1()), algorithm="ES384"),  # not accepted
+        token(rsa_key(), algorithm="RS256"),
+        token(ec_private, algorithm="ES256").rsplit(".", 1)[0] + ".AAAA",  # bad signature
+        _with_header(token(rsa_private), {"alg": "ES256", "typ": "JWT"}),  # RS256 signature
+        _with_header(token(ec_private, algorithm="ES256"), {"alg": "RS256"}),
+        _with_header(token(ec_private, algorithm="ES256"), {"alg": "ES256", "kid": ["x"]}),
+        "not.a.jwt",
+        "e30.e30.",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        codes = [await code_for(value) for value in garbage]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * len(garbage)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert "Traceback" not in caplog.text
+
+
+def _with_header(value: str, header: dict[str, Any]) -> str:
+    """The token with its header replaced (its signature kept): what an attacker can send."""
+    encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return encoded + "." + value.split(".", 1)[1]

@@ -9,10 +9,11 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import statistics
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aggregator.logs import TextFormatter
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
 from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
+from tests.upstreams import raw_upstream
 
 MIB = 1024 * 1024
 
@@ -254,3 +257,73 @@ def _with_header(value: str, header: dict[str, Any]) -> str:
     """The token with its header replaced (its signature kept): what an attacker can send."""
     encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
     return encoded + "." + value.split(".", 1)[1]
+
+
+class _Lines(logging.Handler):
+    """The aggregator's log lines as the text formatter writes them; ``aggregate`` is set when
+    an aggregate's own line (written after the call's status has gone) has come."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(TextFormatter())
+        self.lines: list[str] = []
+        self.aggregate = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+        if record.getMessage().startswith("aggregate "):
+            self.aggregate.set()
+
+
+@pytest.fixture
+def text_log() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("aggregator")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _fields_of(line: str) -> list[str]:
+    """The keys a logfmt reader finds after the message (quoted values skipped whole)."""
+    tail = line.split(" aggregator ", 1)[1]
+    unquoted = re.sub(r'"(?:[^"\\]|\\.)*"', '""', tail)
+    return re.findall(r"(?:^| )([A-Za-z_][\w.]*)=", unquoted)
+
+
+# Finding 11. Before: the reason phrase reached the line raw (ESC, VT) and unquoted, so the
+# line gained a field b=c and a terminal turned red.
+async def test_hostile_reason_phrases_and_header_names_cannot_forge_log_fields(
+    start_server, text_log
+):
+    hostile = (
+        b"HTTP/1.1 500 a\x1b[31m b=c\x0b\x0c\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    async with raw_upstream({"/boom": [hostile, None]}) as upstream:
+        _, stub = await start_server(hostile={"kind": "http", "url": upstream.url})
+        targets = [http("boom", "/boom", upstream="hostile", required=True)]
+        _, code, _, _ = await collect(
+            stub.Aggregate(pb.AggregateRequest(targets=targets), timeout=5)
+        )
+        assert code != grpc.StatusCode.OK
+        await asyncio.wait_for(text_log.aggregate.wait(), 5)
+        text_log.aggregate.clear()
+        forged = http("h", "/echo", headers={"x b=c\x1b[2J": "v"}, required=True)
+        _, code, _, _ = await collect(
+            stub.Aggregate(pb.AggregateRequest(targets=[forged]), timeout=5)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        await asyncio.wait_for(text_log.aggregate.wait(), 5)
+    lines = [line for line in text_log.lines if " aggregate " in line]
+    assert len(lines) == 2
+    expected = ["request_id", "code", "targets", "failed", "elapsed_ms", "overhead_ms",
+                "slowest", "error"]  # fmt: skip
+    for line in lines:
+        assert not [ch for ch in line if not ch.isprintable()], line
+        assert _fields_of(line) == expected, line
+    assert 'answered HTTP 500 a\\x1b[31m b=c"' in lines[0]  # kept, escaped, in quotes

@@ -181,7 +181,7 @@ class TokenVerifier:
 
     def _verified_claims(self, token: str, algorithm: str, kid: Any) -> dict[str, Any]:
         key_types = _KEY_TYPES.get(algorithm[:2], ())
-        candidates = [
+        candidates: list[Any] = [
             key
             for key_id, key in self._keys.current()
             if isinstance(key, key_types) and (kid is None or key_id in (None, kid))

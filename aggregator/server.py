@@ -4,10 +4,10 @@
 health-only server, one pool per upstream) and shuts down as SPEC §5 says: NOT_SERVING, refuse
 new calls, drain within ``server.shutdown_grace``, close the pools.
 
-A call is checked in this order before anything is sent upstream: who is calling
-(UNAUTHENTICATED), admission, the request itself (INVALID_ARGUMENT), which upstreams the
-caller may call (PERMISSION_DENIED), then each upstream's rules on what reaches it
-(INVALID_ARGUMENT).
+A call is checked in this order before anything is sent upstream: how many aggregators it
+came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
+admission, the request itself (INVALID_ARGUMENT), which upstreams the caller may call
+(PERMISSION_DENIED), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
 from aggregator.policies.limits import Bulkhead
 from aggregator.reflection import enable_reflection
+from aggregator.security import hops
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
@@ -136,6 +137,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         failure: CallFailure | None = None
         first_at: float | None = None
         try:
+            hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
                 self._gate.identify(metadata, context.auth_context() or {})
                 if self._gate.enabled

@@ -28,7 +28,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
 from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
-from tests.upstreams import raw_upstream
+from tests.upstreams import raw_upstream, refused_port
 
 MIB = 1024 * 1024
 
@@ -327,3 +327,42 @@ async def test_hostile_reason_phrases_and_header_names_cannot_forge_log_fields(
         assert not [ch for ch in line if not ch.isprintable()], line
         assert _fields_of(line) == expected, line
     assert 'answered HTTP 500 a\\x1b[31m b=c"' in lines[0]  # kept, escaped, in quotes
+
+
+# Not yet checked (c): an aggregator as its own gRPC upstream. Before, a caller nesting
+# AggregateRequests in `request` bytes made the server call itself once per level and target,
+# as deep as it liked (here 16 calls to /echo through 15 aggregates).
+def _nested(levels: int, fan_out: int) -> bytes:
+    """An AggregateRequest whose targets Collect (from the server itself) the one a level down;
+    the bottom one calls /echo. Each target also tries to reset the hop count."""
+    request = pb.AggregateRequest(targets=[http("leaf", "/echo")])
+    for _ in range(levels):
+        call = pb.GrpcCall(
+            upstream="self",
+            method="/aggregator.v1.Aggregator/Collect",
+            request=request.SerializeToString(),
+            metadata={"x-aggregator-hops": "0"},
+        )
+        request = pb.AggregateRequest(
+            targets=[pb.Target(id=f"t{i}", grpc=call) for i in range(fan_out)]
+        )
+    return request.SerializeToString()
+
+
+async def test_an_aggregator_calling_itself_stops_at_the_third_hop(start_server, rest, text_log):
+    port = refused_port()
+    self_upstream = {"kind": "grpc", "address": f"127.0.0.1:{port}", "timeout": "5s"}
+    _, stub = await start_server(server={"address": f"127.0.0.1:{port}"}, self=self_upstream)
+    started = time.perf_counter()
+    response = await stub.Collect(pb.AggregateRequest.FromString(_nested(4, 2)), timeout=10)
+    assert time.perf_counter() - started < 5
+    assert [r.outcome for r in response.results] == [pb.OUTCOME_OK] * 2  # the first hop ran
+    for result in response.results:
+        inner = pb.CollectResponse.FromString(result.body)
+        assert [r.outcome for r in inner.results] == [pb.OUTCOME_ERROR] * 2
+        for refused in inner.results:
+            assert "FAILED_PRECONDITION" in refused.error
+            assert "come through 2 aggregators (x-aggregator-hops), more than 1" in refused.error
+    assert rest.recorder.requests == []  # the bottom of the nest was never reached
+    refusals = [line for line in text_log.lines if "code=FAILED_PRECONDITION" in line]
+    assert len(refusals) == 4  # 2 x 2 at the third hop, and no call after them

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import grpc
@@ -148,9 +148,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 plan = self._checked_plan(request, caller, metadata)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
                 reported = aggregation.reported
-                await aggregation.run(emit)
-                first_at = aggregation.first_at
-                failure = aggregation.failure
+                try:
+                    await _within_budget(aggregation.run(emit), budget)
+                finally:
+                    first_at, failure = aggregation.first_at, aggregation.failure
+                    # Only the results written stay with the call: the status of a caller
+                    # that does not read waits behind them, and this frame with it.
+                    del aggregation
             finally:
                 self.inflight -= 1
                 self._metrics.inflight.dec()
@@ -260,6 +264,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 extra={"event": "shed", "reason": "max_concurrent_calls", "shed": self._shed},
             )  # fmt: skip
             self._shed, self._shed_logged_at = 0, now
+
+
+async def _within_budget(run: Awaitable[None], budget: Budget) -> None:
+    """``run``, cut at the end of the budget. It ends by itself before (at budget minus the
+    margin) unless writing a result waits that long: a caller that does not read its stream
+    holds up grpc's flow control, and with no deadline of its own would hold the call, and
+    every result it has not read, for ever."""
+    try:
+        async with asyncio.timeout_at(budget.started + budget.seconds):
+            await run
+    except TimeoutError:
+        raise CallFailure(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the caller did not read its results within the call's budget "
+            f"({budget.seconds * 1000:.0f}ms)",
+        ) from None
 
 
 def _span_attributes(

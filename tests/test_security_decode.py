@@ -411,3 +411,35 @@ async def test_mtls_refuses_a_stranger_certificate_in_the_handshake(
     assert isinstance(accepted, bytes)
     assert accepted[3:4] == b"\x04"  # an HTTP/2 SETTINGS frame: the same client, let in
     assert rest.recorder.requests == []
+
+
+# Not yet checked (b): a caller that opens a stream and never reads. grpc's flow control makes
+# context.write wait once the caller's window is full, so the server holds at most the
+# call's own results (max_targets x max_response_bytes), never more. Before, with no deadline
+# from the caller, it held them, and the call's slot, for as long as the caller stayed
+# connected (measured: 3 such calls of 100 x 1 MiB held 330 MiB past the 5 s budget, until the
+# caller went away). Now the call ends at its budget: DEADLINE_EXCEEDED.
+async def test_a_caller_that_never_reads_is_cut_at_the_budget(start_server, big):
+    aggregator, _ = await start_server(server={"default_deadline": "1s"}, big=big_upstream(big))
+    targets = [http(f"t{i}", f"/{i}", upstream="big") for i in range(30)]
+    async with big_channel(aggregator.port) as channel:
+        stub = pb_grpc.AggregatorStub(channel)
+        calls = [stub.Aggregate(pb.AggregateRequest(targets=targets)) for _ in range(2)]
+        for call in calls:
+            await call.initial_metadata()  # the calls are in; none is read
+        started = time.perf_counter()
+        service = aggregator._service
+        for _ in range(600):
+            if not service.inflight:
+                break
+            await asyncio.sleep(0.01)
+        held = time.perf_counter() - started
+        assert service.inflight == 0
+        assert held < 3
+        for call in calls:
+            results, code, details, trailers = await collect(call)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "did not read its results within the call's budget (1000ms)" in details
+            # The write waited for the caller: only what its window took had been written.
+            assert len(results) < len(targets)
+            assert int(trailers["x-aggregate-succeeded"]) <= len(results) + 1

@@ -170,6 +170,8 @@ class ServerConfig:
     health_address: str = ""  # a plaintext port serving only grpc.health.v1 (for probes)
     max_request_bytes: int = 4 * MIB  # an incoming AggregateRequest message
     max_upstream_inflight: int = 1000  # upstream attempts in flight, all upstreams together
+    # JSON bodies one call may decode (decode_json and Collect's merged, all targets together)
+    max_decoded_bytes: int = 8 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +462,9 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         ),
         max_upstream_inflight=reader.value(
             section, "max_upstream_inflight", "server", _int(1), d.max_upstream_inflight
+        ),
+        max_decoded_bytes=reader.value(
+            section, "max_decoded_bytes", "server", _int(0), d.max_decoded_bytes
         ),
     )
     if server.default_deadline > server.max_deadline:

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format
 
 from aggregator.config import ServerConfig
+from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Endpoint
@@ -99,8 +100,10 @@ class Aggregation:
         endpoints: Mapping[str, Endpoint],
         budget: Budget,
         request_id: str,
+        decoder: CallDecoder,
     ) -> None:
         self._plan = plan
+        self._decoder = decoder
         self._endpoints = endpoints
         self._budget = budget
         self._request_id = request_id
@@ -257,7 +260,22 @@ class Aggregation:
         result = _answered(target, answer.result, self._budget.started, started, self._loop.time())
         result.attempts = answer.attempts
         result.cache = answer.cache
+        if target.decode_json and result.body:
+            await self._decode(target, result)
         return result
+
+    async def _decode(self, target: PlannedTarget, result: pb.TargetResult) -> None:
+        """Fills ``result.json`` from its body, where it is JSON and the call may still decode
+        it; a refusal is said in ``error`` and leaves the outcome as the upstream made it."""
+        try:
+            document = await self._decoder.fill(result.json, result.body, target.id)
+        except NotDecoded as refused:
+            result.ClearField("json")
+            if refused.sentence:
+                result.error = "; ".join(filter(None, (result.error, refused.sentence)))
+            return
+        if target.id in self._finished and result.outcome == _OK:
+            self._bodies[target.id] = document  # what dependents read: parsed once, here
 
     def _elements(self, target: PlannedTarget) -> list[Any]:
         assert target.for_each is not None
@@ -403,11 +421,6 @@ def _answered(
     result.grpc_code = reply.grpc_code
     result.body = reply.body
     result.content_type = reply.content_type
-    if target.decode_json and reply.body:
-        try:
-            json_format.Parse(reply.body, result.json)
-        except (json_format.ParseError, UnicodeDecodeError):
-            result.ClearField("json")
     return result
 
 

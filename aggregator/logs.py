@@ -1,18 +1,28 @@
-"""Logging to stdout as plain text or JSON lines (``server.log_format``).
+r"""Logging to stdout as plain text or JSON lines (``server.log_format``).
 
 Structured fields travel in ``extra={...}``; the JSON formatter writes them as keys, the text
-formatter appends them as ``key=value``. Nothing secret is ever passed in: no header values,
-no bodies.
+formatter appends them as ``key=value`` (logfmt). Nothing secret is ever passed in: no header
+values, no bodies.
+
+Text that reaches a log line may come from callers and upstreams (an upstream's reason phrase,
+a header name in an error sentence). The text formatter writes every character that is not
+printable as an escape (``\x1b``, ``\u2028``), so nothing can move the terminal's cursor,
+colour it, or start a line of its own; and it quotes a field's value holding a space, ``=``,
+``"`` or ``\``, so a value cannot pass for more fields (``error="a b=c"``, not ``error=a b=c``).
+The JSON formatter's ``json.dumps`` escapes the same characters.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
+# What makes a value need quotes in logfmt; the unprintable are escaped in any case.
+_NEEDS_QUOTES = re.compile(r'[ ="\\]')
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -32,6 +42,31 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
             _EXTRA_KEYS.clear()
         extra = _EXTRA_KEYS[shape] = tuple(key for key in shape if key not in _STANDARD)
     return {key: attributes[key] for key in extra}
+
+
+def escaped(text: str) -> str:
+    r"""``text`` with every character ``str.isprintable`` refuses (controls, line and paragraph
+    separators, bidirectional overrides) written as ``\xNN``, ``\uNNNN`` or ``\UNNNNNNNN``."""
+    if text.isprintable():  # the common case, at C speed
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def logfmt_value(value: Any) -> str:
+    """A field's value as logfmt writes it: quoted when it is empty or holds a space, ``=``,
+    ``"``, ``\\`` or anything unprintable; inside the quotes ``"`` and ``\\`` are escaped,
+    then the unprintable (so a ``\\x1b`` read back is always an escape, never typed text)."""
+    text = value if isinstance(value, str) else str(value)
+    if text and text.isprintable() and not _NEEDS_QUOTES.search(text):
+        return text
+    return '"' + escaped(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 class _Clock:
@@ -78,17 +113,20 @@ class TextFormatter(logging.Formatter):
         self._clock = _Clock("%Y-%m-%d %H:%M:%S", time.localtime)
 
     def format(self, record: logging.LogRecord) -> str:
+        # One line a record: a newline inside the message is escaped like any control
+        # character; tracebacks (our own code's) follow on lines of their own.
+        message = escaped(record.getMessage().rstrip("\n"))
         text = (
             f"{self._clock(record.created)},{int(record.msecs):03d} {record.levelname} "
-            f"{record.name} {record.getMessage()}"
+            f"{record.name} {message}"
         )
         fields = _fields(record)
         if fields:
-            text += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+            text += " " + " ".join(f"{key}={logfmt_value(value)}" for key, value in fields.items())
         if record.exc_info:
-            text += ("" if text.endswith("\n") else "\n") + self.formatException(record.exc_info)
+            text += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
-            text += ("" if text.endswith("\n") else "\n") + self.formatStack(record.stack_info)
+            text += "\n" + self.formatStack(record.stack_info)
         return text
 
 

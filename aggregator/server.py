@@ -4,33 +4,33 @@
 health-only server, one pool per upstream) and shuts down as SPEC §5 says: NOT_SERVING, refuse
 new calls, drain within ``server.shutdown_grace``, close the pools.
 
-A call is checked in this order before anything is sent upstream: who is calling
-(UNAUTHENTICATED), admission, the request itself (INVALID_ARGUMENT), which upstreams the
-caller may call (PERMISSION_DENIED), then each upstream's rules on what reaches it
-(INVALID_ARGUMENT).
+A call is checked in this order before anything is sent upstream: how many aggregators it
+came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
+admission, the request itself (INVALID_ARGUMENT), which upstreams the caller may call
+(PERMISSION_DENIED), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
 from aggregator.config import Config
+from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.metrics import Metrics
@@ -38,6 +38,7 @@ from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
 from aggregator.policies.limits import Bulkhead
 from aggregator.reflection import enable_reflection
+from aggregator.security import hops
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
@@ -62,11 +63,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         config: Config,
         endpoints: dict[str, Endpoint],
         metrics: Metrics,
+        decoder: JsonDecoder,
         gate: Gate | None = None,
     ) -> None:
         self._config = config
         self._endpoints = endpoints
         self._metrics = metrics
+        self._decoder = decoder
         self._gate = gate or Gate(config.auth)
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
@@ -83,18 +86,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> None:
         # Results are written as they complete (context.write), not yielded through
         # generators: the stream is the hot path.
-        await self._run("Aggregate", request, context, context.write)
+        decoder = self._decoder.for_call(self._config.server.max_decoded_bytes)
+        await self._run("Aggregate", request, context, context.write, decoder)
 
     async def Collect(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CollectResponse:
         response = pb.CollectResponse()
+        # One allowance for the call: what decode_json and the merge decode, together.
+        decoder = self._decoder.for_call(self._config.server.max_decoded_bytes)
 
         async def gather(result: pb.TargetResult) -> None:
-            response.results.append(result)
-            _merge(response.merged, result)
+            await _merge(response.merged, result, decoder)
+            # A copy: as long as decoding the body was, for a large one.
+            await decoder.run(len(result.body), response.results.append, result)
 
-        await self._run("Collect", request, context, gather)
+        await self._run("Collect", request, context, gather, decoder)
         return response
 
     async def _run(
@@ -103,13 +110,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         request: pb.AggregateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
         emit: Emit,
+        decoder: CallDecoder,
     ) -> None:
         budget = Budget.for_call(context.time_remaining(), self._config.server, self._loop.time())
         # (key, value) pairs on the server side, whatever grpc-stubs says.
         metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
         request_id = _request_id(metadata)
         with tracing.aggregate_span(method, request_id, metadata) as span:
-            await self._aggregate(request, context, metadata, budget, request_id, span, emit)
+            await self._aggregate(
+                request, context, metadata, budget, request_id, span, emit, decoder
+            )
 
     async def _aggregate(
         self,
@@ -120,12 +130,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         request_id: str,
         span: Any,
         emit: Emit,
+        decoder: CallDecoder,
     ) -> None:
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
         failure: CallFailure | None = None
         first_at: float | None = None
         try:
+            hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
                 self._gate.identify(metadata, context.auth_context() or {})
                 if self._gate.enabled
@@ -134,11 +146,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._admit()
             try:
                 plan = self._checked_plan(request, caller, metadata)
-                aggregation = Aggregation(plan, self._endpoints, budget, request_id)
+                aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
                 reported = aggregation.reported
-                await aggregation.run(emit)
-                first_at = aggregation.first_at
-                failure = aggregation.failure
+                try:
+                    await _within_budget(aggregation.run(emit), budget)
+                finally:
+                    first_at, failure = aggregation.first_at, aggregation.failure
+                    # Only the results written stay with the call: the status of a caller
+                    # that does not read waits behind them, and this frame with it.
+                    del aggregation
             finally:
                 self.inflight -= 1
                 self._metrics.inflight.dec()
@@ -250,6 +266,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._shed, self._shed_logged_at = 0, now
 
 
+async def _within_budget(run: Awaitable[None], budget: Budget) -> None:
+    """``run``, cut at the end of the budget. It ends by itself before (at budget minus the
+    margin) unless writing a result waits that long: a caller that does not read its stream
+    holds up grpc's flow control, and with no deadline of its own would hold the call, and
+    every result it has not read, for ever."""
+    try:
+        async with asyncio.timeout_at(budget.started + budget.seconds):
+            await run
+    except TimeoutError:
+        raise CallFailure(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the caller did not read its results within the call's budget "
+            f"({budget.seconds * 1000:.0f}ms)",
+        ) from None
+
+
 def _span_attributes(
     results: Collection[pb.TargetResult], failure: CallFailure | None
 ) -> dict[str, int | str]:
@@ -266,17 +298,21 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     return os.urandom(16).hex()
 
 
-def _merge(merged: struct_pb2.Struct, result: pb.TargetResult) -> None:
+async def _merge(merged: struct_pb2.Struct, result: pb.TargetResult, decoder: CallDecoder) -> None:
+    """``merged[id]``: the target's JSON (SPEC §6). A body the call may not decode is left out
+    of ``merged`` and says so in the result's ``error``; the outcome stays the upstream's."""
     if result.outcome != pb.OUTCOME_OK:
         return
     if result.HasField("json"):
-        merged.fields[result.id].CopyFrom(result.json)
+        await decoder.run(len(result.body), merged.fields[result.id].CopyFrom, result.json)
         return
-    if result.body:
-        with contextlib.suppress(json_format.ParseError, UnicodeDecodeError):
-            json_format.Parse(result.body, merged.fields[result.id])
-            return
-        del merged.fields[result.id]
+    if result.body and result.id not in decoder.undecoded:  # decode_json may have tried
+        try:
+            await decoder.fill(merged.fields[result.id], result.body, result.id)
+        except NotDecoded as refused:
+            del merged.fields[result.id]
+            if refused.sentence:
+                result.error = "; ".join(filter(None, (result.error, refused.sentence)))
 
 
 class AggregatorServer:
@@ -301,6 +337,7 @@ class AggregatorServer:
             "and none finished in time",
         )
         self._service: AggregatorService | None = None
+        self.decoder = JsonDecoder()  # large JSON bodies, off the loop
         self._metrics_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
@@ -330,7 +367,7 @@ class AggregatorServer:
             )
             for name, upstream in upstreams.items()
         }
-        self._service = AggregatorService(self.config, self.endpoints, self.metrics)
+        self._service = AggregatorService(self.config, self.endpoints, self.metrics, self.decoder)
         pb_grpc.add_AggregatorServicer_to_server(self._service, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -406,6 +443,7 @@ class AggregatorServer:
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
             await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
+        self.decoder.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

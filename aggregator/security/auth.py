@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from aggregator.config import AuthConfig, JwtConfig
 from aggregator.errors import CallFailure
@@ -28,6 +29,16 @@ from aggregator.security import pem
 from aggregator.security.files import Watched
 
 _ANY = "*"
+# The key type each algorithm family verifies with: PyJWT raises TypeError (not a JWT error)
+# when handed an RSA key for ES256 or an EC key for RS256, so a key of another type is never
+# tried (and an error from a key is read as "not this key" all the same).
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "RS": (rsa.RSAPublicKey,),
+    "PS": (rsa.RSAPublicKey,),
+    "ES": (ec.EllipticCurvePublicKey,),
+    "Ed": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+    "HS": (bytes,),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +180,11 @@ class TokenVerifier:
         return subject
 
     def _verified_claims(self, token: str, algorithm: str, kid: Any) -> dict[str, Any]:
-        hmac = algorithm.startswith("HS")
-        candidates = [
+        key_types = _KEY_TYPES.get(algorithm[:2], ())
+        candidates: list[Any] = [
             key
             for key_id, key in self._keys.current()
-            if isinstance(key, bytes) == hmac and (kid is None or key_id in (None, kid))
+            if isinstance(key, key_types) and (kid is None or key_id in (None, kid))
         ]
         config = self._config
         for key in candidates:
@@ -187,8 +198,11 @@ class TokenVerifier:
                     leeway=config.leeway,
                     options={"require": ["exp", "iss", "aud", config.subject_claim]},
                 )
-            except jwt.InvalidSignatureError:
-                continue  # another configured key may be the one (rotation)
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, TypeError, ValueError):
+                # Not this key (another may be the one: rotation), or not a key for this
+                # algorithm (an EC key of another curve). Either way the next key is tried;
+                # none left is UNAUTHENTICATED below, never an exception out of the handler.
+                continue
             except jwt.InvalidTokenError as exc:
                 raise _unauthenticated(f"bearer token rejected: {exc}") from None
         raise _unauthenticated("bearer token signature matches no configured key")

@@ -9,6 +9,7 @@ import grpc
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.security import hops
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
@@ -75,7 +76,7 @@ class GrpcUpstream:
     ) -> Reply:
         assert isinstance(request, GrpcRequest)
         self._rotate_if_changed(timeout)
-        metadata = (*request.metadata, ("x-request-id", request_id))
+        metadata = (*request.metadata, ("x-request-id", request_id), hops.outgoing())
         try:
             body = await self._method(request.method)(
                 request.request, timeout=timeout, metadata=metadata

@@ -3,13 +3,14 @@
 Only GET and HEAD answered with 2xx are stored, under a key covering exactly what is sent:
 the upstream (its name, kind, address and TLS files, and ``key_prefix``), method, path, every
 query pair, every request header (caller-set ``traceparent``, ``tracestate`` and ``baggage``
-too) and the body, plus the ``tracestate`` and ``baggage`` our own tracing sends on the
-caller's behalf. Only X-Request-Id (replaced by ours on the wire) and our per-attempt
-``traceparent`` are left out. Each part is length-prefixed before it is hashed, so no value
-can pose as another part: an ``Authorization`` header keys its own entry, and one caller's
-answer never reaches a caller whose request differs. The upstream's ``Cache-Control`` is
-honoured: ``no-store``, ``no-cache`` and ``private`` are not stored, and
-``max-age``/``s-maxage`` shorten the configured ``ttl``.
+too) and the body, plus what our own tracing sends besides its per-attempt ``traceparent``
+(a ``tracestate`` the caller chose reaches the upstream that way). Only X-Request-Id
+(replaced by ours on the wire) and that ``traceparent`` are left out. Each part is
+length-prefixed before it is hashed, so no value can pose as another part: an
+``Authorization`` header keys its own entry, and one caller's answer never reaches a caller
+whose request differs. The upstream's ``Cache-Control`` is honoured: ``no-store``,
+``no-cache`` and ``private`` are not stored, and ``max-age``/``s-maxage`` shorten the
+configured ``ttl``.
 An entry past its ttl is kept ``stale_if_error`` longer and served (as STALE) only when the
 upstream fails.
 

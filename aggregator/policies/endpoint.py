@@ -153,8 +153,8 @@ class Endpoint:
         limit: Deadline,
         request_id: str,
     ) -> Answer:
-        # What goes upstream besides the request: the trace context, whose tracestate and
-        # baggage the caller chose (its traceparent is our attempt's, made per attempt).
+        # What goes upstream besides the request: our trace context, whose tracestate the
+        # caller chose (its traceparent is our attempt's own, made per attempt: not keyed).
         key = cache.key(request, tracing.outgoing())
         entry = await cache.get(key)
         if entry is not None and entry.fresh(time.time()):

@@ -31,7 +31,7 @@ import re
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -222,36 +222,35 @@ def namespace(upstream: UpstreamConfig, policy: CachePolicy) -> bytes:
 def cache_key(
     namespace: bytes, request: HttpRequest | GrpcRequest, trace: Iterable[tuple[str, str]] = ()
 ) -> bytes:
-    """A hash of exactly what goes upstream, each part length-prefixed so that no value can
-    pose as a boundary: the X-Request-Id the caller set is left out (we send ours instead),
-    as is our per-attempt ``traceparent``; ``trace`` is the rest of our tracing headers."""
-    parts: list[bytes] = [namespace]
+    """A hash of exactly what goes upstream: the X-Request-Id the caller set is left out (we
+    send ours instead), as is our per-attempt ``traceparent``; ``trace`` is the rest of our
+    tracing headers.
+
+    What is hashed is the ``repr`` of a tuple of str, bytes and tuples: an unambiguous
+    encoding (``ast.literal_eval`` reads it back), so no value can pose as a boundary
+    (``a=1\0q:b=2`` stays one query value), made in C on the hot path of a cached upstream.
+    """
     if isinstance(request, HttpRequest):
-        parts += (b"http", _utf8(request.method), _utf8(request.path))
-        parts += _pairs(request.query)
-        parts += _pairs([(name, value) for name, value in request.headers
-                         if name.lower() != "x-request-id"])  # fmt: skip
-        parts.append(b"" if request.body is None else b"body:" + request.body)
+        sent: tuple[object, ...] = (
+            "http",
+            request.method,
+            request.path,
+            request.query,
+            _without(request.headers, "x-request-id"),
+            request.body,
+        )
     else:
-        parts += (b"grpc", _utf8(request.method))
-        parts += _pairs([(name, value) for name, value in request.metadata
-                         if name != "x-request-id"])  # fmt: skip
-        parts.append(request.request)
-    parts += _pairs([(name, value) for name, value in trace if name.lower() != "traceparent"])
-    return hashlib.sha256(_encoded(parts)).hexdigest().encode()
+        sent = ("grpc", request.method, _without(request.metadata, "x-request-id"), request.request)
+    digest = hashlib.sha256(namespace)
+    digest.update(repr((sent, _without(tuple(trace), "traceparent"))).encode())
+    return digest.hexdigest().encode()
 
 
-def _pairs(pairs: Collection[tuple[str, str]]) -> list[bytes]:
-    """A count, then each name and value: ((a, 1),) and ((a, 1), (b, 2)) never meet."""
-    encoded = [str(len(pairs)).encode()]
-    for name, value in pairs:
-        encoded += (_utf8(name), _utf8(value))
-    return encoded
-
-
-def _utf8(text: str) -> bytes:
-    # A value substituted from a dependency's JSON may hold a lone surrogate.
-    return text.encode("utf-8", "surrogatepass")
+def _without(pairs: tuple[tuple[str, str], ...], name: str) -> tuple[tuple[str, str], ...]:
+    """``pairs`` without those called ``name`` (any case): what we replace or add per attempt."""
+    if not any(key.lower() == name for key, _ in pairs):
+        return pairs
+    return tuple(pair for pair in pairs if pair[0].lower() != name)
 
 
 def _encoded(parts: Iterable[bytes]) -> bytes:

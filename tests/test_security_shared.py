@@ -23,7 +23,7 @@ from aggregator.policies.deadline import Deadline
 from aggregator.policies.limits import Bulkhead
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target, wait_for
-from tests.test_composition import redis_server
+from tests.test_composition import joined, redis_server
 from tests.test_resilience import circuit_state
 from tests.upstreams import rest_upstream
 
@@ -239,19 +239,27 @@ async def test_the_upstreams_own_timeout_still_opens_the_breaker(start_server, r
 
 @pytest.mark.parametrize("short_first", [True, False], ids=["short-first", "long-first"])
 async def test_a_short_waiter_does_not_cut_a_shared_call_short(start_server, rest, short_first):
-    _, stub = await start_server(cached=cached(rest.url))
-    short = timed(http("short", "/delay/300", upstream="cached"), 100)
-    long = http("long", "/delay/300", upstream="cached")
+    # The upstream answers when the test opens its gate: after the short waiter has gone.
+    server, stub = await start_server(cached=cached(rest.url))
+    short = timed(http("short", "/gate/k", upstream="cached"), 400)
+    long = http("long", "/gate/k", upstream="cached")
     first, second = (short, long) if short_first else (long, short)
     first_call = asyncio.create_task(one(stub, first))
     await wait_for(rest.recorder.arrived)  # the shared call is in flight
     second_call = asyncio.create_task(one(stub, second))
-    results = {r.id: r for r in await asyncio.gather(first_call, second_call)}
-    assert results["short"].outcome == pb.OUTCOME_TIMEOUT
-    assert "target timeout 100ms" in results["short"].error
-    assert results["short"].latency.ToMilliseconds() < 250  # at its own time
-    assert echoed(results["long"]) == {"delay_ms": 300}
-    assert len(rest.recorder.requests) == 1
+    await joined(server.endpoints["cached"].coalescer, 2)
+    short_call, long_call = (first_call, second_call) if short_first else (second_call, first_call)
+    left = await short_call
+    assert left.outcome == pb.OUTCOME_TIMEOUT
+    assert "target timeout 400ms" in left.error
+    assert left.latency.ToMilliseconds() < 1000  # at its own time, not the shared call's
+    assert not long_call.done()
+    rest.recorder.gate.set()
+    stayed = await long_call
+    assert echoed(stayed) == {"n": 1}
+    assert stayed.cache == pb.CACHE_STATUS_MISS
+    assert rest.recorder.counts["k"] == 1
+    assert rest.recorder.cancelled.empty()
 
 
 async def test_the_shared_call_is_cancelled_when_every_waiter_has_left(start_server, rest):

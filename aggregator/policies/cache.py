@@ -294,7 +294,14 @@ class Coalescer:
         self._calls: dict[bytes, _Shared] = {}
 
     def __repr__(self) -> str:
-        return f"<Coalescer [{len(self._calls)} shared calls in flight]>"
+        return (
+            f"<Coalescer [{len(self._calls)} shared calls in flight, {self.waiting} waiting]>"
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting on a shared call, all calls together."""
+        return sum(shared.waiters for shared in self._calls.values())
 
     async def run(
         self, key: bytes, deadline: Deadline, call: Callable[[Deadline], Awaitable[Any]]

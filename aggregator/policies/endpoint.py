@@ -120,7 +120,7 @@ class Endpoint:
         self._latency = 0.0
         self.cache = ResponseCache(config, config.cache) if config.cache else None
         self._single_attempt = config.retry is None and config.hedge is None
-        self._coalescer = Coalescer()
+        self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
@@ -169,7 +169,7 @@ class Endpoint:
             return answer
 
         try:
-            answer, joined = await self._coalescer.run(key, limit, fetch)
+            answer, joined = await self.coalescer.run(key, limit, fetch)
             if joined:  # this caller made no attempt of its own
                 answer = Answer(answer.result, 0)
         except TimeoutError:  # this caller's own limit; the shared call goes on for others

@@ -294,9 +294,7 @@ class Coalescer:
         self._calls: dict[bytes, _Shared] = {}
 
     def __repr__(self) -> str:
-        return (
-            f"<Coalescer [{len(self._calls)} shared calls in flight, {self.waiting} waiting]>"
-        )
+        return f"<Coalescer [{len(self._calls)} shared calls in flight, {self.waiting} waiting]>"
 
     @property
     def waiting(self) -> int:

@@ -5,10 +5,10 @@ the upstream (its name, kind, address and TLS files, and ``key_prefix``), method
 query pair, every request header (caller-set ``traceparent``, ``tracestate`` and ``baggage``
 too) and the body, plus what our own tracing sends besides its per-attempt ``traceparent``
 (a ``tracestate`` the caller chose reaches the upstream that way). Only X-Request-Id
-(replaced by ours on the wire) and that ``traceparent`` are left out. Each part is
-length-prefixed before it is hashed, so no value can pose as another part: an
-``Authorization`` header keys its own entry, and one caller's answer never reaches a caller
-whose request differs. The upstream's ``Cache-Control`` is honoured: ``no-store``,
+(replaced by ours on the wire) and that ``traceparent`` are left out. The parts are hashed
+in an unambiguous encoding, so no value can pose as another part: an ``Authorization``
+header keys its own entry, and one caller's answer never reaches a caller whose request
+differs. The upstream's ``Cache-Control`` is honoured: ``no-store``,
 ``no-cache`` and ``private`` are not stored, and ``max-age``/``s-maxage`` shorten the
 configured ``ttl``.
 An entry past its ttl is kept ``stale_if_error`` longer and served (as STALE) only when the

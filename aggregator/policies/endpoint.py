@@ -173,7 +173,7 @@ class Endpoint:
             if joined:  # this caller made no attempt of its own
                 answer = Answer(answer.result, 0)
         except TimeoutError:  # this caller's own limit; the shared call goes on for others
-            answer = Answer(self._timeout_failure(limit.reason), sent.count)
+            answer = Answer(self._caller_timeout(limit.reason), sent.count)
         if _is_good(answer.result) or entry is None or not cache.stale_usable(entry, time.time()):
             self.metrics.cache["miss"].inc()
             return Answer(answer.result, answer.attempts, pb.CACHE_STATUS_MISS)
@@ -352,11 +352,11 @@ class Endpoint:
     def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:
         """OUTCOME_TIMEOUT, naming the limit that fired: the caller's or the upstream's own."""
         if by_caller:
-            return self._timeout_failure(reason)
+            return self._caller_timeout(reason)
         own = f"upstream timeout {self._config.timeout * 1000:g}ms"
         return TargetFailure(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {own}")
 
-    def _timeout_failure(self, reason: str) -> _CallerTimeout:
+    def _caller_timeout(self, reason: str) -> _CallerTimeout:
         return _CallerTimeout(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}")
 
     def _retryable(

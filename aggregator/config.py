@@ -105,6 +105,8 @@ class CachePolicy:
     max_bytes: int = 64 * 1024 * 1024  # bodies held in memory; one entry may use an eighth
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = ""
+    # Keeps this deployment's entries apart in a Redis that other deployments share.
+    key_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,10 +546,17 @@ def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
         max_bytes=reader.value(section, "max_bytes", path, _int(1), d.max_bytes),
         backend=reader.value(section, "backend", path, _choice(*CACHE_BACKENDS), d.backend),
         redis_url=reader.value(section, "redis_url", path, _redis_url, d.redis_url),
+        key_prefix=reader.value(section, "key_prefix", path, _key_prefix, d.key_prefix),
     )
     if policy.backend == "redis" and not policy.redis_url:
         reader.problems.append(f"{path}.redis_url: required when backend is redis")
     return policy
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _UPSTREAM_NAME.match(value):
+        raise ValueError(f"{value!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
+    return value
 
 
 def _redis_url(value: Any) -> str:

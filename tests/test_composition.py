@@ -245,15 +245,25 @@ async def test_identical_calls_in_flight_go_upstream_once(start_server, rest):
     assert sorted(r.attempts for r in [*results, *more]) == [0, 0, 0, 0, 0, 1]
 
 
+async def joined(coalescer: Any, waiting: int) -> None:
+    """Waits (bounded) until ``waiting`` callers wait on shared calls: nothing signals it."""
+    for _ in range(1000):
+        if coalescer.waiting == waiting:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{coalescer!r}: never {waiting} waiting")
+
+
 async def test_a_caller_that_cancels_does_not_cancel_the_shared_call(start_server, rest):
-    _, stub = await start_server(cached=cached_upstream(rest))
+    server, stub = await start_server(cached=cached_upstream(rest))
     request = pb.AggregateRequest(targets=[http("a", "/gate/k", upstream="cached")])
     leaving = stub.Aggregate(request, timeout=5)
     await wait_for(rest.recorder.arrived)
     staying = stub.Aggregate(request, timeout=5)
-    await asyncio.sleep(0.05)  # let the second call join the shared one (no event to wait on)
+    coalescer = server.endpoints["cached"].coalescer
+    await joined(coalescer, 2)  # the second call waits on the shared one
     leaving.cancel()
-    await asyncio.sleep(0.05)
+    await joined(coalescer, 1)
     rest.recorder.gate.set()
     results, code, _, _ = await collect(staying)
     assert code == grpc.StatusCode.OK

@@ -171,7 +171,10 @@ def circuit_state(server, upstream: str) -> float | None:
 
 async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(start_server, rest):
     breaker = {"fail_max": 3, "reset_timeout": "300ms"}
-    server, stub = await start_server(flaky=flaky_upstream(rest, circuit_breaker=breaker))
+    # The trial below times out by the upstream's own timeout: a caller's own shorter
+    # timeout would say nothing of the upstream's health, and not count (SPEC §15).
+    flaky = flaky_upstream(rest, circuit_breaker=breaker, timeout="300ms")
+    server, stub = await start_server(flaky=flaky)
     for i in range(3):
         results, _, _, _ = await aggregate(stub, http(f"f{i}", "/status/500", upstream="flaky"))
         assert results[0].outcome == pb.OUTCOME_ERROR
@@ -185,7 +188,6 @@ async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(sta
 
     await asyncio.sleep(0.35)  # the breaker's own clock: wait out reset_timeout
     trial = http("trial", "/hang", upstream="flaky")
-    trial.timeout.FromMilliseconds(300)
     others = [http(f"o{i}", "/delay/1", upstream="flaky") for i in range(4)]
     results, _, _, _ = await aggregate(stub, trial, *others)
     by_id = {r.id: r for r in results}

@@ -1,16 +1,24 @@
 """Response cache per upstream (``cache``), and coalescing of identical calls in flight.
 
-Only GET and HEAD answered with 2xx are stored, under a key covering the upstream, method,
-path, query, body and every request header except per-request ones (X-Request-Id, tracing):
-an ``Authorization`` header therefore keys its own entry, and one caller's answer never reaches
-another. The upstream's ``Cache-Control`` is honoured: ``no-store``, ``no-cache`` and
-``private`` are not stored, and ``max-age``/``s-maxage`` shorten the configured ``ttl``.
+Only GET and HEAD answered with 2xx are stored, under a key covering exactly what is sent:
+the upstream (its name, kind, address and TLS files, and ``key_prefix``), method, path, every
+query pair, every request header (caller-set ``traceparent``, ``tracestate`` and ``baggage``
+too) and the body, plus what our own tracing sends besides its per-attempt ``traceparent``
+(a ``tracestate`` the caller chose reaches the upstream that way). Only X-Request-Id
+(replaced by ours on the wire) and that ``traceparent`` are left out. The parts are hashed
+in an unambiguous encoding, so no value can pose as another part: an ``Authorization``
+header keys its own entry, and one caller's answer never reaches a caller whose request
+differs. The upstream's ``Cache-Control`` is honoured: ``no-store``,
+``no-cache`` and ``private`` are not stored, and ``max-age``/``s-maxage`` shorten the
+configured ``ttl``.
 An entry past its ttl is kept ``stale_if_error`` longer and served (as STALE) only when the
 upstream fails.
 
 Backends: in-process memory (LRU, bounded in entries and bytes; the default) or Redis
 (``backend: redis``), shared by every replica; a Redis that fails is a cache miss, never a
-failed call.
+failed call. Two deployments sharing a Redis share entries only for upstreams with the same
+name, address, TLS files and ``key_prefix``; set a ``key_prefix`` per deployment when the same
+address may answer them differently (a client certificate's identity, a source address).
 """
 
 from __future__ import annotations
@@ -23,17 +31,18 @@ import re
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aggregator.config import CachePolicy
+from aggregator.config import CachePolicy, UpstreamConfig
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.policies.deadline import Deadline
 from aggregator.upstreams import Reply
 
 log = logging.getLogger("aggregator.cache")
 
-_PER_REQUEST_HEADERS = frozenset({"x-request-id", "traceparent", "tracestate", "baggage"})
+_KEY_VERSION = b"aggregator.cache.v2"
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)")
 _NO_STORE = re.compile(r"(?:^|,)\s*(no-store|no-cache|private)\b")
 _HEADER = struct.Struct("!ddH")  # stored_at, fresh_until, http status
@@ -152,10 +161,12 @@ class RedisBackend:
 
 
 class ResponseCache:
-    def __init__(self, upstream: str, policy: CachePolicy) -> None:
+    def __init__(self, upstream: UpstreamConfig, policy: CachePolicy) -> None:
         self.policy = policy
+        self.namespace = namespace(upstream, policy)
+        readable = f"{policy.key_prefix}:{upstream.name}" if policy.key_prefix else upstream.name
         self.backend: Backend = (
-            RedisBackend(policy.redis_url, upstream)
+            RedisBackend(policy.redis_url, readable)
             if policy.backend == "redis"
             else MemoryBackend(policy.max_entries, policy.max_bytes)
         )
@@ -166,6 +177,10 @@ class ResponseCache:
     @staticmethod
     def cacheable(request: HttpRequest | GrpcRequest) -> bool:
         return isinstance(request, HttpRequest) and request.method in ("GET", "HEAD")
+
+    def key(self, request: HttpRequest | GrpcRequest, trace: Iterable[tuple[str, str]]) -> bytes:
+        """The key of ``request`` sent with our tracing headers ``trace`` (see cache_key)."""
+        return cache_key(self.namespace, request, trace)
 
     async def get(self, key: bytes) -> Entry | None:
         return await self.backend.get(key)
@@ -186,21 +201,61 @@ class ResponseCache:
         await self.backend.aclose()
 
 
-def cache_key(upstream: str, request: HttpRequest) -> bytes:
-    digest = hashlib.sha256()
-    for part in (upstream, request.method, request.path):
-        digest.update(part.encode() + b"\0")
-    for name, value in request.query:
-        digest.update(f"q:{name}={value}\0".encode())
-    headers = sorted(
-        (name.lower(), value)
-        for name, value in request.headers
-        if name.lower() not in _PER_REQUEST_HEADERS
-    )
-    for name, value in headers:
-        digest.update(f"h:{name}={value}\0".encode())
-    digest.update(request.body or b"")
+def namespace(upstream: UpstreamConfig, policy: CachePolicy) -> bytes:
+    """What tells this upstream's entries from another's, in a Redis other deployments share."""
+    tls = upstream.tls
+    return hashlib.sha256(
+        _encoded(
+            (
+                _KEY_VERSION,
+                policy.key_prefix.encode(),
+                upstream.name.encode(),
+                upstream.kind.encode(),
+                upstream.url.encode(),
+                upstream.address.encode(),
+                *((tls.ca.encode(), tls.cert.encode(), tls.key.encode()) if tls else ()),
+            )
+        )
+    ).digest()
+
+
+def cache_key(
+    namespace: bytes, request: HttpRequest | GrpcRequest, trace: Iterable[tuple[str, str]] = ()
+) -> bytes:
+    """A hash of exactly what goes upstream: the X-Request-Id the caller set is left out (we
+    send ours instead), as is our per-attempt ``traceparent``; ``trace`` is the rest of our
+    tracing headers.
+
+    What is hashed is the ``repr`` of a tuple of str, bytes and tuples: an unambiguous
+    encoding (``ast.literal_eval`` reads it back), so no value can pose as a boundary
+    (``a=1\0q:b=2`` stays one query value), made in C on the hot path of a cached upstream.
+    """
+    if isinstance(request, HttpRequest):
+        sent: tuple[object, ...] = (
+            "http",
+            request.method,
+            request.path,
+            request.query,
+            _without(request.headers, "x-request-id"),
+            request.body,
+        )
+    else:
+        sent = ("grpc", request.method, _without(request.metadata, "x-request-id"), request.request)
+    digest = hashlib.sha256(namespace)
+    digest.update(repr((sent, _without(tuple(trace), "traceparent"))).encode())
     return digest.hexdigest().encode()
+
+
+def _without(pairs: tuple[tuple[str, str], ...], name: str) -> tuple[tuple[str, str], ...]:
+    """``pairs`` without those called ``name`` (any case): what we replace or add per attempt."""
+    if not any(key.lower() == name for key, _ in pairs):
+        return pairs
+    return tuple(pair for pair in pairs if pair[0].lower() != name)
+
+
+def _encoded(parts: Iterable[bytes]) -> bytes:
+    """Each part after its length: an injective encoding of the sequence."""
+    return b"".join(len(part).to_bytes(8, "big") + part for part in parts)
 
 
 def _ttl(configured: float, cache_control: str) -> float:
@@ -214,40 +269,70 @@ def _ttl(configured: float, cache_control: str) -> float:
     return min(configured, float(age)) if age is not None else configured
 
 
+class _Shared:
+    """One call in flight, its waiters, and the deadline it runs under: the latest of theirs."""
+
+    __slots__ = ("deadline", "task", "waiters")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: Deadline) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.waiters = 0
+
+
 class Coalescer:
     """Identical calls in flight share one upstream call.
 
-    The shared call runs in its own task; each caller waits on it through ``asyncio.shield``,
-    so a caller that goes away does not cancel it for the others. When the last caller has
-    gone, the shared call is cancelled: nobody wants its answer any more.
+    The shared call runs in its own task under the latest deadline among its waiters (each
+    attempt still bounded by the upstream's own timeout): a waiter with a later deadline that
+    joins moves it later. Each waiter stops waiting at its own deadline (TimeoutError) or when
+    it is cancelled, without cancelling the call for the others; when the last waiter has
+    gone, the shared call is cancelled and awaited: nobody wants its answer any more.
     """
 
     def __init__(self) -> None:
-        self._calls: dict[bytes, tuple[asyncio.Task[Any], list[int]]] = {}
+        self._calls: dict[bytes, _Shared] = {}
 
     def __repr__(self) -> str:
-        return f"<Coalescer [{len(self._calls)} shared calls in flight]>"
+        return f"<Coalescer [{len(self._calls)} shared calls in flight, {self.waiting} waiting]>"
 
-    async def run(self, key: bytes, call: Callable[[], Awaitable[Any]]) -> tuple[Any, bool]:
-        """The result of ``call()``, shared with identical calls in flight; and whether this
-        caller joined a call another had started."""
+    @property
+    def waiting(self) -> int:
+        """Callers waiting on a shared call, all calls together."""
+        return sum(shared.waiters for shared in self._calls.values())
+
+    async def run(
+        self, key: bytes, deadline: Deadline, call: Callable[[Deadline], Awaitable[Any]]
+    ) -> tuple[Any, bool]:
+        """The result of ``call(shared deadline)``, shared with identical calls in flight; and
+        whether this caller joined a call another had started. Raises TimeoutError when
+        ``deadline`` comes first."""
         shared = self._calls.get(key)
         joined = shared is not None
         if shared is None:
-            task = asyncio.ensure_future(call())
-            shared = (task, [0])
-            self._calls[key] = shared
+            # A copy: the shared deadline moves with later waiters, this caller's does not.
+            limit = Deadline(deadline.at, deadline.reason)
+            shared = self._calls[key] = _Shared(asyncio.ensure_future(call(limit)), limit)
+            task = shared.task
             task.add_done_callback(lambda _: self._forget(key, task))
-        task, waiters = shared
-        waiters[0] += 1
+        else:
+            shared.deadline.extend(deadline)
+        task = shared.task
+        shared.waiters += 1
         try:
-            return await asyncio.shield(task), joined
+            if not task.done():
+                timeout = deadline.at - asyncio.get_running_loop().time()
+                await asyncio.wait((task,), timeout=max(timeout, 0.0))
+            if not task.done():
+                raise TimeoutError
+            return task.result(), joined
         finally:
-            waiters[0] -= 1
-            if waiters[0] == 0 and not task.done():
+            shared.waiters -= 1
+            if shared.waiters == 0 and not task.done():
                 task.cancel()
-                await asyncio.wait([task])
+                await asyncio.wait((task,))
 
     def _forget(self, key: bytes, task: asyncio.Task[Any]) -> None:
-        if self._calls.get(key, (None,))[0] is task:
+        shared = self._calls.get(key)
+        if shared is not None and shared.task is task:
             del self._calls[key]

@@ -3,6 +3,11 @@ limits wrap single attempts, the same way for REST and gRPC upstreams.
 
 Every attempt (first, retry or hedge) takes a rate-limit token, asks the breaker, holds a
 bulkhead slot, and runs under the smaller of the upstream's ``timeout`` and the time left.
+
+Shared state (the breaker, the retry budget, a coalesced call) answers only to what the
+upstream says: a timeout set by the caller's own limit (its target ``timeout`` or the call's
+deadline) is that caller's alone. It is never counted against the breaker nor retried, and a
+coalesced call runs until the latest of its waiters' deadlines, each waiter leaving at its own.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from aggregator.metrics import UpstreamMetrics
 from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
-from aggregator.policies.cache import Coalescer, ResponseCache, cache_key
+from aggregator.policies.cache import Coalescer, ResponseCache
+from aggregator.policies.deadline import Alarm, Deadline
 from aggregator.policies.limits import Bulkhead, TokenBucket
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
@@ -45,6 +51,11 @@ _CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
 _DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
 # Outcomes the upstream had no part in: our own limits, an open breaker, the server stopping.
 _SAYS_NOTHING_OF_HEALTH = (pb.OUTCOME_REJECTED, pb.OUTCOME_CIRCUIT_OPEN, pb.OUTCOME_CANCELLED)
+
+
+class _CallerTimeout(TargetFailure):
+    """A timeout the caller's own limit set, not the upstream's ``timeout``: it says nothing
+    of the upstream's health (SPEC §15), so the breaker does not count it."""
 
 
 class _Sent:
@@ -107,9 +118,9 @@ class Endpoint:
         # Moving average of answered attempts (any status: a 503 measures the round trip as
         # well as a 200), to tell whether a retry can finish before the deadline.
         self._latency = 0.0
-        self.cache = ResponseCache(config.name, config.cache) if config.cache else None
+        self.cache = ResponseCache(config, config.cache) if config.cache else None
         self._single_attempt = config.retry is None and config.hedge is None
-        self._coalescer = Coalescer()
+        self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
@@ -124,41 +135,45 @@ class Endpoint:
         request_id: str,
     ) -> Answer:
         """The cache's answer, or the upstream's through every policy by ``deadline``."""
+        limit = Deadline(deadline, deadline_reason)
         if self.cache is not None and self.cache.cacheable(request):
             assert isinstance(request, HttpRequest)
-            return await self._cached(
-                self.cache, request, idempotent, deadline, deadline_reason, request_id
-            )
+            return await self._cached(self.cache, request, idempotent, limit, request_id)
+        sent = _Sent()
         if self._single_attempt:  # the common case, without the retry machinery
-            sent = _Sent()
-            result = await self._attempt(request, deadline, deadline_reason, request_id, sent)
+            result = await self._attempt(request, limit, request_id, sent)
             return Answer(result, sent.count)
-        return await self._attempts(request, idempotent, deadline, deadline_reason, request_id)
+        return await self._attempts(request, idempotent, limit, request_id, sent)
 
     async def _cached(
         self,
         cache: ResponseCache,
         request: HttpRequest,
         idempotent: bool,
-        deadline: float,
-        reason: str,
+        limit: Deadline,
         request_id: str,
     ) -> Answer:
-        key = cache_key(self.name, request)
+        # What goes upstream besides the request: our trace context, whose tracestate the
+        # caller chose (its traceparent is our attempt's own, made per attempt: not keyed).
+        key = cache.key(request, tracing.outgoing())
         entry = await cache.get(key)
         if entry is not None and entry.fresh(time.time()):
             self.metrics.cache["hit"].inc()
             return Answer(entry.reply, 0, pb.CACHE_STATUS_HIT)
+        sent = _Sent()
 
-        async def fetch() -> Answer:
-            answer = await self._attempts(request, idempotent, deadline, reason, request_id)
+        async def fetch(shared: Deadline) -> Answer:
+            answer = await self._attempts(request, idempotent, shared, request_id, sent)
             if isinstance(answer.result, Reply) and answer.result.ok:
                 await cache.store(key, answer.result)
             return answer
 
-        answer, joined = await self._coalescer.run(key, fetch)
-        if joined:  # this caller made no attempt of its own
-            answer = Answer(answer.result, 0)
+        try:
+            answer, joined = await self.coalescer.run(key, limit, fetch)
+            if joined:  # this caller made no attempt of its own
+                answer = Answer(answer.result, 0)
+        except TimeoutError:  # this caller's own limit; the shared call goes on for others
+            answer = Answer(self._caller_timeout(limit.reason), sent.count)
         if _is_good(answer.result) or entry is None or not cache.stale_usable(entry, time.time()):
             self.metrics.cache["miss"].inc()
             return Answer(answer.result, answer.attempts, pb.CACHE_STATUS_MISS)
@@ -169,29 +184,22 @@ class Endpoint:
         self,
         request: HttpRequest | GrpcRequest,
         idempotent: bool,
-        deadline: float,
-        deadline_reason: str,
+        limit: Deadline,
         request_id: str,
+        sent: _Sent,
     ) -> Answer:
-        """Attempts, retries and hedges within the loop-time ``deadline``."""
+        """Attempts, retries and hedges within ``limit``."""
         self.budget.record_request()
         max_attempts = self._max_attempts()
         tried = 0  # attempts made, sent or not (rejected, circuit open)
-        sent = _Sent()
         while True:
             result, made = await self._round(
-                request,
-                idempotent,
-                max_attempts - tried,
-                deadline,
-                deadline_reason,
-                request_id,
-                sent,
+                request, idempotent, max_attempts - tried, limit, request_id, sent
             )
             tried += made
             if tried >= max_attempts or not self._retryable(request, idempotent, result):
                 return Answer(result, sent.count)
-            delay = self._retry_delay(tried, result, deadline)
+            delay = self._retry_delay(tried, result, limit.at)
             if delay is None or not self.budget.try_withdraw():
                 return Answer(result, sent.count)
             await asyncio.sleep(delay)
@@ -206,33 +214,31 @@ class Endpoint:
         request: HttpRequest | GrpcRequest,
         idempotent: bool,
         room: int,
-        deadline: float,
-        reason: str,
+        limit: Deadline,
         request_id: str,
         sent: _Sent,
     ) -> tuple[Result, int]:
         if self._config.hedge is None or not idempotent or room < 2:
-            return await self._attempt(request, deadline, reason, request_id, sent), 1
+            return await self._attempt(request, limit, request_id, sent), 1
         delay = self._config.hedge.delay
-        return await self._hedged(request, delay, deadline, reason, request_id, sent)
+        return await self._hedged(request, delay, limit, request_id, sent)
 
     async def _hedged(
         self,
         request: HttpRequest | GrpcRequest,
         delay: float,
-        deadline: float,
-        reason: str,
+        limit: Deadline,
         request_id: str,
         sent: _Sent,
     ) -> tuple[Result, int]:
         """Sends a second attempt if the first has not answered after ``delay``; the first
         good (or final) answer wins and the other attempt is cancelled."""
-        tasks = {asyncio.create_task(self._attempt(request, deadline, reason, request_id, sent))}
+        tasks = {asyncio.create_task(self._attempt(request, limit, request_id, sent))}
         made = 1
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay)
-            if not done and self._loop.time() < deadline and self.budget.try_withdraw():
-                hedge = self._attempt(request, deadline, reason, request_id, sent)
+            if not done and self._loop.time() < limit.at and self.budget.try_withdraw():
+                hedge = self._attempt(request, limit, request_id, sent)
                 tasks.add(asyncio.create_task(hedge))
                 made = 2
             last: Result | None = None
@@ -251,27 +257,22 @@ class Endpoint:
                 await asyncio.wait(tasks)
 
     async def _attempt(
-        self,
-        request: HttpRequest | GrpcRequest,
-        deadline: float,
-        reason: str,
-        request_id: str,
-        sent: _Sent,
+        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str, sent: _Sent
     ) -> Result:
         """One attempt through every policy; failures are returned, cancellation raised."""
         try:
             if self.bucket is not None:
-                await self.bucket.take(deadline)
+                await self.bucket.take(limit.at)
             trial = self.breaker.admit() if self.breaker is not None else False
         except TargetFailure as failure:
             return failure
         result: Result | None = None
         try:
             if not self._take_slots():
-                await self._hold_slots(deadline)
+                await self._hold_slots(limit)
             try:
                 sent.count += 1
-                result = await self._timed(request, deadline, reason, request_id)
+                result = await self._timed(request, limit, request_id)
             finally:
                 self._all_upstreams.release()
                 self.bulkhead.release()
@@ -290,24 +291,26 @@ class Endpoint:
             self.bulkhead.release()
         return False
 
-    async def _hold_slots(self, deadline: float) -> None:
+    async def _hold_slots(self, limit: Deadline) -> None:
         """A slot of this upstream's bulkhead, then one of the cap on all upstreams, waiting
-        for them until ``deadline``."""
-        await self.bulkhead.acquire(deadline)
+        for them until ``limit``."""
+        await self.bulkhead.acquire(limit)
         try:
-            await self._all_upstreams.acquire(deadline)
+            await self._all_upstreams.acquire(limit)
         except BaseException:
             self.bulkhead.release()
             raise
 
     async def _timed(
-        self, request: HttpRequest | GrpcRequest, deadline: float, reason: str, request_id: str
+        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str
     ) -> Reply:
         """One call under the smaller of the upstream's timeout and the time left."""
         loop = self._loop
         started = loop.time()
         own_timeout = self._config.timeout
-        timeout = max(min(own_timeout, deadline - started), 0.0)
+        # What a gRPC upstream gets as its deadline. A coalesced call's limit may move later
+        # while the call runs, but only HTTP calls are coalesced (ResponseCache.cacheable).
+        timeout = max(min(own_timeout, limit.at - started), 0.0)
         task = asyncio.current_task()
         assert task is not None
         with tracing.attempt_span(self.name, self._config.kind) as span:
@@ -315,22 +318,28 @@ class Endpoint:
             # this task when the time is up; once it fired, take that cancel back on every way
             # out, and turn the cancellation into a timeout only if nobody else cancelled too.
             cancelling = task.cancelling()
-            timer = self._timers.call_at(started + timeout, task.cancel)
+            alarm = Alarm(self._timers, task, started + own_timeout, limit)
             try:
                 expired = False
                 try:
                     reply = await self._upstream.call(_traced(request), timeout, request_id)
                 finally:
-                    timer.cancel()
-                    expired = timer.expired and task.uncancel() <= cancelling
+                    alarm.cancel()
+                    expired = alarm.rang and task.uncancel() <= cancelling
             except (asyncio.CancelledError, TimeoutError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not expired:
                     raise  # the caller's cancellation (or someone's besides ours)
-                failure = self._timeout(own_timeout, deadline - started, reason)
+                failure = self._timeout(alarm.by_caller, limit.reason)
                 _annotate_failure(span, failure)
                 raise failure from None
             except TargetFailure as failure:
                 _annotate_failure(span, failure)
+                if failure.outcome == pb.OUTCOME_TIMEOUT and timeout < own_timeout:
+                    # The deadline a gRPC upstream got was the caller's, not its own.
+                    grpc_code = failure.grpc_code
+                    raise _CallerTimeout(
+                        failure.outcome, failure.sentence, grpc_code=grpc_code
+                    ) from failure
                 raise
             finally:
                 ended = loop.time()
@@ -340,15 +349,21 @@ class Endpoint:
         self._latency = 0.8 * self._latency + 0.2 * (ended - started)
         return reply
 
-    def _timeout(self, own_timeout: float, time_left: float, reason: str) -> TargetFailure:
-        """OUTCOME_TIMEOUT, naming the limit that fired."""
-        if own_timeout < time_left:
-            reason = f"upstream timeout {own_timeout * 1000:g}ms"
-        return TargetFailure(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}")
+    def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:
+        """OUTCOME_TIMEOUT, naming the limit that fired: the caller's or the upstream's own."""
+        if by_caller:
+            return self._caller_timeout(reason)
+        own = f"upstream timeout {self._config.timeout * 1000:g}ms"
+        return TargetFailure(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {own}")
+
+    def _caller_timeout(self, reason: str) -> _CallerTimeout:
+        return _CallerTimeout(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {reason}")
 
     def _retryable(
         self, request: HttpRequest | GrpcRequest, idempotent: bool, result: Result
     ) -> bool:
+        if isinstance(result, _CallerTimeout):
+            return False  # the caller's time is up: no retry can finish within it
         if isinstance(request, GrpcRequest):
             code = result.grpc_code
             return code in self._retry_grpc_codes
@@ -406,6 +421,8 @@ def _is_good(result: Result) -> bool:
 def _breaker_failure(result: Result) -> bool | None:
     """Whether ``result`` counts against the breaker (None: it says nothing about health)."""
     if isinstance(result, TargetFailure):
+        if isinstance(result, _CallerTimeout):
+            return None
         if result.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT) or result.protocol_error:
             return True
         return None if result.outcome in _SAYS_NOTHING_OF_HEALTH else False

@@ -11,6 +11,7 @@ import collections
 import contextlib
 
 from aggregator.errors import TargetFailure
+from aggregator.policies.deadline import Deadline
 from aggregator.v1 import aggregator_pb2 as pb
 
 
@@ -47,24 +48,49 @@ class Bulkhead:
             return True
         return False
 
-    async def acquire(self, deadline: float) -> None:
-        """Takes a slot, waiting for one until the loop time ``deadline``, else REJECTED."""
+    async def acquire(self, deadline: float | Deadline) -> None:
+        """Takes a slot, waiting for one until the loop time ``deadline``, else REJECTED.
+        A ``Deadline`` that moves later while this waits (a coalesced call's) is followed."""
         if self.try_acquire():
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        at = _at(deadline)
+        while True:
+            try:
+                async with asyncio.timeout_at(at):
+                    await waiter  # release() hands its slot over: inflight stays counted
+                return
+            except TimeoutError:
+                if waiter.done() and not waiter.cancelled():
+                    return  # the slot came just as the time ran out: take it
+                if _at(deadline) <= at:
+                    self._leave(waiter)
+                    raise TargetFailure(pb.OUTCOME_REJECTED, self._refusal) from None
+                at = _at(deadline)  # moved later: wait on, in the same place in line
+                waiter = self._replace(waiter)
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self.release()  # a slot arrived just as this waiter gave up: pass it on
+                else:
+                    self._leave(waiter)
+                raise
+
+    def _replace(self, waiter: asyncio.Future[None]) -> asyncio.Future[None]:
+        fresh: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
-            async with asyncio.timeout_at(deadline):
-                await waiter  # release() hands its slot over: inflight stays counted
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # a slot arrived just as this waiter gave up: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise TargetFailure(pb.OUTCOME_REJECTED, self._refusal) from None
-            raise
+            self._waiters[self._waiters.index(waiter)] = fresh
+        except ValueError:  # release() passed it over (cancelled) from the front of the line
+            self._waiters.appendleft(fresh)
+            if self.inflight < self.limit:  # ... and left the slot free: take it now
+                self._waiters.remove(fresh)
+                self.inflight += 1
+                fresh.set_result(None)
+        return fresh
+
+    def _leave(self, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     def release(self) -> None:
         while self._waiters:
@@ -73,6 +99,10 @@ class Bulkhead:
                 waiter.set_result(None)
                 return
         self.inflight -= 1
+
+
+def _at(deadline: float | Deadline) -> float:
+    return deadline.at if isinstance(deadline, Deadline) else deadline
 
 
 class TokenBucket:

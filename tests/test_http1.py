@@ -1009,8 +1009,9 @@ async def test_aclose_closes_every_connection_and_later_calls_fail_cleanly(
         peer.send(ok())
     for task in calls:
         assert (await outcome(task)).ok
+    cached = "[1 paths cached, 17 chars]"  # "/items", "/base/items"
     pool_state = state(origin, 2, 2)
-    assert repr(upstream) == f"<HttpUpstream up http://127.0.0.1:{origin.port}/base {pool_state}>"
+    assert repr(upstream) == f"<HttpUpstream up http://127.0.0.1:{origin.port}/base {cached} {pool_state}>"
     await upstream.aclose()
     for peer in peers:
         assert await peer.ended() == b""

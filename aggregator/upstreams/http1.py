@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import select
 import socket
 import ssl
 import time
@@ -123,27 +124,29 @@ class Pool:
         return f"<Pool {self._host}:{self._port} [{len(self._open)} open, {len(self._idle)} idle]>"
 
     async def request(
-        self, data: bytes, *, head_only: bool, cap: int, idempotent: bool
+        self, data: bytes, *, head_only: bool, cap: int, idempotent: bool, last: bool = False
     ) -> Response:
         """Sends ``data`` (a whole request) and returns the whole response.
 
-        Raises ConnectTimeout, OSError (ssl.SSLError and socket.gaierror included) from
-        connecting, Disconnected, BrokenResponse, TooLarge or Closed. A cancelled request closes
-        its connection.
+        ``last``: the request says ``Connection: close`` and its connection is closed after
+        the answer, never reused (a body the upstream may not read must not become the start
+        of the next request). Raises ConnectTimeout, OSError (ssl.SSLError and
+        socket.gaierror included) from connecting, Disconnected, BrokenResponse, TooLarge or
+        Closed. A cancelled request closes its connection.
         """
         connection = self._take()
         if connection is None:
             connection = await self._connect()
-            return await connection.exchange(data, head_only, cap)
+            return await connection.exchange(data, head_only, cap, last)
         try:
-            return await connection.exchange(data, head_only, cap)
+            return await connection.exchange(data, head_only, cap, last)
         except Disconnected as exc:
             # The upstream closed a kept-alive connection as we reused it (it had not read
             # the request, or would have answered something): once more on a fresh one.
             if exc.answered or not idempotent:
                 raise
         connection = await self._connect()
-        return await connection.exchange(data, head_only, cap)
+        return await connection.exchange(data, head_only, cap, last)
 
     def _take(self) -> _Connection | None:
         idle = self._idle
@@ -152,7 +155,12 @@ class Pool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if connection.usable() and connection.context is context and connection.expires > now:
+            if (
+                connection.usable()
+                and connection.context is context
+                and connection.expires > now
+                and connection.quiet()
+            ):
                 return connection
             connection.close()
         return None
@@ -265,6 +273,8 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._poll: select.poll | None = None  # the socket, asked before it is reused
+        self._last = False  # the request asked to close: never reused
         self._informational = 0
         self._waiter: asyncio.Future[Response] | None = None
         self._served = 0
@@ -293,11 +303,12 @@ class _Connection(asyncio.Protocol):
 
     # The exchange, as the pool's caller sees it.
 
-    async def exchange(self, data: bytes, head_only: bool, cap: int) -> Response:
+    async def exchange(self, data: bytes, head_only: bool, cap: int, last: bool) -> Response:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise Disconnected(False, None)
         self._reset(head_only, cap)
+        self._last = last
         self._informational = 0
         waiter: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
@@ -316,6 +327,17 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
+    def quiet(self) -> bool:
+        """Nothing waits to be read: no byte the loop has not delivered yet, no end. Bytes after
+        an answer are no answer to the next request; asked just before that request is written,
+        for bytes that arrived in the same turn of the loop (earlier ones were seen idle)."""
+        if self._poll is None:
+            return True
+        try:
+            return not self._poll.poll(0)
+        except OSError:
+            return False
+
     def shut(self) -> None:
         """Fails the request running on this connection, if any, and closes it at once."""
         self._fail(Closed())
@@ -330,7 +352,18 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
     def _finish(self, reusable: bool) -> None:
+        """Hands the answer over; the connection goes back to the pool only if the exchange is
+        complete on both sides: the response framed and kept alive (``reusable``), the request
+        not the last and written whole (an upstream that answers before reading all of a body
+        leaves the rest to be read as the next request)."""
         waiter, self._waiter = self._waiter, None
+        transport = self._transport
+        reusable = (
+            reusable
+            and not self._last
+            and transport is not None
+            and transport.get_write_buffer_size() == 0
+        )
         self._served += 1
         if waiter is not None and not waiter.done():
             body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
@@ -359,6 +392,9 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio and uvloop both set it today; a request is one write, never worth a delay
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:

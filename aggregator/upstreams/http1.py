@@ -372,6 +372,8 @@ class _Connection(asyncio.Protocol):
         self._chunks = []  # an idle connection holds nothing of its last answer
         if reusable:
             self._pool.release(self, _keepalive_timeout(self._headers.get(b"keep-alive")))
+        elif transport is not None and transport.get_write_buffer_size():
+            transport.abort()  # a close would wait to write the rest, to a peer that may not read
         else:
             self.close()
 

@@ -32,7 +32,6 @@ _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_SAFE = "?/:@"  # as yarl, which aiohttp used: space as "+", the rest escaped
 _BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" that begins no escape: "%25"
 _GZIP_MAGIC = b"\x1f\x8b"
-_NOT_ZERO = re.compile(rb"[^\x00]")  # where the zero padding after a gzip member ends
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
 # Methods whose requests have no body in HTTP's semantics: a server may answer without reading
 # one, and then reads it as the next request on the connection (request smuggling). Never sent.
@@ -269,13 +268,22 @@ def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
             break
         if not decoder.eof:
             raise zlib.error("the stream ends before its end")
-        padding = _NOT_ZERO.search(body, offset)
-        if padding is None or wbits != _DECODERS[b"gzip"]:
-            break  # one deflate stream; or zeros to the end
-        offset = padding.start()
-        if not body.startswith(_GZIP_MAGIC, offset):
-            break  # after the last gzip member, nothing of ours
+        offset = _after_zeros(body, offset)
+        if wbits != _DECODERS[b"gzip"] or not body.startswith(_GZIP_MAGIC, offset):
+            break  # one deflate stream; or after the last gzip member, nothing of ours
     return b"".join(parts)
+
+
+def _after_zeros(body: bytes, offset: int) -> int:
+    """Where the zero bytes from ``offset`` end (gzip pads with zeros), in slices, never
+    copying the rest of the body."""
+    while offset < len(body):
+        end = offset + _DECODE_SLICE
+        rest = body[offset:end].lstrip(b"\x00")
+        if rest:
+            return min(end, len(body)) - len(rest)
+        offset = end
+    return len(body)
 
 
 def _host_header(netloc: str, hostname: str, port: int | None) -> str:

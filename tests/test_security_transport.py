@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import gzip
 import http.server as httpserver
-import statistics
 import threading
 import time
 import tracemalloc
@@ -204,13 +203,14 @@ async def test_a_fake_answer_after_a_real_one_never_reaches_the_next_caller(
 # --- many-member gzip (finding 8) -----------------------------------------------------------------
 
 
-def median_time(run: Callable[[], object], times: int = 5) -> float:
+def least_time(run: Callable[[], object], times: int = 5) -> float:
+    """The shortest of a few runs: what the work costs when other processes leave the core."""
     spent = []
     for _ in range(times):
         start = time.perf_counter()
         run()
         spent.append(time.perf_counter() - start)
-    return statistics.median(spent)
+    return min(spent)
 
 
 async def test_a_body_of_52000_empty_gzip_members_is_refused_at_once() -> None:
@@ -232,7 +232,7 @@ async def test_a_body_of_52000_empty_gzip_members_is_refused_at_once() -> None:
         f"up sent a gzip body of more than {MAX_GZIP_MEMBERS} members (concatenated gzip streams)"
     )
     assert caught.value.protocol_error
-    assert median_time(lambda: _refused(body)) < 0.05  # 0.73 s before
+    assert least_time(lambda: _refused(body)) < 0.05  # 0.73 s before
 
 
 def _refused(body: bytes) -> None:
@@ -242,14 +242,22 @@ def _refused(body: bytes) -> None:
 
 def test_decoding_gzip_members_is_linear_in_the_body() -> None:
     """Twice the members (each padded with zeros, so twice the body) take about twice as long,
-    not four times: no member copies the rest of the body (unused_data.lstrip() did)."""
-    member = gzip.compress(b"data", mtime=0) + bytes(128 * 1024)
+    not four times, and no member copies the rest of the body (unused_data.lstrip() did)."""
+    member = gzip.compress(b"data", mtime=0) + bytes(256 * 1024)
     half = member * (MAX_GZIP_MEMBERS // 2)
     whole = half * 2
-    assert _decompress(whole, GZIP, len(whole)) == b"data" * MAX_GZIP_MEMBERS
-    short = median_time(lambda: _decompress(half, GZIP, len(whole)))
-    long = median_time(lambda: _decompress(whole, GZIP, len(whole)))
-    assert long < 3 * short, (short, long)  # 3.6 to 4 times before
+    tracemalloc.start()
+    try:
+        assert _decompress(whole, GZIP, len(whole)) == b"data" * MAX_GZIP_MEMBERS
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # 32 MiB before: the rest of the body, copied twice
+    short, long = [], []
+    for _ in range(7):  # interleaved: both sizes see the same load of the machine
+        short.append(least_time(lambda: _decompress(half, GZIP, len(whole)), 1))
+        long.append(least_time(lambda: _decompress(whole, GZIP, len(whole)), 1))
+    assert min(long) < 3.5 * min(short), (short, long)  # 4 to 4.7 times before, 2 now
 
 
 # --- caches of caller data (finding 6, the transport's part) --------------------------------------

@@ -627,6 +627,61 @@ async def test_a_partial_message_after_an_answer_is_not_taken_for_the_next_answe
     )
 
 
+async def test_an_answer_that_arrived_in_the_turn_of_the_next_request_is_not_its_answer(
+    pool: Pool, origin: Origin
+) -> None:
+    _, peer, _ = await served(origin, None, ok(b"first"), fetch(pool))
+    fresh = asyncio.create_task(respond(origin, None, ok(b"yours")))
+    peer.send(ok(b"not yours"))  # written at once: in the client's socket before its loop turns
+    # Awaited here, not in a task: the connection is taken and the request written in this
+    # step, before the loop could deliver those bytes to the idle connection.
+    assert (await fetch(pool, idempotent=False)).body == b"yours"
+    assert await outcome(fresh) is not peer
+    assert origin.connections == 2
+
+
+async def test_a_connection_closed_by_the_server_in_the_same_turn_is_not_used(
+    pool: Pool, origin: Origin
+) -> None:
+    _, peer, _ = await served(origin, None, ok(), fetch(pool))
+    fresh = asyncio.create_task(respond(origin, None, ok(b"fresh")))
+    peer.writer.write_eof()
+    # Not idempotent: the request could not be sent twice, so it must not go out on a
+    # connection whose end is already known.
+    assert (await fetch(pool, idempotent=False)).body == b"fresh"
+    await outcome(fresh)
+    assert origin.connections == 2
+
+
+async def test_the_last_request_closes_its_connection_after_the_answer(
+    pool: Pool, origin: Origin
+) -> None:
+    call = pool.request(GET, head_only=False, cap=CAP, idempotent=True, last=True)
+    response, peer, _ = await served(origin, None, ok(b"done"), call)
+    assert response.body == b"done"
+    assert await peer.ended() == b""
+    assert repr(pool) == state(origin, 0, 0)
+
+
+async def test_an_answer_before_the_whole_request_was_written_closes_the_connection(
+    pool: Pool, origin: Origin
+) -> None:
+    body = b"x" * (64 * 1024 * 1024)  # more than the sockets buffer: the server reads none of it
+    data = b"POST / HTTP/1.1\r\nHost: origin\r\nContent-Length: %d\r\n\r\n" % len(body)
+    task = asyncio.create_task(fetch(pool, data + body, idempotent=False))
+    peer = await origin.accept()
+    async with asyncio.timeout(WAIT):
+        await peer.reader.readuntil(b"\r\n\r\n")
+    peer.send(ok(b"refused early"))
+    assert (await outcome(task)).body == b"refused early"
+    # The rest of the body would be read as the next request: the connection is not reused,
+    # and not kept open to write it either.
+    await peer.ended()
+    assert repr(pool) == state(origin, 0, 0)
+    response, fresh, _ = await served(origin, None, ok(b"next"), fetch(pool))
+    assert (response.body, fresh is peer) == (b"next", False)
+
+
 # --- cancellation -------------------------------------------------------------------------------
 
 
@@ -810,8 +865,31 @@ async def test_a_get_goes_out_as_exactly_these_bytes(
         ("PUT", (), None, b"Content-Length: 0\r\n\r\n"),
         ("PATCH", (), None, b"Content-Length: 0\r\n\r\n"),
         ("DELETE", (), None, b"\r\n"),
+        (
+            "DELETE",
+            (),
+            b"x",
+            b"Content-Type: application/octet-stream\r\nConnection: close\r\n"
+            b"Content-Length: 1\r\n\r\nx",
+        ),
+        (
+            "PROPFIND",
+            (),
+            b"x",
+            b"Content-Type: application/octet-stream\r\nConnection: close\r\n"
+            b"Content-Length: 1\r\n\r\nx",
+        ),
     ],
-    ids=["post-bytes", "post-typed", "post-empty", "put-empty", "patch-empty", "delete"],
+    ids=[
+        "post-bytes",
+        "post-typed",
+        "post-empty",
+        "put-empty",
+        "patch-empty",
+        "delete",
+        "delete-body",
+        "other-body",
+    ],
 )
 async def test_a_body_or_its_absence_is_framed_by_content_length(
     upstreams: Callable[..., HttpUpstream],
@@ -1009,8 +1087,12 @@ async def test_aclose_closes_every_connection_and_later_calls_fail_cleanly(
         peer.send(ok())
     for task in calls:
         assert (await outcome(task)).ok
+    cached = "[1 paths cached, 17 chars]"  # "/items", "/base/items"
     pool_state = state(origin, 2, 2)
-    assert repr(upstream) == f"<HttpUpstream up http://127.0.0.1:{origin.port}/base {pool_state}>"
+    assert (
+        repr(upstream)
+        == f"<HttpUpstream up http://127.0.0.1:{origin.port}/base {cached} {pool_state}>"
+    )
     await upstream.aclose()
     for peer in peers:
         assert await peer.ended() == b""
@@ -1083,6 +1165,24 @@ async def test_an_idle_connection_keeps_nothing_of_its_last_answer(
 
 
 # --- what a hostile upstream can make us hold --------------------------------------------------
+
+
+async def test_a_body_in_one_byte_chunks_costs_no_more_memory_than_its_bytes(
+    pool: Pool, origin: Origin
+) -> None:
+    size = 1 << 20
+    reply = head("200 OK", "Transfer-Encoding: chunked") + chunk(b"x") * size + b"0\r\n\r\n"
+    gc.collect()
+    tracemalloc.start()
+    try:
+        response, _, _ = await served(origin, None, reply, fetch(pool, cap=size))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response.body == b"x" * size
+    # The reply as sent and read (7 MiB) and the body (twice, as read and as handed over); a
+    # piece of bytes a chunk took 41 MiB more.
+    assert peak < 7 * size + 4 * size, peak
 
 
 async def test_an_endless_trailer_is_refused_before_it_ends(pool: Pool, origin: Origin) -> None:

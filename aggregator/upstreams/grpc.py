@@ -23,6 +23,11 @@ _CHANNEL_OPTIONS = (
 # How grpc words a response over grpc.max_receive_message_length, made by our side of the
 # channel ("Stream removed (CLIENT: Received message larger than max (2097152 vs. 1048576))").
 _TOO_LARGE = "Received message larger than max"
+# Method names come from callers: only short ones are kept, within a total size in characters
+# (a longer name is valid, and gets a callable of its own for its call).
+_CACHED_METHOD = 256
+_METHODS_SIZE = 64 * 1024
+_METHODS = 1024  # and at most this many callables
 
 
 def _channel_options(config: UpstreamConfig) -> tuple[tuple[str, int], ...]:
@@ -58,10 +63,12 @@ class GrpcUpstream:
         self._retiring: set[asyncio.Task[None]] = set()
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._methods_size = 0  # characters of the names in _methods
 
     def __repr__(self) -> str:
         tls = f" tls {self._tls!r}" if self._tls is not None else ""
-        return f"<GrpcUpstream {self.name} {self._address}{tls} [{len(self._methods)} methods]>"
+        cached = f"[{len(self._methods)} methods cached, {self._methods_size} chars]"
+        return f"<GrpcUpstream {self.name} {self._address}{tls} {cached}>"
 
     def _open_channel(self) -> grpc.aio.Channel:
         options = _channel_options(self._config)
@@ -94,6 +101,7 @@ class GrpcUpstream:
             return
         old, self._channel = self._channel, self._open_channel()
         self._methods.clear()
+        self._methods_size = 0
         task = asyncio.create_task(old.close(grace), name=f"retire channel {self.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -101,13 +109,17 @@ class GrpcUpstream:
     def _method(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         callable_ = self._methods.get(method)
         if callable_ is None:
-            if len(self._methods) >= 1024:
-                self._methods.clear()
             # No serializers: grpc passes the bytes through untouched in both directions.
             callable_ = self._channel.unary_unary(
                 method, request_serializer=None, response_deserializer=None
             )
-            self._methods[method] = callable_
+            if len(method) <= _CACHED_METHOD:
+                full = len(self._methods) >= _METHODS
+                if full or self._methods_size + len(method) > _METHODS_SIZE:
+                    self._methods.clear()
+                    self._methods_size = 0
+                self._methods[method] = callable_
+                self._methods_size += len(method)
         return callable_
 
     async def aclose(self) -> None:

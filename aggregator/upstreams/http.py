@@ -33,6 +33,17 @@ _QUERY_SAFE = "?/:@"  # as yarl, which aiohttp used: space as "+", the rest esca
 _BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" that begins no escape: "%25"
 _GZIP_MAGIC = b"\x1f\x8b"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
+# Methods whose requests have no body in HTTP's semantics: a server may answer without reading
+# one, and then reads it as the next request on the connection (request smuggling). Never sent.
+_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+# Each gzip member costs a decoder of its own (some 40 KiB and microseconds to make): a body of
+# thousands of empty members is work for nothing. Concatenated gzip files have a few.
+MAX_GZIP_MEMBERS = 64
+_DECODE_SLICE = 64 * 1024  # fed to a decoder at a time: what it copies as unused_data is no more
+# Paths come from callers: only short ones are kept escaped, within a total size in characters.
+_CACHED_PATH = 256
+_TARGETS_SIZE = 256 * 1024
+_TARGETS = 4096  # and at most this many entries
 _DECODERS = {
     b"gzip": 16 + zlib.MAX_WBITS,
     b"x-gzip": 16 + zlib.MAX_WBITS,
@@ -55,6 +66,7 @@ class HttpUpstream:
         self._connect_timeout = config.connect_timeout
         self._max_response_bytes = config.max_response_bytes
         self._targets: dict[str, str] = {}
+        self._targets_size = 0  # characters of the paths and targets in _targets
         tls = config.tls
         # Re-read when the files change; each new connection takes the current context.
         self._tls = (
@@ -72,7 +84,8 @@ class HttpUpstream:
         )
 
     def __repr__(self) -> str:
-        return f"<HttpUpstream {self.name} {self._base} {self._pool!r}>"
+        cached = f"[{len(self._targets)} paths cached, {self._targets_size} chars]"
+        return f"<HttpUpstream {self.name} {self._base} {cached} {self._pool!r}>"
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._tls is not None:
@@ -85,12 +98,14 @@ class HttpUpstream:
     ) -> Reply:
         assert isinstance(request, HttpRequest)
         method = request.method
+        data, last = self._encode(request, request_id)
         try:
             response = await self._pool.request(
-                self._encode(request, request_id),
+                data,
                 head_only=method == "HEAD",
                 cap=self._max_response_bytes,
                 idempotent=request.idempotent,
+                last=last,
             )
         except (OSError, ConnectTimeout, Disconnected, BrokenResponse, Closed) as exc:
             # Transport failures become outcomes; CancelledError is none of these.
@@ -99,8 +114,18 @@ class HttpUpstream:
             raise self._too_large(exc.status, exc.what) from exc
         return self._reply(response)
 
-    def _encode(self, request: HttpRequest, request_id: str) -> bytes:
-        """The whole request as it goes on the wire: head and body."""
+    def _encode(self, request: HttpRequest, request_id: str) -> tuple[bytes, bool]:
+        """The whole request as it goes on the wire, head and body, and whether it must be the
+        last on its connection: a body on a method other than POST, PUT and PATCH goes with
+        ``Connection: close`` (a server that does not read it stops there instead of reading it
+        as a request); a body on GET, HEAD, OPTIONS, TRACE or CONNECT is refused."""
+        body = request.body
+        if body is not None and request.method in _NO_BODY:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR,
+                f"refused: a {request.method} request to {self.name} never carries a body "
+                "(an upstream that does not read it would take it for another request)",
+            )
         target = self._target(request.path)
         if request.query:
             target += "?" + "&".join(
@@ -119,25 +144,33 @@ class HttpUpstream:
         if not accepts:
             lines.append("Accept: */*\r\n")  # as curl and aiohttp: some servers want one
         lines.append(f"X-Request-Id: {request_id}\r\n")
-        body = request.body
         if body is not None:
             if not typed:
                 lines.append("Content-Type: application/octet-stream\r\n")
+            last = request.method not in _WITH_BODY
+            if last:
+                lines.append("Connection: close\r\n")
             lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-            return "".join(lines).encode() + body
+            return "".join(lines).encode() + body, last
         if request.method in _WITH_BODY:
             lines.append("Content-Length: 0\r\n")
         lines.append("\r\n")
-        return "".join(lines).encode()
+        return "".join(lines).encode(), False
 
     def _target(self, path: str) -> str:
-        """The request target of ``path`` on this upstream, escaped once per distinct path."""
+        """The request target of ``path`` on this upstream, escaped once per distinct short path
+        (the cache holds at most _TARGETS_SIZE characters, whatever callers send)."""
         target = self._targets.get(path)
         if target is None:
             target = self._base_path + _BARE_PERCENT.sub("%25", quote(path, _PATH_SAFE))
-            if len(self._targets) >= 4096:
-                self._targets.clear()
-            self._targets[path] = target
+            if len(path) <= _CACHED_PATH:
+                size = len(path) + len(target)
+                full = len(self._targets) >= _TARGETS
+                if full or self._targets_size + size > _TARGETS_SIZE:
+                    self._targets.clear()
+                    self._targets_size = 0
+                self._targets[path] = target
+                self._targets_size += size
         return target
 
     def _reply(self, response: Response) -> Reply:
@@ -177,6 +210,14 @@ class HttpUpstream:
             wbits = -zlib.MAX_WBITS
         try:
             decoded = _decompress(body, wbits, cap + 1)
+        except TooManyMembers as exc:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR,
+                f"{self.name} sent a gzip body of more than {MAX_GZIP_MEMBERS} members "
+                "(concatenated gzip streams)",
+                http_status=status,
+                protocol_error=True,
+            ) from exc
         except zlib.error as exc:
             raise TargetFailure(
                 pb.OUTCOME_ERROR,
@@ -200,25 +241,49 @@ class HttpUpstream:
         await self._pool.aclose()
 
 
+class TooManyMembers(Exception):
+    """A gzip body of more than MAX_GZIP_MEMBERS members."""
+
+
 def _decompress(body: bytes, wbits: int, limit: int) -> bytes:
     """At most ``limit`` bytes of ``body`` decoded: every member of a gzip body (RFC 1952 allows
-    several; zero padding after the last is ignored, as gzip does); raises zlib.error for a
-    stream that is broken or cut short."""
+    several, up to MAX_GZIP_MEMBERS here; zero padding after the last is ignored, as gzip does);
+    raises zlib.error for a stream that is broken or cut short, TooManyMembers. Linear in the
+    body: read through a memoryview at an offset, never copied per member."""
+    view = memoryview(body)
     parts: list[bytes] = []
-    size = 0
+    size = offset = members = 0
     while size < limit:
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise TooManyMembers()
         decoder = zlib.decompressobj(wbits)
-        part = decoder.decompress(body, limit - size)
-        parts.append(part)
-        size += len(part)
+        while not decoder.eof and offset < len(view) and size < limit:
+            piece = view[offset : offset + _DECODE_SLICE]
+            part = decoder.decompress(piece, limit - size)
+            parts.append(part)
+            size += len(part)
+            offset += len(piece) - len(decoder.unused_data) - len(decoder.unconsumed_tail)
         if size >= limit:
             break
         if not decoder.eof:
             raise zlib.error("the stream ends before its end")
-        body = decoder.unused_data.lstrip(b"\x00")
-        if wbits != _DECODERS[b"gzip"] or not body.startswith(_GZIP_MAGIC):
+        offset = _after_zeros(body, offset)
+        if wbits != _DECODERS[b"gzip"] or not body.startswith(_GZIP_MAGIC, offset):
             break  # one deflate stream; or after the last gzip member, nothing of ours
     return b"".join(parts)
+
+
+def _after_zeros(body: bytes, offset: int) -> int:
+    """Where the zero bytes from ``offset`` end (gzip pads with zeros), in slices, never
+    copying the rest of the body."""
+    while offset < len(body):
+        end = offset + _DECODE_SLICE
+        rest = body[offset:end].lstrip(b"\x00")
+        if rest:
+            return min(end, len(body)) - len(rest)
+        offset = end
+    return len(body)
 
 
 def _host_header(netloc: str, hostname: str, port: int | None) -> str:

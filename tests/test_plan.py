@@ -410,6 +410,7 @@ def test_references_in_query_headers_and_json_are_checked():
         http(
             "a",
             "/x",
+            method="POST",
             query={"q": "{{ghost.q}}"},
             headers={"X-H": "{{ghost.h}}"},
             json=json_value({"k": ["{{ghost.j}}"]}),

@@ -85,7 +85,7 @@ def target_problems(
     upstream: UpstreamConfig,
     request: HttpRequest | GrpcRequest,
     target_id: str,
-    max_path_bytes: int,
+    max_path_bytes: int = MAX_PATH_BYTES,
 ) -> list[str]:
     """What in ``request`` upstream ``upstream`` does not accept; empty when it may be sent."""
     if plainly_allowed(upstream, request, max_path_bytes):

@@ -396,6 +396,9 @@ def _grpc_problems(call: pb.GrpcCall, allowed: Sequence[str], max_path_bytes: in
 def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
     graph: dict[str, list[str]] = {}
     for target in targets:
+        if len(target.depends_on) > MAX_DEPENDS_ON:  # refused as it is: look no further
+            graph[target.id] = []
+            continue
         counts = collections.Counter(target.depends_on)  # in order of first appearance
         repeated = [dep for dep, count in counts.items() if count > 1]
         if repeated:
@@ -415,6 +418,8 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
 
 def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
+    if len(target.depends_on) > MAX_DEPENDS_ON:
+        return  # refused for its depends_on already; the references cannot be checked
     if target.for_each:
         yield from _for_each_problems(target.for_each, Sources(target.depends_on))
     sources = Sources((*target.depends_on, ITEM) if target.for_each else target.depends_on)

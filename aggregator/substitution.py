@@ -150,7 +150,7 @@ class Substitution:
         text = self.text(template)
         problem = header_value_problem(text)
         if problem is not None:
-            raise TargetFailure(pb.OUTCOME_ERROR, f"{template} gives a header {problem}")
+            raise TargetFailure(pb.OUTCOME_ERROR, f"header {template}: {problem}")
         return text
 
     def json(self, value: Any) -> Any:

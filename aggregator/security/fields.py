@@ -144,6 +144,8 @@ def path_forms(path: str) -> list[str]:
     """``path`` as sent, percent-decoded once and twice, and Unicode-folded (NFKC) readings.
     Raises ValueError when an escape is not UTF-8 or is left after two decodings."""
     forms = [path]
+    if "%" not in path and path.isascii():  # the common path: one reading
+        return forms
     current = path
     for _ in range(_DECODINGS):
         if "%" not in current or not _ESCAPE.search(current):

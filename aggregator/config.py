@@ -21,6 +21,7 @@ import grpc
 import yaml
 
 from aggregator.security import pem
+from aggregator.security.fields import FRAMING_HEADERS, canonical_header, steering
 
 T = TypeVar("T")
 C = TypeVar("C", bound=str)
@@ -32,6 +33,7 @@ _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 # gRPC metadata keys as grpc accepts them (lowercase), shared with plan.py and client.py.
 METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")  # an RFC 9110 token, lowercase
 _GRPC_METHOD_PATTERN = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/(\*|[A-Za-z_][A-Za-z0-9_]*)\Z")
 # The HTTP methods callers may use (plan.py) and upstreams may allow (allowed_methods).
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -143,6 +145,9 @@ class UpstreamConfig:
     max_response_bytes: int = MIB  # read from a response before giving up
     max_headers: int = 64  # request headers or metadata entries, forwarded ones included
     max_header_bytes: int = 16 * 1024  # their names and values together
+    # Identity, method-override and URL-rewrite headers (X-Forwarded-For, X-HTTP-Method-Override,
+    # X-Original-URL...) callers may set for this upstream; every other one is refused.
+    allowed_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,8 @@ class ServerConfig:
     max_upstream_inflight: int = 1000  # upstream attempts in flight, all upstreams together
     # JSON bodies one call may decode (decode_json and Collect's merged, all targets together)
     max_decoded_bytes: int = 8 * MIB
+    # An HTTP path, an HTTP query (names and values together) or a gRPC method name, in bytes.
+    max_path_bytes: int = 8 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +302,17 @@ def _int(minimum: int) -> Callable[[Any], int]:
         if value < minimum:
             raise ValueError(f"{value} must be at least {minimum}")
         return value
+
+    return convert
+
+
+def _int_between(low: int, high: int) -> Callable[[Any], int]:
+    at_least = _int(low)
+
+    def convert(value: Any) -> int:
+        if at_least(value) > high:
+            raise ValueError(f"{value} must be at most {high}")
+        return int(value)
 
     return convert
 
@@ -468,6 +486,9 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         max_decoded_bytes=reader.value(
             section, "max_decoded_bytes", "server", _int(0), d.max_decoded_bytes
         ),
+        max_path_bytes=reader.value(
+            section, "max_path_bytes", "server", _int_between(64, 1024 * 1024), d.max_path_bytes
+        ),
     )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(
@@ -589,6 +610,22 @@ def _forward_headers(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _allowed_headers(value: Any) -> tuple[str, ...]:
+    names = tuple(name.lower() for name in _strings(value))
+    for name in names:
+        canonical = canonical_header(name)
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if canonical in FRAMING_HEADERS:
+            raise ValueError(f"{name!r} is a hop-by-hop or framing header and is never sent")
+        if not steering(canonical):
+            raise ValueError(
+                f"{name!r} is not refused by default (only identity, method-override and "
+                "URL-rewrite headers need allowing)"
+            )
+    return names
+
+
 def _http_methods(value: Any) -> tuple[str, ...]:
     methods = tuple(method.upper() for method in _strings(value))
     unknown = [method for method in methods if method not in HTTP_METHODS]
@@ -677,6 +714,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
         max_headers=reader.value(section, "max_headers", path, _int(0), d.max_headers),
         max_header_bytes=reader.value(
             section, "max_header_bytes", path, _int(0), d.max_header_bytes
+        ),
+        allowed_headers=reader.value(
+            section, "allowed_headers", path, _allowed_headers, d.allowed_headers
         ),
         **policies,
     )

@@ -323,9 +323,14 @@ class Aggregation:
         if not target.templated:
             return target.request
         assert isinstance(target.request, HttpRequest)
-        rendered = target.request.rendered(Substitution(target.sources, self._values(target)))
+        try:
+            rendered = target.request.rendered(Substitution(target.sources, self._values(target)))
+        except RecursionError:  # a value from a dependency nested too deeply to write as JSON
+            raise TargetFailure(
+                pb.OUTCOME_ERROR, "a substituted value is JSON nested too deeply to send"
+            ) from None
         # Substituted values may lengthen the request or leave the allowed paths: check again.
-        problems = target_problems(target.upstream, rendered, target.id)
+        problems = target_problems(target.upstream, rendered, target.id, self._plan.max_path_bytes)
         if problems:
             raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(problems))
         return rendered
@@ -349,6 +354,10 @@ class Aggregation:
                 except ValueError:
                     raise TargetFailure(
                         pb.OUTCOME_ERROR, f"dependency {dep!r} did not answer with JSON"
+                    ) from None
+                except RecursionError:
+                    raise TargetFailure(
+                        pb.OUTCOME_ERROR, f"dependency {dep!r} answered JSON nested too deeply"
                     ) from None
         return self._bodies[dep]
 

@@ -4,28 +4,44 @@
 InvalidRequest naming each problem with its target, e.g.::
 
     target "price": http.path "https://evil.example/x" must be a path starting with "/"
+
+Every check costs time linear in the size of the request, and what can multiply is capped per
+target: ``MAX_DEPENDS_ON`` entries in ``depends_on`` (each named once) and ``MAX_REFERENCES``
+``{{...}}`` references; paths, queries and gRPC method names are capped at
+``server.max_path_bytes``. server.py asks whether the caller may call the upstreams a request
+names before it plans, so an unauthorized caller costs one pass over the upstream names.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import unquote
 
 from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import HTTP_METHODS, METADATA_KEY, Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
+from aggregator.security.fields import (
+    FRAMING_HEADERS,
+    canonical_header,
+    duplicate_names,
+    header_name_problem,
+    header_value_problem,
+    path_problem,
+    steering,
+)
 from aggregator.substitution import (
     ITEM,
     Reference,
+    Sources,
     Substitution,
     json_strings,
-    parse_reference,
     references,
 )
 from aggregator.v1 import aggregator_pb2 as pb
@@ -34,26 +50,15 @@ _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
-_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# Connection-level headers, and the ones that would let a caller steer the request
-# somewhere or frame it differently than the upstream's connection does.
-_FORBIDDEN_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "expect",
-    }
-)
-_RESERVED_METADATA = frozenset({"te", "content-type", "user-agent", "host", "x-request-id"})
+# Caps per target, so no part of planning or running a target grows with the product of two
+# parts of the request (references x sources, entries x entries).
+MAX_DEPENDS_ON = 64
+MAX_REFERENCES = 256
+# SPEC §15: these methods carry no body; one sent anyway may be read as a second request by an
+# upstream that does not expect it (request smuggling).
+BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Metadata keys grpc (or HTTP/2 itself) owns; never set by callers, whatever the config says.
+_RESERVED_METADATA = FRAMING_HEADERS | {"content-type", "user-agent", "x-request-id"}
 
 
 # The plan's classes are built for every target of every call, so they are slots dataclasses but
@@ -129,6 +134,7 @@ class PlannedTarget:
 class Plan:
     targets: tuple[PlannedTarget, ...]
     max_targets: int = 100  # results an aggregate may produce, for_each expansions included
+    max_path_bytes: int = 8 * 1024  # server.max_path_bytes, for requests rendered later
 
     def __repr__(self) -> str:
         return f"<Plan [{len(self.targets)} targets]>"
@@ -153,6 +159,7 @@ def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
     if not 0 < len(targets) <= limit:
         return None
     upstreams = config.upstreams
+    max_path_bytes = config.server.max_path_bytes
     seen: set[str] = set()
     planned = []
     for target in targets:
@@ -165,10 +172,10 @@ def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
         planned_request: HttpRequest | GrpcRequest | None
         if kind == "http":
             call = target.http
-            planned_request = _plain_http(call)
+            planned_request = _plain_http(call, max_path_bytes)
         elif kind == "grpc":
             call = target.grpc
-            planned_request = _plain_grpc(call)
+            planned_request = _plain_grpc(call, max_path_bytes)
         else:
             return None
         upstream = upstreams.get(call.upstream)
@@ -188,59 +195,73 @@ def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
                 target.decode_json,
             )
         )  # fmt: skip
-    return Plan(targets=tuple(planned), max_targets=limit)
+    return Plan(targets=tuple(planned), max_targets=limit, max_path_bytes=max_path_bytes)
 
 
-def _plain_http(call: pb.HttpCall) -> HttpRequest | None:
+def _plain_http(call: pb.HttpCall, max_path_bytes: int) -> HttpRequest | None:
     method = call.method or "GET"
     path = call.path
     payload = call.WhichOneof("payload")
-    if method not in HTTP_METHODS or payload == "json" or not _plain_path(path):
+    if method not in HTTP_METHODS or payload == "json" or not _plain_path(path, max_path_bytes):
         return None
+    body = call.body if payload == "body" else None
+    if method in BODILESS_METHODS and body is not None:
+        if body:
+            return None
+        body = None  # an empty body is no body
     query: tuple[tuple[str, str], ...] = ()
     if call.query:
         query = tuple(sorted(call.query.items()))
-        if any("{{" in value for _, value in query):
+        if any("{{" in value for _, value in query) or query_bytes(query) > max_path_bytes:
             return None
     headers: tuple[tuple[str, str], ...] = ()
     if call.headers:
         headers = tuple(sorted(call.headers.items()))
+        folded = set()
         for name, value in headers:
+            canonical = canonical_header(name)
             if (
                 "{{" in value
                 or not _TOKEN.match(name)
-                or name.lower() in _FORBIDDEN_HEADERS
-                or _HEADER_CONTROL.search(value)
+                or "_" in name
+                or canonical in FRAMING_HEADERS
+                or canonical in folded
+                or steering(canonical)
+                or header_value_problem(value) is not None
             ):
                 return None
-    body = call.body if payload == "body" else None
+            folded.add(canonical)
     return HttpRequest(method, path, query, headers, body)
 
 
-def _plain_path(path: str) -> bool:
+def _plain_path(path: str, max_path_bytes: int) -> bool:
     """A path _path_problems accepts, without references (conservative: may say no)."""
     if not path.startswith("/") or path.startswith("//") or _CONTROL.search(path):
         return False
-    if "\\" in path or "?" in path or "#" in path or "{{" in path:
+    if "\\" in path or "?" in path or "#" in path or "{{" in path or not path.isascii():
         return False
-    return ("." not in path and "%" not in path) or not dot_segments(path)
+    if len(path) > max_path_bytes:
+        return False
+    return ("." not in path and "%" not in path and ";" not in path) or path_problem(path) is None
 
 
-def dot_segments(path: str) -> bool:
-    """Whether ``path``, percent-decoded, has a ``.`` or ``..`` segment."""
-    return any(segment in (".", "..") for segment in unquote(path).split("/"))
+def query_bytes(query: Iterable[tuple[str, str]]) -> int:
+    """The size that server.max_path_bytes caps: names and values, UTF-8, with = and &."""
+    return sum(len(name.encode()) + len(value.encode()) + 2 for name, value in query)
 
 
-def _plain_grpc(call: pb.GrpcCall) -> GrpcRequest | None:
-    if call.metadata or not _GRPC_METHOD.match(call.method):
+def _plain_grpc(call: pb.GrpcCall, max_path_bytes: int) -> GrpcRequest | None:
+    method = call.method
+    if call.metadata or len(method) > max_path_bytes or not _GRPC_METHOD.match(method):
         return None
-    return GrpcRequest(call.method, call.request, ())
+    return GrpcRequest(method, call.request, ())
 
 
 def explained_plan(request: pb.AggregateRequest, config: Config) -> Plan:
     """make_plan for any request: every check, each problem in a sentence."""
     problems: list[str] = []
     limit = config.server.max_targets
+    max_path_bytes = config.server.max_path_bytes
     if not request.targets:
         problems.append("targets: at least one target is required")
     elif len(request.targets) > limit:
@@ -251,20 +272,21 @@ def explained_plan(request: pb.AggregateRequest, config: Config) -> Plan:
     expanding = {target.id for target in request.targets if target.for_each}
     planned = []
     for index, target in enumerate(request.targets):
-        label = f"target {target.id!r}" if target.id else f"targets[{index}]"
-        target_problems = list(_target_problems(target, config.upstreams))
+        # An id too long to be one is not repeated in every problem of its target.
+        label = f"target {target.id!r}" if 0 < len(target.id) <= 64 else f"targets[{index}]"
+        target_problems = list(_target_problems(target, config.upstreams, max_path_bytes))
         problems.extend(f"{label}: {problem}" for problem in target_problems)
         # Most targets have no {{...}}: look for references only where braces are.
         templated = any("{{" in text for text in _template_texts(target))
         if templated or target.for_each:
-            problems.extend(_template_problems(target, expanding))
+            problems.extend(f"{label}: {p}" for p in _template_problems(target, expanding))
         if not target_problems:
             planned.append(_plan_target(target, config.upstreams, templated))
     if any(target.depends_on for target in request.targets):
         problems.extend(_dependency_problems(request.targets))
     if problems:
         raise InvalidRequest(problems)
-    return Plan(targets=tuple(planned), max_targets=limit)
+    return Plan(targets=tuple(planned), max_targets=limit, max_path_bytes=max_path_bytes)
 
 
 def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
@@ -277,7 +299,9 @@ def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
         seen.add(target.id)
 
 
-def _target_problems(target: pb.Target, upstreams: Mapping[str, UpstreamConfig]) -> Iterator[str]:
+def _target_problems(
+    target: pb.Target, upstreams: Mapping[str, UpstreamConfig], max_path_bytes: int
+) -> Iterator[str]:
     kind = target.WhichOneof("call")
     if kind is None:
         yield "one of http or grpc is required"
@@ -290,53 +314,97 @@ def _target_problems(target: pb.Target, upstreams: Mapping[str, UpstreamConfig])
         yield f"{kind}.upstream: {call.upstream!r} is not a configured upstream"
     elif upstream.kind != kind:
         yield f"{kind}.upstream: {call.upstream!r} is a {upstream.kind} upstream, not {kind}"
+    allowed = upstream.allowed_headers if upstream is not None else ()
     if kind == "http":
-        yield from _http_problems(target.http)
+        yield from _http_problems(target.http, allowed, max_path_bytes)
     else:
-        yield from _grpc_problems(target.grpc)
+        yield from _grpc_problems(target.grpc, allowed, max_path_bytes)
     if target.HasField("timeout") and target.timeout.ToNanoseconds() <= 0:
         yield "timeout: must be longer than 0"
+    if len(target.depends_on) > MAX_DEPENDS_ON:
+        yield (f"depends_on: {len(target.depends_on)} entries exceed {MAX_DEPENDS_ON} per target")
 
 
-def _http_problems(call: pb.HttpCall) -> Iterator[str]:
+def _http_problems(call: pb.HttpCall, allowed: Sequence[str], max_path_bytes: int) -> Iterator[str]:
     method = call.method or "GET"
     if method not in HTTP_METHODS:
         yield f"http.method: {method!r} is not one of {', '.join(sorted(HTTP_METHODS))}"
-    yield from _path_problems(call.path)
-    for name, value in call.headers.items():
-        if not _TOKEN.match(name):
-            yield f"http.headers: {name!r} is not a valid header name"
-        elif name.lower() in _FORBIDDEN_HEADERS:
-            yield f"http.headers: {name!r} may not be set by callers"
-        if _HEADER_CONTROL.search(value):
-            yield f"http.headers[{name!r}]: value contains control characters (CR, LF, NUL...)"
-    if call.WhichOneof("payload") == "json" and not _finite_json(call.json):
+    payload = call.WhichOneof("payload")
+    if method in BODILESS_METHODS and (payload == "json" or (payload == "body" and call.body)):
+        yield (
+            f"http.{payload}: a {method} request carries no body (SPEC: a body there could be "
+            "read as a second request); use POST, PUT, PATCH or DELETE"
+        )
+    yield from _path_problems(call.path, max_path_bytes)
+    if call.query and query_bytes(call.query.items()) > max_path_bytes:
+        yield (
+            f"http.query: {query_bytes(call.query.items())} bytes of names and values exceed "
+            f"server.max_path_bytes ({max_path_bytes})"
+        )
+    yield from _header_problems(call.headers, allowed)
+    if payload == "json" and not _finite_json(call.json):
         yield "http.json: NaN and Infinity are not JSON numbers"
 
 
-def _path_problems(path: str) -> Iterator[str]:
-    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+def _header_problems(headers: Mapping[str, str], allowed: Sequence[str]) -> Iterator[str]:
+    for name, value in headers.items():
+        problem = None if _TOKEN.match(name) else "is not a valid header name"
+        problem = problem or header_name_problem(name, allowed, FRAMING_HEADERS)
+        if problem:
+            yield f"http.headers: {name!r} {problem}"
+        problem = header_value_problem(value)
+        if problem:
+            yield f"http.headers[{name!r}]: {problem}"
+    for first, second in duplicate_names(sorted(headers)):
+        yield f"http.headers: {first!r} and {second!r} are one header to an upstream"
+
+
+def _path_problems(path: str, max_path_bytes: int) -> Iterator[str]:
+    size = len(path.encode())
+    if size > max_path_bytes:
+        yield f"http.path: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
+    elif not path.startswith("/") or path.startswith("//") or "\\" in path:
         yield f'http.path: {path!r} must be a path starting with "/" (no scheme or host)'
     elif _CONTROL.search(path) or "?" in path or "#" in path:
         yield f"http.path: {path!r} contains whitespace, control characters, ? or # (use query)"
-    elif dot_segments(path):
-        yield f"http.path: {path!r} contains . or .. segments"
+    else:
+        problem = path_problem(path)
+        if problem:
+            yield f"http.path: {path!r} {problem}"
 
 
-def _grpc_problems(call: pb.GrpcCall) -> Iterator[str]:
-    if not _GRPC_METHOD.match(call.method):
+def _grpc_problems(call: pb.GrpcCall, allowed: Sequence[str], max_path_bytes: int) -> Iterator[str]:
+    size = len(call.method.encode())
+    if size > max_path_bytes:
+        yield f"grpc.method: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
+    elif not _GRPC_METHOD.match(call.method):
         yield f"grpc.method: {call.method!r} is not a full method name /package.Service/Method"
     for key, value in call.metadata.items():
         if not METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
             yield f"grpc.metadata: {key!r} is not a lowercase ASCII metadata key"
-        elif key in _RESERVED_METADATA:
-            yield f"grpc.metadata: {key!r} may not be set by callers"
-        if any(not " " <= ch <= "~" for ch in value):
-            yield f"grpc.metadata[{key!r}]: value must be printable ASCII"
+        else:
+            problem = header_name_problem(key, allowed, _RESERVED_METADATA)
+            if problem:
+                yield f"grpc.metadata: {key!r} {problem}"
+        problem = header_value_problem(value, ascii_only=True)
+        if problem:
+            yield f"grpc.metadata[{key!r}]: {problem}"
+    for first, second in duplicate_names(sorted(call.metadata)):
+        yield f"grpc.metadata: {first!r} and {second!r} are one key to an upstream"
 
 
 def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
-    graph = {target.id: list(target.depends_on) for target in targets}
+    graph: dict[str, list[str]] = {}
+    for target in targets:
+        if len(target.depends_on) > MAX_DEPENDS_ON:  # refused as it is: look no further
+            graph[target.id] = []
+            continue
+        counts = collections.Counter(target.depends_on)  # in order of first appearance
+        repeated = [dep for dep, count in counts.items() if count > 1]
+        if repeated:
+            listed = ", ".join(map(repr, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
+            yield f"target {target.id!r}: depends_on names {listed} more than once"
+        graph[target.id] = list(counts)
     for target_id, deps in graph.items():
         for dep in deps:
             if dep == target_id:
@@ -350,26 +418,40 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
 
 def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
-    label = f"target {target.id!r}"
-    sources = tuple(target.depends_on)
+    if len(target.depends_on) > MAX_DEPENDS_ON:
+        return  # refused for its depends_on already; the references cannot be checked
     if target.for_each:
-        yield from (f"{label}: {p}" for p in _for_each_problems(target.for_each, sources))
-        sources = (*sources, ITEM)
+        yield from _for_each_problems(target.for_each, Sources(target.depends_on))
+    sources = Sources((*target.depends_on, ITEM) if target.for_each else target.depends_on)
+    found = _references(target)
+    if len(found) > MAX_REFERENCES:
+        yield f"more than {MAX_REFERENCES} {{{{...}}}} references (the limit per target)"
+        return
+    for raw in found:
+        reference = sources.parse(raw)
+        if reference is None:
+            yield (
+                f"{{{{{raw}}}}} names no target in depends_on"
+                + (" (nor item)" if target.for_each else "")
+            )
+        elif reference.source in expanding:
+            yield f"{{{{{raw}}}}} names for_each target {reference.source!r}"
+
+
+def _references(target: pb.Target) -> list[str]:
+    """The target's references, at most one more than MAX_REFERENCES."""
+    found: list[str] = []
     for text in _template_texts(target):
         for raw in references(text):
-            reference = parse_reference(raw, sources)
-            if reference is None:
-                yield (
-                    f"{label}: {{{{{raw}}}}} names no target in depends_on"
-                    + (" (nor item)" if target.for_each else "")
-                )
-            elif reference.source in expanding:
-                yield f"{label}: {{{{{raw}}}}} names for_each target {reference.source!r}"
+            found.append(raw)
+            if len(found) > MAX_REFERENCES:
+                return found
+    return found
 
 
-def _for_each_problems(text: str, sources: tuple[str, ...]) -> Iterator[str]:
-    found = list(references(text))
-    reference = parse_reference(found[0], sources) if len(found) == 1 else None
+def _for_each_problems(text: str, sources: Sources) -> Iterator[str]:
+    found = list(itertools.islice(references(text), 2))
+    reference = sources.parse(found[0]) if len(found) == 1 else None
     if reference is None or text.strip() != "{{" + found[0] + "}}":
         yield f"for_each: {text!r} must be one {{{{id.path}}}} naming a target in depends_on"
 
@@ -452,7 +534,7 @@ def _plan_target(
     for_each = None
     found = list(references(target.for_each)) if target.for_each else []
     if found:  # a bad for_each is reported by _template_problems; the plan is then dropped
-        for_each = parse_reference(found[0], tuple(target.depends_on))
+        for_each = Sources(target.depends_on).parse(found[0])
     return PlannedTarget(
         id=target.id,
         upstream=upstreams[upstream_name],
@@ -483,7 +565,9 @@ def _json_body(call: pb.HttpCall) -> Any:
 def _http_body(call: pb.HttpCall) -> bytes | None:
     payload = call.WhichOneof("payload")
     if payload == "body":
-        return call.body
+        # An empty body on a bodiless method is no body (a non-empty one is refused).
+        bodiless = (call.method or "GET") in BODILESS_METHODS
+        return None if bodiless and not call.body else call.body
     if payload == "json":
         return json_format.MessageToJson(call.json, indent=None).encode()
     return None

@@ -6,8 +6,9 @@ new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
 came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
-admission, the request itself (INVALID_ARGUMENT), which upstreams the caller may call
-(PERMISSION_DENIED), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
+admission, which upstreams the request names that the caller may not call (PERMISSION_DENIED:
+one pass over the request as received, so an unauthorized caller costs no planning), the request
+itself (INVALID_ARGUMENT), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -186,8 +187,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metadata: Sequence[tuple[str, Any]],
     ) -> Plan:
         """The plan, once the caller may run it and every upstream accepts what it would get."""
+        self._gate.authorize_calls(caller, _named_calls(request))
         plan = make_plan(request, self._config)
-        self._gate.authorize(caller, plan)
         plan = forward_caller_metadata(plan, metadata)
         problems = plan_problems(plan)
         if problems:
@@ -289,6 +290,16 @@ def _span_attributes(
     failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
     return {"rpc.grpc.status_code": code.value[0], "aggregator.targets": len(results),
             "aggregator.failed": failed}  # fmt: skip
+
+
+def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:
+    """(target id, upstream name) for each target naming an upstream, as received."""
+    for target in request.targets:
+        kind = target.WhichOneof("call")
+        if kind is not None:
+            upstream = target.http.upstream if kind == "http" else target.grpc.upstream
+            if upstream:
+                yield target.id, upstream
 
 
 def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:

@@ -7,24 +7,31 @@ the target starts, against the dependency's JSON body.
 
 Values never change where a request goes: in a path they are percent-encoded (a ``/`` becomes
 ``%2F``, so no segment can be added, and ``.``/``..`` are refused); in a query they are
-percent-encoded when the request is written; in headers CR, LF and NUL are refused.
+percent-encoded when the request is written; in headers a value with control characters is
+refused by the same check as a value the caller set (security/fields.py).
+
+Looking a reference up costs time linear in the reference, whatever the number of sources:
+``Sources`` is built once per target and tries only the prefixes an id can be (ids are at most
+64 characters), longest first.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from aggregator.errors import TargetFailure
+from aggregator.security.fields import header_value_problem
 from aggregator.v1 import aggregator_pb2 as pb
 
 ITEM = "item"
 _REFERENCE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
 _WHOLE = re.compile(r"^\{\{\s*([^{}\s]+)\s*\}\}\Z")
+_LONGEST_ID = 64  # target ids match [A-Za-z0-9_.-]{1,64}; "item" is shorter
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +61,35 @@ def json_strings(value: Any) -> Iterator[str]:
             yield from json_strings(element)
 
 
-def parse_reference(raw: str, sources: tuple[str, ...]) -> Reference | None:
-    """Splits ``user.v1.id`` into a source among ``sources`` (longest match) and a path."""
-    for source in sorted(sources, key=len, reverse=True):
-        if raw == source:
-            return Reference(source, ())
-        if raw.startswith(source + "."):
-            return Reference(source, tuple(raw[len(source) + 1 :].split(".")))
-    return None
+class Sources:
+    """What the references of one target may name (its dependencies, and ``item``)."""
+
+    __slots__ = ("_longest", "_names")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        # A name longer than any id names no target (make_plan reports it): leaving it out
+        # keeps every lookup within the first 64 characters of a reference.
+        self._names = frozenset(name for name in names if len(name) <= _LONGEST_ID)
+        self._longest = max(map(len, self._names), default=0)
+
+    def __repr__(self) -> str:
+        return f"<Sources {sorted(self._names)}>"
+
+    def parse(self, raw: str) -> Reference | None:
+        """Splits ``user.v1.id`` into a source (the longest that matches) and a path."""
+        if raw in self._names:
+            return Reference(raw, ())
+        end = raw.rfind(".", 0, self._longest + 1)
+        while end > 0:
+            if raw[:end] in self._names:
+                return Reference(raw[:end], tuple(raw[end + 1 :].split(".")))
+            end = raw.rfind(".", 0, end)
+        return None
+
+
+def parse_reference(raw: str, sources: Iterable[str]) -> Reference | None:
+    """``Sources(sources).parse(raw)``, for a single reference."""
+    return Sources(sources).parse(raw)
 
 
 def resolve(reference: Reference, value_of: Callable[[str], Any]) -> Any:
@@ -95,12 +123,12 @@ def as_text(value: Any) -> str:
 class Substitution:
     """Renders the templates of one target given the values of its sources."""
 
-    def __init__(self, sources: tuple[str, ...], value_of: Callable[[str], Any]) -> None:
-        self._sources = sources
+    def __init__(self, sources: Iterable[str], value_of: Callable[[str], Any]) -> None:
+        self._sources = Sources(sources)
         self._value_of = value_of
 
     def _lookup(self, raw: str) -> Any:
-        reference = parse_reference(raw, self._sources)
+        reference = self._sources.parse(raw)
         assert reference is not None, "references are checked when the plan is made"
         return resolve(reference, self._value_of)
 
@@ -120,8 +148,9 @@ class Substitution:
 
     def header(self, template: str) -> str:
         text = self.text(template)
-        if any(ch in text for ch in "\r\n\x00"):
-            raise TargetFailure(pb.OUTCOME_ERROR, f"{template} gives a header value with CR or LF")
+        problem = header_value_problem(text)
+        if problem is not None:
+            raise TargetFailure(pb.OUTCOME_ERROR, f"header {template}: {problem}")
         return text
 
     def json(self, value: Any) -> Any:

@@ -86,7 +86,7 @@ async def test_one_json_log_line_per_aggregate_without_secrets(stub, log_lines):
         targets=[
             http("fast", "/delay/1", headers={"Authorization": "Bearer s3cr3t"}),
             http("slow", "/delay/60"),
-            http("broken", "/status/500", json=pb.HttpCall().json),
+            http("broken", "/status/500", method="POST", json=pb.HttpCall().json),
         ]
     )
     call = stub.Aggregate(request, timeout=5, metadata=(("x-request-id", "req-7"),))

@@ -410,6 +410,7 @@ def test_references_in_query_headers_and_json_are_checked():
         http(
             "a",
             "/x",
+            method="POST",
             query={"q": "{{ghost.q}}"},
             headers={"X-H": "{{ghost.h}}"},
             json=json_value({"k": ["{{ghost.j}}"]}),
@@ -675,3 +676,218 @@ def test_idempotent_http_calls(method, headers, idempotent):
 
 def test_grpc_calls_are_not_idempotent():
     assert plan_one(grpc_call("call", metadata={"idempotency-key": "k-1"})).idempotent is False
+
+
+# Issue 17: what an upstream could read differently, and what could cost more than linear time --
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", ""])
+@pytest.mark.parametrize("payload", ["body", "json"])
+def test_a_body_on_a_bodiless_method_is_refused_naming_the_field(method, payload):
+    body = (
+        {"body": b"GET /admin HTTP/1.1\r\n\r\n"} if payload == "body" else {"json": json_value({})}
+    )
+    problem = refuse_one(http("smuggler", "/x", method=method, **body))
+    assert f"http.{payload}:" in problem
+    assert f"a {method or 'GET'} request carries no body" in problem
+
+
+def test_an_empty_body_on_get_is_no_body():
+    planned = plan_one(http("page", "/x", body=b""))
+    assert isinstance(planned.request, HttpRequest)
+    assert planned.request.body is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_methods_with_a_body_keep_it(method):
+    planned = plan_one(http("page", "/x", method=method, body=b"payload"))
+    assert isinstance(planned.request, HttpRequest)
+    assert planned.request.body == b"payload"
+
+
+BYPASS_PATHS = {
+    "semicolon-dotdot": "/public/..;/admin",
+    "semicolon-dot": "/public/.;x/admin",
+    "encoded-semicolon-dotdot": "/public/..%3B/admin",
+    "encoded-backslash": "/public/..%5cadmin",
+    "encoded-backslash-upper": "/public%5C..%5Cadmin",
+    "double-encoded-dotdot": "/public/%252e%252e/admin",
+    "double-encoded-slash-dotdot": "/public%252f..%252fadmin",
+    "triple-encoded": "/public/%25252e",
+    "encoded-nul": "/public/x%00.json",
+    "encoded-crlf": "/public/x%0d%0aSet-Cookie:a",
+    "overlong-dot": "/public/%c0%ae%c0%ae/admin",
+    "overlong-slash": "/public/..%c0%afadmin",
+    "broken-utf8": "/public/%ff",
+    "fullwidth-dots": "/public/\uff0e\uff0e/admin",
+    "encoded-fullwidth-dots": "/public/%ef%bc%8e%ef%bc%8e/admin",
+    "fullwidth-solidus": "/public/..\uff0fadmin",
+    "one-dot-leader": "/public/\u2025/admin",
+    "fullwidth-percent": "/public/\uff052e\uff052e/admin",
+}
+
+
+@pytest.mark.parametrize("path", BYPASS_PATHS.values(), ids=BYPASS_PATHS.keys())
+def test_paths_an_upstream_could_normalize_elsewhere_are_refused(path):
+    problem = refuse_one(http("sneaky", path))
+    assert "http.path:" in problem
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/a;v=1/b", "/files/a%2Fb", "/x/100%2541", "/caf%C3%A9", "/café", "/a%20b", "/%7Euser"],
+)
+def test_paths_with_one_reading_are_accepted(path):
+    planned = plan_one(http("page", path))
+    assert isinstance(planned.request, HttpRequest)
+    assert planned.request.path == path
+
+
+LIMITED = config_from_mapping(
+    {
+        "server": {"max_path_bytes": 100},
+        "upstreams": {
+            "rest": {"kind": "http", "url": "http://127.0.0.1:8081"},
+            "rpc": {"kind": "grpc", "address": "127.0.0.1:50061"},
+        },
+    }
+)
+
+
+def refuse_limited(target: pb.Target) -> str:
+    with pytest.raises(InvalidRequest) as raised:
+        make_plan(pb.AggregateRequest(targets=[target]), LIMITED)
+    (problem,) = raised.value.problems
+    assert repr(target.id) in problem
+    return problem
+
+
+def test_paths_queries_and_grpc_methods_are_capped_at_max_path_bytes():
+    assert make_plan(pb.AggregateRequest(targets=[http("a", "/" + "x" * 99)]), LIMITED)
+    problem = refuse_limited(http("long", "/" + "x" * 100))
+    assert problem == "target 'long': http.path: 101 bytes exceed server.max_path_bytes (100)"
+    problem = refuse_limited(http("wide", "/", query={"q": "é" * 50}))
+    assert "http.query: 103 bytes of names and values exceed server.max_path_bytes (100)" in problem
+    method = "/test.Upstream/" + "M" * 90
+    problem = refuse_limited(grpc_call("rpc-long", method=method))
+    assert "grpc.method: 105 bytes exceed server.max_path_bytes (100)" in problem
+
+
+def test_a_path_over_the_cap_is_not_repeated_in_the_message():
+    problem = refuse_limited(http("huge", "/" + "x" * 1_000_000))
+    assert len(problem) < 200
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL",
+        "X-Rewrite-URL", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+        "X-Forwarded-Client-Cert", "Forwarded", "X-Real-IP", "True-Client-IP",
+        "X-Auth-Request-User", "X-Auth-Request-Email", "X-Envoy-Original-Path", "Remote-User",
+        "content_length", "Transfer_Encoding", "x_forwarded_for", "X_HTTP_METHOD_OVERRIDE",
+        "x_request_id",
+    ],
+)  # fmt: skip
+def test_headers_that_reroute_remethod_or_reidentify_are_refused(name):
+    problem = refuse_one(http("hdr", "/x", headers={name: "v"}))
+    assert f"http.headers: {name!r}" in problem
+
+
+def test_names_one_header_to_an_upstream_are_refused_together():
+    problem = refuse_one(http("hdr", "/x", headers={"X-Tenant": "a", "x_tenant": "b"}))
+    assert "'X-Tenant' and 'x_tenant' are one header" in problem
+    problem = refuse_one(http("hdr", "/x", headers={"Accept": "a", "accept": "b"}))
+    assert "are one header" in problem
+
+
+ALLOWING = config_from_mapping(
+    {
+        "upstreams": {
+            "rest": {
+                "kind": "http",
+                "url": "http://127.0.0.1:8081",
+                "allowed_headers": ["X-Forwarded-For", "x-http-method-override"],
+            },
+            "rpc": {
+                "kind": "grpc",
+                "address": "127.0.0.1:50061",
+                "allowed_headers": ["x-forwarded-for"],
+            },
+        },
+    }
+)
+
+
+def test_allowed_headers_admits_a_refused_header_on_purpose():
+    request = pb.AggregateRequest(
+        targets=[
+            http("h", "/x", headers={"X-Forwarded-For": "10.0.0.1", "X-HTTP-Method-Override": "P"}),
+            grpc_call("g", metadata={"x-forwarded-for": "10.0.0.1"}),
+        ]
+    )
+    planned = make_plan(request, ALLOWING)
+    assert [t.id for t in planned.targets] == ["h", "g"]
+    with pytest.raises(InvalidRequest) as raised:
+        make_plan(
+            pb.AggregateRequest(targets=[http("h", "/x", headers={"X-Real-IP": "1"})]), ALLOWING
+        )
+    assert "'X-Real-IP'" in raised.value.problems[0]
+    # Only the name as listed: the underscore spelling is another header.
+    with pytest.raises(InvalidRequest):
+        make_plan(
+            pb.AggregateRequest(targets=[http("h", "/x", headers={"x_forwarded_for": "1"})]),
+            ALLOWING,
+        )
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["x-forwarded-for", "x_forwarded_for", "forwarded", "x-forwarded-client-cert", "x-real-ip",
+     "x-http-method-override", "connection", "transfer-encoding", "x_request_id"],
+)  # fmt: skip
+def test_grpc_metadata_that_reidentifies_or_frames_is_refused(key):
+    problem = refuse_one(grpc_call("meta", metadata={key: "v"}))
+    assert f"grpc.metadata: {key!r}" in problem
+
+
+@pytest.mark.parametrize(
+    "value", ["a\x0bb", "a\x1bb", "a\x7fb", "a\x85b", "a\u2028b", "a\u2029b", "a\x0cb"]
+)
+def test_header_values_with_any_control_character_are_refused(value):
+    problem = refuse_one(http("hdr", "/x", headers={"X-Tenant": value}))
+    assert "http.headers['X-Tenant']: value contains control characters" in problem
+
+
+def test_a_tab_and_non_ascii_text_are_header_values():
+    planned = plan_one(http("hdr", "/x", headers={"X-Tenant": "a\tb", "X-Name": "José"}))
+    assert isinstance(planned.request, HttpRequest)
+
+
+def test_depends_on_naming_a_target_twice_is_refused():
+    problems = refuse(http("a", "/x"), http("b", "/x", depends_on=["a", "a", "a"]))
+    assert problems == ["target 'b': depends_on names 'a' more than once"]
+
+
+def test_depends_on_is_capped_per_target():
+    config = config_from_mapping(
+        {"server": {"max_targets": 100}, "upstreams": {"rest": {"kind": "http", "url": BASE}}}
+    )
+    deps = [http(f"d{i}", "/x") for i in range(65)]
+    fine = http("t", "/x", depends_on=[f"d{i}" for i in range(64)])
+    assert make_plan(pb.AggregateRequest(targets=[*deps, fine]), config)
+    over = http("t", "/x", depends_on=[f"d{i}" for i in range(65)])
+    with pytest.raises(InvalidRequest) as raised:
+        make_plan(pb.AggregateRequest(targets=[*deps, over]), config)
+    assert raised.value.problems == ["target 't': depends_on: 65 entries exceed 64 per target"]
+
+
+def test_references_are_capped_per_target():
+    fine = http("t", "/" + "/".join(["{{a.x}}"] * 256), depends_on=["a"])
+    assert plan(http("a", "/x"), fine)
+    over = http("t", "/" + "/".join(["{{a.x}}"] * 257), depends_on=["a"])
+    problems = refuse(http("a", "/x"), over)
+    assert problems == ["target 't': more than 256 {{...}} references (the limit per target)"]
+
+
+BASE = "http://127.0.0.1:8081"

@@ -12,14 +12,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote
 
-from aggregator.config import UNFORWARDABLE, UpstreamConfig
+from aggregator.config import UNFORWARDABLE, ServerConfig, UpstreamConfig
 from aggregator.errors import InvalidRequest
-from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, dot_segments
+from aggregator.plan import (
+    BODILESS_METHODS,
+    GrpcRequest,
+    HttpRequest,
+    Plan,
+    PlannedTarget,
+    query_bytes,
+)
+from aggregator.security.fields import header_value_problem, path_problem
+from aggregator.security.fields import path_allowed as path_allowed
 
 _HOP_BY_HOP = UNFORWARDABLE - {"content-type", "user-agent", "x-request-id"}
 _NONE: frozenset[str] = frozenset()
+MAX_PATH_BYTES = ServerConfig().max_path_bytes
 
 
 def forward_caller_metadata(plan: Plan, metadata: Iterable[tuple[str, Any]]) -> Plan:
@@ -66,30 +75,46 @@ def plan_problems(plan: Plan) -> list[str]:
     return [
         problem
         for target in plan.targets
-        for problem in target_problems(target.upstream, target.request, target.id)
+        for problem in target_problems(
+            target.upstream, target.request, target.id, plan.max_path_bytes
+        )
     ]
 
 
 def target_problems(
-    upstream: UpstreamConfig, request: HttpRequest | GrpcRequest, target_id: str
+    upstream: UpstreamConfig,
+    request: HttpRequest | GrpcRequest,
+    target_id: str,
+    max_path_bytes: int = MAX_PATH_BYTES,
 ) -> list[str]:
     """What in ``request`` upstream ``upstream`` does not accept; empty when it may be sent."""
-    if plainly_allowed(upstream, request):
+    if plainly_allowed(upstream, request, max_path_bytes):
         return []
-    return explained_problems(upstream, request, target_id)
+    return explained_problems(upstream, request, target_id, max_path_bytes)
 
 
 def explained_problems(
-    upstream: UpstreamConfig, request: HttpRequest | GrpcRequest, target_id: str
+    upstream: UpstreamConfig,
+    request: HttpRequest | GrpcRequest,
+    target_id: str,
+    max_path_bytes: int = MAX_PATH_BYTES,
 ) -> list[str]:
     """target_problems without its fast path: every rule checked, each problem a sentence."""
     label = f"target {target_id!r}: "
-    rules = _http_problems if isinstance(request, HttpRequest) else _grpc_problems
-    problems = [*rules(upstream, request), *_size_problems(upstream, request)]
+    problems = (
+        [*_http_problems(upstream, request, max_path_bytes), *_header_problems(request.headers)]
+        if isinstance(request, HttpRequest)
+        else [*_grpc_problems(upstream, request), *_metadata_problems(request.metadata)]
+    )
+    problems.extend(_size_problems(upstream, request))
     return [label + problem for problem in problems]
 
 
-def plainly_allowed(upstream: UpstreamConfig, request: HttpRequest | GrpcRequest) -> bool:
+def plainly_allowed(
+    upstream: UpstreamConfig,
+    request: HttpRequest | GrpcRequest,
+    max_path_bytes: int = MAX_PATH_BYTES,
+) -> bool:
     """The hot path of target_problems: True only if it would find nothing (conservative:
     may say False for a request the rules allow; the full check then runs)."""
     if isinstance(request, GrpcRequest):
@@ -100,9 +125,15 @@ def plainly_allowed(upstream: UpstreamConfig, request: HttpRequest | GrpcRequest
     else:
         body, pairs = request.body or b"", request.headers
         path = request.path
+        if request.body is not None and request.method in BODILESS_METHODS:
+            return False
         if upstream.allowed_methods and request.method not in upstream.allowed_methods:
             return False
-        if "." in path or "%" in path:
+        if "." in path or "%" in path or ";" in path or "\\" in path or not path.isascii():
+            return False
+        if len(path) > max_path_bytes or not path.isprintable():
+            return False
+        if request.query and query_bytes(request.query) > max_path_bytes:
             return False
         if upstream.path_prefixes and not path_allowed(path, upstream.path_prefixes):
             return False
@@ -111,47 +142,62 @@ def plainly_allowed(upstream: UpstreamConfig, request: HttpRequest | GrpcRequest
     if not pairs:
         return True
     size = 0
-    hop_by_hop = _HOP_BY_HOP if isinstance(request, HttpRequest) else _NONE
+    grpc = isinstance(request, GrpcRequest)
+    hop_by_hop = _NONE if grpc else _HOP_BY_HOP
     for name, value in pairs:
-        if name.lower() in hop_by_hop or "\r" in value or "\n" in value or "\x00" in value:
+        if name.lower() in hop_by_hop or header_value_problem(value, ascii_only=grpc):
             return False
         size += len(name.encode()) + len(value.encode())
     return size <= upstream.max_header_bytes
 
 
-def _http_problems(upstream: UpstreamConfig, request: Any) -> Iterator[str]:
-    assert isinstance(request, HttpRequest)
+def _http_problems(
+    upstream: UpstreamConfig, request: HttpRequest, max_path_bytes: int
+) -> Iterator[str]:
     key = f"upstreams.{upstream.name}"
     if upstream.allowed_methods and request.method not in upstream.allowed_methods:
         allowed = ", ".join(upstream.allowed_methods)
         yield f"http.method {request.method!r} is not in {key}.allowed_methods ({allowed})"
-    if dot_segments(request.path):
-        yield f"http.path {request.path!r} contains . or .. segments"
-    elif upstream.path_prefixes and not path_allowed(request.path, upstream.path_prefixes):
+    if request.body is not None and request.method in BODILESS_METHODS:
+        yield f"http body: a {request.method} request carries no body"
+    yield from _path_problems(upstream, request.path, max_path_bytes)
+    if request.query and query_bytes(request.query) > max_path_bytes:
+        yield (
+            f"http.query: {query_bytes(request.query)} bytes of names and values exceed "
+            f"server.max_path_bytes ({max_path_bytes})"
+        )
+
+
+def _path_problems(upstream: UpstreamConfig, path: str, max_path_bytes: int) -> Iterator[str]:
+    size = len(path.encode())
+    if size > max_path_bytes:
+        yield f"http.path: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
+        return
+    problem = path_problem(path)
+    if problem is not None:
+        yield f"http.path {path!r} {problem}"
+    elif upstream.path_prefixes and not path_allowed(path, upstream.path_prefixes):
         prefixes = ", ".join(upstream.path_prefixes)
-        yield f"http.path {request.path!r} is outside {key}.path_prefixes ({prefixes})"
-    for name, value in request.headers:
+        yield f"http.path {path!r} is outside upstreams.{upstream.name}.path_prefixes ({prefixes})"
+
+
+def _header_problems(headers: Iterable[tuple[str, str]]) -> Iterator[str]:
+    for name, value in headers:
         if name.lower() in _HOP_BY_HOP:
             yield f"http.headers: {name!r} is a hop-by-hop or framing header and is never sent"
-        if any(ch in value for ch in "\r\n\x00"):
-            yield f"http.headers[{name!r}]: value contains CR, LF or NUL"
+        problem = header_value_problem(value)
+        if problem is not None:
+            yield f"http.headers[{name!r}]: {problem}"
 
 
-def path_allowed(path: str, prefixes: Sequence[str]) -> bool:
-    """Whether ``path`` lies under a prefix, as sent and percent-decoded (so ``%2F`` cannot
-    smuggle a path out). A prefix without a trailing / matches whole segments only."""
-    decoded = unquote(path)
-    return any(_under(path, prefix) and _under(decoded, prefix) for prefix in prefixes)
+def _metadata_problems(metadata: Iterable[tuple[str, str]]) -> Iterator[str]:
+    for key, value in metadata:
+        problem = header_value_problem(value, ascii_only=True)
+        if problem is not None:
+            yield f"grpc.metadata[{key!r}]: {problem}"
 
 
-def _under(path: str, prefix: str) -> bool:
-    if prefix.endswith("/"):
-        return path.startswith(prefix)
-    return path == prefix or path.startswith(prefix + "/")
-
-
-def _grpc_problems(upstream: UpstreamConfig, request: Any) -> Iterator[str]:
-    assert isinstance(request, GrpcRequest)
+def _grpc_problems(upstream: UpstreamConfig, request: GrpcRequest) -> Iterator[str]:
     allowed = upstream.allowed_methods
     if allowed and not grpc_method_allowed(request.method, allowed):
         yield (

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -54,6 +55,41 @@ log = logging.getLogger("aggregator")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
+
+
+# A request protobuf cannot parse (it nests JSON values past protobuf's 100 message levels, or
+# is not an AggregateRequest at all) would become UNKNOWN "Unexpected <class DecodeError>" from
+# grpc itself: it is handed to the handler as this one object instead, and refused there.
+UNDECODABLE = pb.AggregateRequest()
+UNDECODABLE_PROBLEM = (
+    "request: not a valid AggregateRequest (malformed, or JSON values nested deeper than "
+    "protobuf's limit of 100 message levels)"
+)
+
+
+def _parse_request(raw: bytes) -> pb.AggregateRequest:
+    try:
+        return pb.AggregateRequest.FromString(raw)
+    except DecodeError:
+        return UNDECODABLE
+
+
+def _add_aggregator(service: AggregatorService, server: grpc.aio.Server) -> None:
+    """The generated registration (aggregator_pb2_grpc), with ``_parse_request`` as the parser."""
+    handlers = {
+        "Aggregate": grpc.unary_stream_rpc_method_handler(
+            service.Aggregate,
+            request_deserializer=_parse_request,
+            response_serializer=pb.TargetResult.SerializeToString,
+        ),
+        "Collect": grpc.unary_unary_rpc_method_handler(
+            service.Collect,
+            request_deserializer=_parse_request,
+            response_serializer=pb.CollectResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
 
 class AggregatorService(pb_grpc.AggregatorServicer):
@@ -187,6 +223,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metadata: Sequence[tuple[str, Any]],
     ) -> Plan:
         """The plan, once the caller may run it and every upstream accepts what it would get."""
+        if request is UNDECODABLE:
+            raise InvalidRequest([UNDECODABLE_PROBLEM])
         self._gate.authorize_calls(caller, _named_calls(request))
         plan = make_plan(request, self._config)
         plan = forward_caller_metadata(plan, metadata)
@@ -379,7 +417,7 @@ class AggregatorServer:
             for name, upstream in upstreams.items()
         }
         self._service = AggregatorService(self.config, self.endpoints, self.metrics, self.decoder)
-        pb_grpc.add_AggregatorServicer_to_server(self._service, self._server)  # type: ignore[no-untyped-call]
+        _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

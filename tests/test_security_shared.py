@@ -87,8 +87,13 @@ FORGERIES = {
 async def test_a_forged_request_does_not_plant_an_answer_for_another(start_server, rest, forgery):
     attacker_fields, victim_fields = FORGERIES[forgery]
     _, stub = await start_server(cached=cached(rest.url))
-    # The attacker's call may be refused (a body on GET): it must not matter for the victim.
-    await aggregate(stub, http("attacker", "/echo", upstream="cached", **attacker_fields))
+    # A body on GET is refused before anything is sent (SPEC §15); the others run and are cached.
+    attack = pb.AggregateRequest(
+        targets=[http("attacker", "/echo", upstream="cached", **attacker_fields)]
+    )
+    _, code, _, _ = await collect(stub.Aggregate(attack, timeout=5))
+    refused = "body" in attacker_fields
+    assert code == (grpc.StatusCode.INVALID_ARGUMENT if refused else grpc.StatusCode.OK)
     victim = await one(stub, http("victim", "/echo", upstream="cached", **victim_fields))
     assert victim.cache == pb.CACHE_STATUS_MISS
     seen = echoed(victim)

@@ -648,3 +648,49 @@ def test_the_new_keys_load_from_a_yaml_file(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.server.max_path_bytes == 4096
     assert config.upstreams["web"].allowed_headers == ("x-forwarded-for",)
+
+
+@pytest.mark.parametrize("method", ["Aggregate", "Collect"])
+async def test_a_request_nested_past_protobufs_limit_is_invalid_argument(
+    start_server, rest, rpc, method
+):
+    # JSON nested 60 deep is 120 message levels (Value, ListValue, Value, ...): protobuf refuses
+    # to parse it, which grpc itself would answer UNKNOWN "Unexpected <class DecodeError>".
+    deep = struct_pb2.Value(string_value="x").SerializeToString()
+    for _ in range(60):  # written by hand: protobuf itself refuses to copy a message this deep
+        deep = _field(6, _field(1, deep))  # Value.list_value { ListValue.values }
+    call_bytes = pb.HttpCall(upstream="rest", method="POST", path="/echo").SerializeToString()
+    call_bytes += _field(pb.HttpCall.DESCRIPTOR.fields_by_name["json"].number, deep)
+    target = pb.Target(id="deep").SerializeToString()
+    target += _field(pb.Target.DESCRIPTOR.fields_by_name["http"].number, call_bytes)
+    raw = _field(pb.AggregateRequest.DESCRIPTOR.fields_by_name["targets"].number, target)
+    server, _ = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        path = f"/aggregator.v1.Aggregator/{method}"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _call_raw(channel, path, raw, streaming=method == "Aggregate")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid AggregateRequest" in (refused.value.details() or "")
+    assert nothing_sent(rest, rpc)
+
+
+async def _call_raw(channel: grpc.aio.Channel, path: str, raw: bytes, streaming: bool) -> None:
+    if streaming:
+        async for _ in channel.unary_stream(path)(raw, timeout=5):
+            pass
+    else:
+        await channel.unary_unary(path)(raw, timeout=5)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

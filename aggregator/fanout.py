@@ -36,6 +36,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 log = logging.getLogger("aggregator")
 Emit = Callable[[pb.TargetResult], Awaitable[None]]
 _OK = pb.OUTCOME_OK
+_CANCELLED = pb.OUTCOME_CANCELLED
 # Put on the queue when the number of results to expect changed (a for_each expanded).
 _RECOUNT = pb.TargetResult()
 # Put on the queue by a timer when the budget runs out: one timer per aggregate, rather than
@@ -130,6 +131,8 @@ class Aggregation:
         self.failure: CallFailure | None = None
         self._began: dict[str, int] = {}  # target id -> when its call began (perf_counter_ns)
         self.first_at: int | None = None  # when the first result was emitted (perf_counter_ns)
+        # When the call itself is cancelled: the targets it never reported, as they stood.
+        self.cut: list[pb.TargetResult] = []
 
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
@@ -168,6 +171,14 @@ class Aggregation:
                     for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence, cut):
                         await emit(cancelled)
                     return
+        except asyncio.CancelledError:  # the caller went away, or the server's grace ran out
+            cut = time.perf_counter_ns()
+            self.cut.extend(
+                self._settled.get(target.id) or self._cut(target.id, _CANCELLED, "cancelled", cut)
+                for target in list(self._by_id.values())
+                if target.id not in self.reported and target.id not in self._expanded
+            )
+            raise
         finally:
             deadline.cancel()
             await self._cancel_all()
@@ -188,9 +199,8 @@ class Aggregation:
         results = []
         for target in list(self._by_id.values()):
             if target.id not in self.reported and target.id not in self._expanded:
-                began = self._began.get(target.id, cut)
-                result = self._settled.get(target.id) or _result(
-                    target.id, outcome, sentence, self._budget.started_ns, began, cut
+                result = self._settled.get(target.id) or self._cut(
+                    target.id, outcome, sentence, cut
                 )
                 if outcome == pb.OUTCOME_TIMEOUT:
                     result = _with_fallback(target, result)
@@ -199,6 +209,11 @@ class Aggregation:
                 self._report(result)
                 results.append(result)
         return results
+
+    def _cut(self, target_id: str, outcome: pb.Outcome, sentence: str, cut: int) -> pb.TargetResult:
+        """The result of a target stopped at ``cut``: from its start if it had started."""
+        began = self._began.get(target_id, cut)
+        return _result(target_id, outcome, sentence, self._budget.started_ns, began, cut)
 
     def _report(self, result: pb.TargetResult) -> None:
         self.reported[result.id] = result

@@ -125,6 +125,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> None:
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
+        cut: list[pb.TargetResult] = []  # unreported when the call was cancelled
         failure: CallFailure | None = None
         first_at: int | None = None
         try:
@@ -137,7 +138,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             try:
                 plan = self._checked_plan(request, caller, metadata)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id)
-                reported = aggregation.reported
+                reported, cut = aggregation.reported, aggregation.cut
                 await aggregation.run(emit)
                 first_at = aggregation.first_at
                 failure = aggregation.failure
@@ -149,7 +150,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
             elapsed = time.perf_counter_ns() - budget.started_ns
             gone = self._cancellation()
-            self._observe(request_id, len(request.targets), reported.values(), gone, elapsed, None)
+            targets = len(request.targets)
+            self._observe(request_id, targets, reported.values(), gone, elapsed, None, cut)
             raise
         ended = time.perf_counter_ns()
         elapsed = ended - budget.started_ns
@@ -189,8 +191,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # grpc cancels at the same loop time or later; the millisecond allows for its rounding.
         if self.grace_ends_at is not None and self._loop.time() >= self.grace_ends_at - 0.001:
             grace = self._config.server.shutdown_grace
-            return CallFailure(
-                grpc.StatusCode.CANCELLED,
+            return CallFailure(  # what grpc answers the caller then
+                grpc.StatusCode.UNAVAILABLE,
                 f"cut by shutdown: server.shutdown_grace ({grace:g}s) ran out",
             )
         return CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
@@ -203,9 +205,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         failure: CallFailure | None,
         elapsed: int,
         fanin: int | None,
+        cut: Collection[pb.TargetResult] = (),
     ) -> None:
-        """Metrics and the one log line of an aggregate of ``requested`` targets; ``elapsed``
-        and ``fanin`` (first result to last) in nanoseconds."""
+        """Metrics and the one log line of an aggregate of ``requested`` targets that sent
+        ``results`` and was cancelled with the ``cut`` ones running; ``elapsed`` and ``fanin``
+        (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
         metrics.calls_by_code[code].inc()
@@ -213,7 +217,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             metrics.rejected_by["invalid_argument"].inc()
         metrics.call_duration.observe(elapsed / 1e9)
         slowest, longest = None, -1
-        for result in results:
+        for result in (*results, *cut):
             latency = result.latency
             nanos = latency.seconds * 1_000_000_000 + latency.nanos
             if nanos > longest:
@@ -226,7 +230,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if fanin is not None:
             metrics.fanin_wait.observe(fanin / 1e9)
         if log.isEnabledFor(logging.INFO):
-            failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+            failed = [r.id for r in (*results, *cut) if r.outcome != pb.OUTCOME_OK]
             log.info(
                 "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
                 request_id, code.name, requested, len(results), len(failed), elapsed / 1e6,

@@ -78,8 +78,8 @@ async def test_on_uvloop_times_are_not_whole_milliseconds_and_fit_in_the_elapsed
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.AggregatorStub(channel)
         calls = [
-            await collect(stub.Aggregate(request, timeout=10, metadata=(("x-request-id", f"e{n}"),)))
-            for n in range(3)
+            await collect(stub.Aggregate(request, timeout=10, metadata=(("x-request-id", rid),)))
+            for rid in ("e0", "e1", "e2")
         ]
     spans = []
     for results, code, _, trailers in calls:

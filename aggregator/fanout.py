@@ -4,6 +4,10 @@ An ``Aggregation`` owns one task per target. Its ``run(emit)`` hands each Target
 ``emit`` (the stream's ``context.write``) as it completes and, whatever ends it (all done, the
 budget ran out, a required target failed, the caller went away), cancels and awaits every task
 it started before it returns.
+
+Times are measured with ``time.perf_counter_ns()`` and reported as integer nanoseconds
+(SPEC §14): the loop's clock only schedules (deadlines, timers), since uvloop's counts whole
+milliseconds.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import asyncio
 import collections
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format
@@ -32,6 +37,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 log = logging.getLogger("aggregator")
 Emit = Callable[[pb.TargetResult], Awaitable[None]]
 _OK = pb.OUTCOME_OK
+_CANCELLED = pb.OUTCOME_CANCELLED
 # Put on the queue when the number of results to expect changed (a for_each expanded).
 _RECOUNT = pb.TargetResult()
 # Put on the queue by a timer when the budget runs out: one timer per aggregate, rather than
@@ -41,11 +47,14 @@ _DEADLINE = pb.TargetResult()
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """The time an aggregate may take, in event-loop time."""
+    """The time an aggregate may take, in event-loop time, and when it started on the
+    measuring clock."""
 
     seconds: float  # the budget applied (SPEC §5), reported as x-aggregate-deadline-ms
     started: float
     stop_at: float  # when the server stops waiting: budget minus the margin
+    # time.perf_counter_ns() at the start: the origin of every start_offset and of elapsed.
+    started_ns: int = field(default_factory=time.perf_counter_ns)
 
     @classmethod
     def for_call(cls, time_remaining: float | None, server: ServerConfig, now: float) -> Budget:
@@ -123,7 +132,10 @@ class Aggregation:
         self._deadline_reason = f"the call's deadline ({budget.seconds * 1000:.0f}ms budget)"
         self.reported: dict[str, pb.TargetResult] = {}
         self.failure: CallFailure | None = None
-        self.first_at: float | None = None  # when the first result was emitted
+        self._began: dict[str, int] = {}  # target id -> when its call began (perf_counter_ns)
+        self.first_at: int | None = None  # when the first result was emitted (perf_counter_ns)
+        # When the call itself is cancelled: the targets it never reported, as they stood.
+        self.cut: list[pb.TargetResult] = []
 
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
@@ -146,20 +158,30 @@ class Aggregation:
                 if result is _RECOUNT:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
+                    cut = time.perf_counter_ns()
                     await self._cancel_all()
                     sentence = f"{self._deadline_reason} ran out first"
-                    for late in self._unreported(pb.OUTCOME_TIMEOUT, sentence):
+                    for late in self._unreported(pb.OUTCOME_TIMEOUT, sentence, cut):
                         await emit(late)
                     return
                 self._report(result)
-                self.first_at = self.first_at or self._loop.time()
+                self.first_at = self.first_at or time.perf_counter_ns()
                 await emit(result)
                 if self.failure is not None:
+                    cut = time.perf_counter_ns()
                     await self._cancel_all()
                     sentence = f"cancelled because required target {result.id!r} failed"
-                    for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence):
+                    for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence, cut):
                         await emit(cancelled)
                     return
+        except asyncio.CancelledError:  # the caller went away, or the server's grace ran out
+            cut = time.perf_counter_ns()
+            self.cut.extend(
+                self._settled.get(target.id) or self._cut(target.id, _CANCELLED, "cancelled", cut)
+                for target in list(self._by_id.values())
+                if target.id not in self.reported and target.id not in self._expanded
+            )
+            raise
         finally:
             deadline.cancel()
             await self._cancel_all()
@@ -174,13 +196,14 @@ class Aggregation:
             self.failure = self._required_failure(result)
         return result
 
-    def _unreported(self, outcome: pb.Outcome, sentence: str) -> list[pb.TargetResult]:
-        now = self._loop.time()
+    def _unreported(self, outcome: pb.Outcome, sentence: str, cut: int) -> list[pb.TargetResult]:
+        """Results for the targets still unreported when the call was ``cut`` (perf_counter_ns):
+        one that was running keeps its start, its latency is how long it ran until the cut."""
         results = []
         for target in list(self._by_id.values()):
             if target.id not in self.reported and target.id not in self._expanded:
-                result = self._settled.get(target.id) or _result(
-                    target.id, outcome, sentence, self._budget.started, now, now
+                result = self._settled.get(target.id) or self._cut(
+                    target.id, outcome, sentence, cut
                 )
                 if outcome == pb.OUTCOME_TIMEOUT:
                     result = _with_fallback(target, result)
@@ -189,6 +212,11 @@ class Aggregation:
                 self._report(result)
                 results.append(result)
         return results
+
+    def _cut(self, target_id: str, outcome: pb.Outcome, sentence: str, cut: int) -> pb.TargetResult:
+        """The result of a target stopped at ``cut``: from its start if it had started."""
+        began = self._began.get(target_id, cut)
+        return _result(target_id, outcome, sentence, self._budget.started_ns, began, cut)
 
     def _report(self, result: pb.TargetResult) -> None:
         self.reported[result.id] = result
@@ -216,9 +244,10 @@ class Aggregation:
             settled = await self._settle(target)
         except Exception:  # a bug: answer for this target now rather than at the deadline
             log.exception("target %r failed unexpectedly", target.id)
-            now = self._loop.time()
+            now = time.perf_counter_ns()
+            began = self._began.get(target.id, now)
             settled = _result(
-                target.id, pb.OUTCOME_ERROR, "internal error", self._budget.started, now, now
+                target.id, pb.OUTCOME_ERROR, "internal error", self._budget.started_ns, began, now
             )
         if settled is None:  # a for_each target: its elements reported for it
             return
@@ -230,7 +259,9 @@ class Aggregation:
 
     async def _settle(self, target: PlannedTarget) -> pb.TargetResult | None:
         blocker = await self._wait_for_dependencies(target) if target.depends_on else None
-        started = self._loop.time()
+        started = self._loop.time()  # for the deadline; measured on perf_counter_ns
+        began = self._began[target.id] = time.perf_counter_ns()
+        origin = self._budget.started_ns
         try:
             if blocker is not None:
                 self._skipped_by[target.id] = blocker
@@ -247,17 +278,17 @@ class Aggregation:
                 request_id=self._request_id,
             )
         except TargetFailure as failure:
-            return _failed(target.id, failure, 0, self._budget.started, started, self._loop.time())
+            return _failed(target.id, failure, 0, origin, began, time.perf_counter_ns())
         if isinstance(answer.result, TargetFailure):
             return _failed(
                 target.id,
                 answer.result,
                 answer.attempts,
-                self._budget.started,
-                started,
-                self._loop.time(),
+                origin,
+                began,
+                time.perf_counter_ns(),
             )
-        result = _answered(target, answer.result, self._budget.started, started, self._loop.time())
+        result = _answered(target, answer.result, origin, began, time.perf_counter_ns())
         result.attempts = answer.attempts
         result.cache = answer.cache
         if target.decode_json and result.body:
@@ -386,30 +417,30 @@ def _result(
     target_id: str,
     outcome: pb.Outcome,
     error: str,
-    origin: float,
-    started: float,
-    ended: float,
+    origin: int,
+    started: int,
+    ended: int,
 ) -> pb.TargetResult:
+    """A result whose times are readings of time.perf_counter_ns()."""
     result = pb.TargetResult(id=target_id, outcome=outcome, error=error)
     _set_duration(result.start_offset, started - origin)
     _set_duration(result.latency, ended - started)
     return result
 
 
-def _set_duration(duration: duration_pb2.Duration, seconds: float) -> None:
-    """Duration.FromNanoseconds for the non-negative spans of the loop's monotonic clock,
-    without its validation and normalisation, which cost more than the rest of a result."""
-    duration.seconds, nanos = divmod(int(seconds * 1e9), 1_000_000_000)
-    duration.nanos = nanos
+def _set_duration(duration: duration_pb2.Duration, nanos: int) -> None:
+    """Duration.FromNanoseconds for non-negative spans, without its validation and
+    normalisation, which cost more than the rest of a result."""
+    duration.seconds, duration.nanos = divmod(nanos, 1_000_000_000)
 
 
 def _failed(
     target_id: str,
     failure: TargetFailure,
     attempts: int,
-    origin: float,
-    started: float,
-    ended: float,
+    origin: int,
+    started: int,
+    ended: int,
 ) -> pb.TargetResult:
     result = _result(target_id, failure.outcome, failure.sentence, origin, started, ended)
     result.http_status = failure.http_status
@@ -419,7 +450,7 @@ def _failed(
 
 
 def _answered(
-    target: PlannedTarget, reply: Reply, origin: float, started: float, ended: float
+    target: PlannedTarget, reply: Reply, origin: int, started: int, ended: int
 ) -> pb.TargetResult:
     if reply.ok:
         result = _result(target.id, pb.OUTCOME_OK, "", origin, started, ended)

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from typing import Any
 
@@ -113,6 +114,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.draining = False
         self._shed = 0
         self._shed_logged_at = -1.0
+        self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
@@ -171,8 +173,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> None:
         await context.send_initial_metadata((("x-request-id", request_id),))
         reported: dict[str, pb.TargetResult] = {}
+        cut: list[pb.TargetResult] = []  # unreported when the call was cancelled
         failure: CallFailure | None = None
-        first_at: float | None = None
+        first_at: int | None = None
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
@@ -184,7 +187,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             try:
                 plan = self._checked_plan(request, caller, metadata)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
-                reported = aggregation.reported
+                reported, cut = aggregation.reported, aggregation.cut
                 try:
                     await _within_budget(aggregation.run(emit), budget)
                 finally:
@@ -197,17 +200,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 self._metrics.inflight.dec()
         except CallFailure as refused:
             failure = refused
-        except asyncio.CancelledError:  # the caller went away: count and log it, then go
-            gone = CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
-            elapsed = self._loop.time() - budget.started
-            self._observe(request_id, reported.values(), gone, elapsed, None)
+        except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
+            elapsed = time.perf_counter_ns() - budget.started_ns
+            gone = self._cancellation()
+            targets = len(request.targets)
+            self._observe(request_id, targets, reported.values(), gone, elapsed, None, cut)
             raise
-        elapsed = self._loop.time() - budget.started
-        context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed))
+        ended = time.perf_counter_ns()
+        elapsed = ended - budget.started_ns
+        context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed / 1e9))
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
-        fanin = self._loop.time() - first_at if first_at is not None else None
-        self._loop.call_soon(self._observe, request_id, reported.values(), failure, elapsed, fanin)
+        fanin = ended - first_at if first_at is not None else None
+        self._loop.call_soon(
+            self._observe, request_id, len(request.targets), reported.values(), failure, elapsed,
+            fanin,
+        )  # fmt: skip
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure))
         if failure is not None:
@@ -233,44 +241,62 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise InvalidRequest(problems)
         return plan
 
+    def _cancellation(self) -> CallFailure:
+        """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
+        # grpc cancels at the same loop time or later; the millisecond allows for its rounding.
+        if self.grace_ends_at is not None and self._loop.time() >= self.grace_ends_at - 0.001:
+            grace = self._config.server.shutdown_grace
+            return CallFailure(  # what grpc answers the caller then
+                grpc.StatusCode.UNAVAILABLE,
+                f"cut by shutdown: server.shutdown_grace ({grace:g}s) ran out",
+            )
+        return CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
+
     def _observe(
         self,
         request_id: str,
+        requested: int,
         results: Collection[pb.TargetResult],
         failure: CallFailure | None,
-        elapsed: float,
-        fanin: float | None,
+        elapsed: int,
+        fanin: int | None,
+        cut: Collection[pb.TargetResult] = (),
     ) -> None:
-        """Metrics and the one log line of an aggregate (``fanin``: first result to last)."""
+        """Metrics and the one log line of an aggregate of ``requested`` targets that sent
+        ``results`` and was cancelled with the ``cut`` ones running; ``elapsed`` and ``fanin``
+        (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
         metrics.calls_by_code[code].inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
-        metrics.call_duration.observe(elapsed)
+        metrics.call_duration.observe(elapsed / 1e9)
         slowest, longest = None, -1
-        for result in results:
+        for result in (*results, *cut):
             latency = result.latency
             nanos = latency.seconds * 1_000_000_000 + latency.nanos
             if nanos > longest:
                 slowest, longest = result, nanos
-        overhead = elapsed - longest / 1e9 if slowest is not None else 0.0
+        # A target cut by the deadline counts as having run until the cut: waiting for it is
+        # not the aggregator's overhead.
+        overhead = max(0, elapsed - longest) if slowest is not None else 0
         if slowest is not None:
-            metrics.overhead.observe(max(0.0, overhead))
+            metrics.overhead.observe(overhead / 1e9)
         if fanin is not None:
-            metrics.fanin_wait.observe(fanin)
+            metrics.fanin_wait.observe(fanin / 1e9)
         if log.isEnabledFor(logging.INFO):
-            failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+            failed = [r.id for r in (*results, *cut) if r.outcome != pb.OUTCOME_OK]
             log.info(
-                "aggregate %s: %s, %d targets, %d failed, %.1f ms",
-                request_id, code.name, len(results), len(failed), elapsed * 1000,
+                "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
+                request_id, code.name, requested, len(results), len(failed), elapsed / 1e6,
                 extra={
                     "request_id": request_id,
                     "code": code.name,
-                    "targets": len(results),
+                    "targets": requested,
+                    "results": len(results),
                     "failed": ",".join(failed[:20]) + (" ..." if len(failed) > 20 else ""),
-                    "elapsed_ms": round(elapsed * 1000, 2),
-                    "overhead_ms": round(overhead * 1000, 2),
+                    "elapsed_ms": round(elapsed / 1e6, 3),
+                    "overhead_ms": round(overhead / 1e6, 3),
                     "slowest": slowest.id if slowest else "",
                     "error": failure.message[:200] if failure else "",
                 },
@@ -482,6 +508,7 @@ class AggregatorServer:
         log.info("draining: %d calls in flight, grace %gs", self._service.inflight, grace)
         await self._health.enter_graceful_shutdown()
         self._service.draining = True
+        self._service.grace_ends_at = asyncio.get_running_loop().time() + grace
         try:
             await self._server.stop(grace)
         finally:

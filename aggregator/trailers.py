@@ -41,7 +41,7 @@ def trailers(
         ("x-aggregate-timed-out", cut_ids(timed_out, LIST_BUDGET)),
         ("x-aggregate-fallback", cut_ids(fallback, LIST_BUDGET)),
         ("x-aggregate-deadline-ms", str(round(budget_seconds * 1000))),
-        ("x-aggregate-elapsed-ms", str(round(elapsed_seconds * 1000))),
+        ("x-aggregate-elapsed-ms", f"{elapsed_seconds * 1000:.3f}"),  # to the microsecond
         ("x-aggregate-summary-bin", summary(results, len(timed_out), len(fallback))),
     )
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.config import Config, config_from_mapping
 from aggregator.server import AggregatorServer
@@ -146,3 +151,32 @@ async def wait_for(queue: asyncio.Queue[None], timeout: float = 5.0) -> None:
     """Waits until an upstream reports an event (a hang started, a cancel arrived)."""
     async with asyncio.timeout(timeout):
         await queue.get()
+
+
+@contextlib.asynccontextmanager
+async def aggregator_process(config: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`aggregator serve --config CONFIG` in a child process (on uvloop, the serve default),
+    ready when its health on ``port`` says SERVING; its log on ``stdout``; killed on the way
+    out if still running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aggregator",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest()
+            response = await health.Check(check, timeout=20, wait_for_ready=True)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

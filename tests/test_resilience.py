@@ -95,7 +95,7 @@ async def test_retry_after_past_the_deadline_is_not_waited_for(start_server, res
     results, _, _, trailers = await aggregate(stub, target, timeout=1)
     assert results[0].http_status == 429
     assert results[0].attempts == 1
-    assert int(trailers["x-aggregate-elapsed-ms"]) < 500
+    assert float(trailers["x-aggregate-elapsed-ms"]) < 500
 
 
 async def test_retries_never_run_past_the_deadline(start_server, rest):
@@ -107,7 +107,7 @@ async def test_retries_never_run_past_the_deadline(start_server, rest):
     assert code == grpc.StatusCode.OK
     assert results[0].outcome == pb.OUTCOME_ERROR
     assert 1 <= results[0].attempts < 50  # stopped by the deadline, not by attempts
-    assert int(trailers["x-aggregate-elapsed-ms"]) < 500
+    assert float(trailers["x-aggregate-elapsed-ms"]) < 500
 
 
 async def test_retry_budget_caps_retries_in_a_full_outage(start_server, rest):
@@ -268,4 +268,4 @@ async def test_connect_timeout_is_unavailable_and_says_so(start_server):
         results, _, _, trailers = await aggregate(stub, http("a", "/x", upstream="stuck"))
     assert results[0].outcome == pb.OUTCOME_UNAVAILABLE
     assert "connect_timeout 100ms" in results[0].error
-    assert int(trailers["x-aggregate-elapsed-ms"]) < 1000
+    assert float(trailers["x-aggregate-elapsed-ms"]) < 1000

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
-from tests.conftest import collect, http, wait_for
+from tests.conftest import aggregator_process, collect, http, wait_for
 from tests.upstreams import RestUpstream, refused_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -98,28 +96,8 @@ async def serve_process(tmp_path, rest) -> AsyncIterator[tuple[asyncio.subproces
     port = refused_port()
     config = tmp_path / "config.yaml"
     _write_config(config, port, rest, grace="2s")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "aggregator",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            check = health_pb2.HealthCheckRequest()
-            response = await health.Check(check, timeout=20, wait_for_ready=True)
-            assert response.status == SERVING
+    async with aggregator_process(config, port) as process:
         yield process, port
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_sigterm_drains_in_flight_calls_and_exits_zero(serve_process, rest):
@@ -174,3 +152,32 @@ def test_event_loop_choice() -> None:
     assert event_loop_factory("asyncio") is None
     assert event_loop_factory("uvloop") is uvloop.new_event_loop
     assert event_loop_factory("auto") is uvloop.new_event_loop  # uvloop is a dependency here
+
+
+async def test_a_call_cut_by_the_grace_is_logged_as_cut_by_shutdown(serve_process, rest):
+    process, port = serve_process
+    request = pb.AggregateRequest(targets=[http("quick", "/delay/1"), http("stuck", "/hang")])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stuck = pb_grpc.AggregatorStub(channel).Aggregate(
+            request, timeout=30, metadata=(("x-request-id", "cut-by-grace"),)
+        )
+        assert (await stuck.read()).id == "quick"
+        await wait_for(rest.recorder.hanging)
+        process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await stuck.read()
+    code, details = cut.value.code(), cut.value.details()
+    assert process.stdout is not None
+    async with asyncio.timeout(10):
+        log = (await process.stdout.read()).decode()
+        assert await process.wait() == 0
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    [line] = [line for line in log.splitlines() if "request_id=cut-by-grace" in line]
+    assert "aggregate cut-by-grace: UNAVAILABLE, 2 targets, 1 results, 1 failed" in line
+    assert 'error="cut by shutdown: server.shutdown_grace (2s) ran out"' in line
+    assert " targets=2 results=1 failed=stuck " in line
+    # The target cut by the grace was the slowest: the 2 s it ran are not overhead.
+    assert " slowest=stuck " in line
+    fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+    assert float(fields["elapsed_ms"]) >= 2000
+    assert float(fields["overhead_ms"]) < 500

@@ -306,7 +306,8 @@ class Endpoint:
     ) -> Reply:
         """One call under the smaller of the upstream's timeout and the time left."""
         loop = self._loop
-        started = loop.time()
+        started = loop.time()  # schedules the timeout; the duration is measured on perf_counter
+        began = time.perf_counter_ns()
         own_timeout = self._config.timeout
         # What a gRPC upstream gets as its deadline. A coalesced call's limit may move later
         # while the call runs, but only HTTP calls are coalesced (ResponseCache.cacheable).
@@ -342,11 +343,11 @@ class Endpoint:
                     ) from failure
                 raise
             finally:
-                ended = loop.time()
-                self.metrics.request_duration.observe(ended - started)
+                took = (time.perf_counter_ns() - began) / 1e9
+                self.metrics.request_duration.observe(took)
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
-        self._latency = 0.8 * self._latency + 0.2 * (ended - started)
+        self._latency = 0.8 * self._latency + 0.2 * took
         return reply
 
     def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:

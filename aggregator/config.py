@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import grpc
 import yaml
 
+from aggregator.schema import load_descriptor_set
 from aggregator.security import pem
 
 T = TypeVar("T")
@@ -141,6 +142,9 @@ class UpstreamConfig:
     max_response_bytes: int = MIB  # read from a response before giving up
     max_headers: int = 64  # request headers or metadata entries, forwarded ones included
     max_header_bytes: int = 16 * 1024  # their names and values together
+    # grpc: where the upstream's message types come from, for JSON requests and answers:
+    # "reflection" (its own server reflection) or the path of a FileDescriptorSet file.
+    descriptors: str = "reflection"
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,6 +604,16 @@ def _path_prefixes(value: Any) -> tuple[str, ...]:
     return prefixes
 
 
+def _descriptors(value: Any) -> str:
+    """``reflection``, or a FileDescriptorSet file that is read (and its imports resolved) now."""
+    if value == "reflection":
+        return "reflection"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} must be reflection or the path of a FileDescriptorSet file")
+    load_descriptor_set(value)
+    return value
+
+
 _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {
     "retry": _read_retry,
     "hedge": _read_hedge,
@@ -633,6 +647,8 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
     }
     if kind == "grpc" and "path_prefixes" in section:
         reader.problems.append(f"{path}.path_prefixes: not used by kind grpc")
+    if kind == "http" and "descriptors" in section:
+        reader.problems.append(f"{path}.descriptors: not used by kind http")
     upstream = UpstreamConfig(
         name=name,
         kind=kind,
@@ -664,6 +680,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
         max_header_bytes=reader.value(
             section, "max_header_bytes", path, _int(0), d.max_header_bytes
         ),
+        descriptors=reader.value(section, "descriptors", path, _descriptors, d.descriptors)
+        if kind == "grpc"
+        else d.descriptors,
         **policies,
     )
     if upstream.tls is not None and upstream.url.startswith("http://"):

@@ -20,8 +20,10 @@ from google.protobuf import duration_pb2, json_format
 
 from aggregator.config import ServerConfig
 from aggregator.errors import CallFailure, TargetFailure
+from aggregator.grpc_json import decoded_answer, rendered_request
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Endpoint
+from aggregator.schema import MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import ITEM, Substitution, resolve
@@ -237,7 +239,7 @@ class Aggregation:
                 return None
             deadline, reason = self._deadline_for(target, started)
             answer = await self._endpoints[target.upstream.name].call(
-                self._request(target),
+                await self._request(target),
                 idempotent=target.idempotent,
                 deadline=deadline,
                 deadline_reason=reason,
@@ -257,7 +259,28 @@ class Aggregation:
         result = _answered(target, answer.result, self._budget.started, started, self._loop.time())
         result.attempts = answer.attempts
         result.cache = answer.cache
+        request = target.request
+        if (
+            isinstance(request, GrpcRequest)
+            and request.schema is not None
+            and result.outcome == _OK
+        ):
+            await self._decode(target, request.schema, result)
         return result
+
+    async def _decode(
+        self, target: PlannedTarget, schema: MethodSchema, result: pb.TargetResult
+    ) -> None:
+        """A gRPC answer in its JSON mapping: for decode_json, and for targets that read it."""
+        if not target.decode_json and target.id not in self._finished:
+            return
+        try:
+            decoded, value = await decoded_answer(schema, result.body)
+        except ValueError:  # not the method's output message: as a REST body that is not JSON
+            return
+        if target.decode_json:
+            result.json.CopyFrom(value)
+        self._bodies[target.id] = decoded
 
     def _elements(self, target: PlannedTarget) -> list[Any]:
         assert target.for_each is not None
@@ -301,11 +324,22 @@ class Aggregation:
         if target.id in self._finished:
             self._finished[target.id].set()
 
-    def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
-        if not target.templated:
-            return target.request
-        assert isinstance(target.request, HttpRequest)
-        rendered = target.request.rendered(Substitution(target.sources, self._values(target)))
+    async def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
+        request = target.request
+        typed = isinstance(request, GrpcRequest) and (
+            request.unavailable or request.json_body is not None
+        )
+        if not target.templated and not typed:
+            return request
+        if isinstance(request, GrpcRequest) and request.unavailable:
+            raise TargetFailure(pb.OUTCOME_UNAVAILABLE, request.unavailable)
+        rendered = request
+        if target.templated:
+            rendered = request.rendered(Substitution(target.sources, self._values(target)))
+        if isinstance(rendered, GrpcRequest) and typed:
+            # The substituted values come from the dependencies' answers: they bound its size.
+            size = rendered.json_size + sum(len(self._settled[d].body) for d in target.depends_on)
+            rendered = await rendered_request(rendered, size)
         # Substituted values may lengthen the request or leave the allowed paths: check again.
         problems = target_problems(target.upstream, rendered, target.id)
         if problems:
@@ -403,7 +437,9 @@ def _answered(
     result.grpc_code = reply.grpc_code
     result.body = reply.body
     result.content_type = reply.content_type
-    if target.decode_json and reply.body:
+    request = target.request
+    grpc_typed = isinstance(request, GrpcRequest) and request.schema is not None
+    if target.decode_json and reply.body and not grpc_typed:
         try:
             json_format.Parse(reply.body, result.json)
         except (json_format.ParseError, UnicodeDecodeError):

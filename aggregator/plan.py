@@ -20,6 +20,7 @@ from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import HTTP_METHODS, METADATA_KEY, Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
+from aggregator.schema import MethodSchema
 from aggregator.substitution import (
     ITEM,
     Reference,
@@ -95,6 +96,20 @@ class GrpcRequest:
     method: str
     request: bytes
     metadata: tuple[tuple[str, str], ...]
+    # GrpcCall.json as Python values (None: request bytes), encoded once the method's
+    # schema is known (aggregator/grpc_json.py); json_size is GrpcCall.json's size in bytes.
+    json_body: Any = None
+    json_size: int = 0
+    schema: MethodSchema | None = None
+    unavailable: str = ""  # why the upstream's descriptors could not be had, when needed
+
+    def rendered(self, substitution: Substitution) -> GrpcRequest:
+        """This request with every {{...}} reference in its JSON and metadata replaced."""
+        return replace(
+            self,
+            json_body=substitution.json(self.json_body) if self.json_body is not None else None,
+            metadata=tuple((key, substitution.metadata(value)) for key, value in self.metadata),
+        )
 
 
 @dataclass(slots=True)
@@ -232,7 +247,7 @@ def dot_segments(path: str) -> bool:
 
 
 def _plain_grpc(call: pb.GrpcCall) -> GrpcRequest | None:
-    if call.metadata or not _GRPC_METHOD.match(call.method):
+    if call.metadata or call.HasField("json") or not _GRPC_METHOD.match(call.method):
         return None
     return GrpcRequest(call.method, call.request, ())
 
@@ -333,6 +348,11 @@ def _grpc_problems(call: pb.GrpcCall) -> Iterator[str]:
             yield f"grpc.metadata: {key!r} may not be set by callers"
         if any(not " " <= ch <= "~" for ch in value):
             yield f"grpc.metadata[{key!r}]: value must be printable ASCII"
+    if call.HasField("json"):
+        if call.request:
+            yield "grpc: set request (bytes) or json, not both"
+        if not _finite_json(call.json):
+            yield "grpc.json: NaN and Infinity are not JSON numbers"
 
 
 def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
@@ -375,6 +395,11 @@ def _for_each_problems(text: str, sources: tuple[str, ...]) -> Iterator[str]:
 
 
 def _template_texts(target: pb.Target) -> Iterator[str]:
+    if target.WhichOneof("call") == "grpc":
+        yield from target.grpc.metadata.values()
+        if target.grpc.HasField("json") and _finite_json(target.grpc.json):
+            yield from json_strings(json_format.MessageToDict(target.grpc.json))
+        return
     if target.WhichOneof("call") != "http":
         return
     call = target.http
@@ -443,10 +468,13 @@ def _plan_target(
             json_body=_json_body(call),
         )
     else:
+        call_json = target.grpc.json if target.grpc.HasField("json") else None
         request = GrpcRequest(
             method=target.grpc.method,
             request=target.grpc.request,
             metadata=tuple(sorted(target.grpc.metadata.items())) if target.grpc.metadata else (),
+            json_body=json_format.MessageToDict(call_json) if call_json is not None else None,
+            json_size=call_json.ByteSize() if call_json is not None else 0,
         )
     upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
     for_each = None

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ from aggregator import tracing
 from aggregator.config import Config
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
+from aggregator.grpc_json import typed_plan
 from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
@@ -44,6 +45,8 @@ from aggregator.security.tls import ServerCertificates
 from aggregator.timers import Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
+from aggregator.upstreams.descriptors import Descriptors
+from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -68,6 +71,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._endpoints = endpoints
         self._metrics = metrics
         self._gate = gate or Gate(config.auth)
+        # The gRPC upstreams' descriptors, for targets in JSON (aggregator/grpc_json.py).
+        self.descriptors: Mapping[str, Descriptors] = {}
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
@@ -134,6 +139,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._admit()
             try:
                 plan = self._checked_plan(request, caller, metadata)
+                plan = await typed_plan(plan, self.descriptors, budget.stop_at)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id)
                 reported = aggregation.reported
                 await aggregation.run(emit)
@@ -331,6 +337,11 @@ class AggregatorServer:
             for name, upstream in upstreams.items()
         }
         self._service = AggregatorService(self.config, self.endpoints, self.metrics)
+        self._service.descriptors = {
+            name: upstream.descriptors
+            for name, upstream in upstreams.items()
+            if isinstance(upstream, GrpcUpstream)
+        }
         pb_grpc.add_AggregatorServicer_to_server(self._service, self._server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):

@@ -1,7 +1,8 @@
 """``{{id.field.path}}``: values from earlier results substituted into later calls.
 
 References may appear in an HTTP target's path, query values, header values and string values
-inside its JSON body; ``{{item...}}`` names the element of a ``for_each`` expansion. Every
+inside its JSON body, and in a gRPC target's metadata values and JSON request; ``{{item...}}``
+names the element of a ``for_each`` expansion. Every
 reference is checked when the plan is made (it must name a dependency); it is resolved when
 the target starts, against the dependency's JSON body.
 
@@ -122,6 +123,15 @@ class Substitution:
         text = self.text(template)
         if any(ch in text for ch in "\r\n\x00"):
             raise TargetFailure(pb.OUTCOME_ERROR, f"{template} gives a header value with CR or LF")
+        return text
+
+    def metadata(self, template: str) -> str:
+        """A gRPC metadata value: printable ASCII only, as grpc sends it."""
+        text = self.text(template)
+        if any(not " " <= ch <= "~" for ch in text):
+            raise TargetFailure(
+                pb.OUTCOME_ERROR, f"{template} gives a metadata value that is not printable ASCII"
+            )
         return text
 
     def json(self, value: Any) -> Any:

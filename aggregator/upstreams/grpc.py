@@ -9,9 +9,11 @@ import grpc
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.schema import Schema, load_descriptor_set
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
+from aggregator.upstreams.descriptors import Descriptors, fetch_by_reflection
 from aggregator.v1 import aggregator_pb2 as pb
 
 _CHANNEL_OPTIONS = (
@@ -57,6 +59,16 @@ class GrpcUpstream:
         self._retiring: set[asyncio.Task[None]] = set()
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self.descriptors = (
+            Descriptors(self.name, fetch=self._reflected)
+            if config.descriptors == "reflection"
+            else Descriptors(self.name, schema=load_descriptor_set(config.descriptors))
+        )
+
+    async def _reflected(self) -> Schema:
+        """The upstream's descriptors from its reflection, within its timeout."""
+        self._rotate_if_changed(self._config.timeout)
+        return await fetch_by_reflection(self._channel, self._config.timeout)
 
     def __repr__(self) -> str:
         tls = f" tls {self._tls!r}" if self._tls is not None else ""
@@ -110,6 +122,7 @@ class GrpcUpstream:
         return callable_
 
     async def aclose(self) -> None:
+        await self.descriptors.aclose()
         for task in self._retiring:
             task.cancel()
         if self._retiring:

@@ -1,0 +1,150 @@
+"""gRPC targets in JSON: each gets its method's schema before anything is sent.
+
+``typed_plan`` runs between the plan and the fan-out, for the gRPC targets that need their
+upstream's descriptors: a ``json`` request (encoded here, or when the target starts if it holds
+``{{...}}`` references), ``decode_json``, or an answer that later targets read. A request that
+does not fit its method, or a method the upstream does not have, is INVALID_ARGUMENT naming the
+target, and nothing is sent; an upstream whose descriptors cannot be had fails only the targets
+whose ``json`` needs them (OUTCOME_UNAVAILABLE when they start).
+
+Large JSON and messages are encoded and decoded in a thread, not on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from aggregator.errors import InvalidRequest, TargetFailure
+from aggregator.plan import GrpcRequest, Plan, PlannedTarget
+from aggregator.schema import JsonMismatch, MethodSchema
+from aggregator.security.outbound import target_problems
+from aggregator.upstreams.descriptors import Descriptors, DescriptorsUnavailable, UnknownMethod
+from aggregator.v1 import aggregator_pb2 as pb
+
+# JSON requests (by their size as a Value) and answers (in bytes) larger than this are
+# encoded and decoded in a worker thread: the event loop keeps serving other callers.
+OFF_LOOP_BYTES = 64 * 1024
+
+Lookup = MethodSchema | DescriptorsUnavailable | UnknownMethod
+
+
+async def typed_plan(plan: Plan, descriptors: Mapping[str, Descriptors], stop_at: float) -> Plan:
+    """``plan`` with its gRPC targets' schemas and encoded JSON requests; raises
+    InvalidRequest listing every request that does not fit and every unknown method."""
+    wanted = _wanting_schemas(plan.targets)
+    if not wanted:
+        return plan
+    found = await asyncio.gather(
+        *(_lookup(target, descriptors.get(target.upstream.name), stop_at) for target in wanted)
+    )
+    typed: dict[str, PlannedTarget] = {}
+    problems: list[str] = []
+    for target, lookup in zip(wanted, found, strict=True):
+        try:
+            typed[target.id] = await _typed(target, lookup)
+        except InvalidRequest as invalid:
+            problems.extend(invalid.problems)
+    if problems:
+        raise InvalidRequest(problems)
+    return replace(plan, targets=tuple(typed.get(t.id, t) for t in plan.targets))
+
+
+def _wanting_schemas(targets: Sequence[PlannedTarget]) -> list[PlannedTarget]:
+    """The gRPC targets whose method's schema is needed (a cheap pass for other plans)."""
+    read: set[str] | None = None
+    wanted = []
+    for target in targets:
+        request = target.request
+        if not isinstance(request, GrpcRequest):
+            continue
+        if request.json_body is None and not target.decode_json:
+            if read is None:  # answers that {{...}} or for_each of later targets read
+                read = {dep for t in targets if t.templated or t.for_each for dep in t.depends_on}
+            if target.id not in read:
+                continue
+        wanted.append(target)
+    return wanted
+
+
+async def _lookup(target: PlannedTarget, descriptors: Descriptors | None, stop_at: float) -> Lookup:
+    assert isinstance(target.request, GrpcRequest)
+    if descriptors is None:
+        return DescriptorsUnavailable(f"upstream {target.upstream.name!r} has no descriptors")
+    wait = min(target.upstream.timeout, stop_at - asyncio.get_running_loop().time())
+    try:
+        return await descriptors.method(target.request.method, wait)
+    except (DescriptorsUnavailable, UnknownMethod) as failure:
+        return failure
+
+
+async def _typed(target: PlannedTarget, lookup: Lookup) -> PlannedTarget:
+    request = target.request
+    assert isinstance(request, GrpcRequest)
+    if request.json_body is None:  # only read: without descriptors, the bytes still go
+        return (
+            replace(target, request=replace(request, schema=lookup))
+            if isinstance(lookup, MethodSchema)
+            else target
+        )
+    label = f"target {target.id!r}"
+    if isinstance(lookup, UnknownMethod):
+        raise InvalidRequest([f"{label}: grpc.method: {lookup}"])
+    if isinstance(lookup, DescriptorsUnavailable):
+        return replace(target, request=replace(request, unavailable=str(lookup)))
+    request = replace(request, schema=lookup)
+    if target.templated:  # encoded when it starts, once its references are resolved
+        return replace(target, request=request)
+    try:
+        request = await encoded(request)
+    except JsonMismatch as mismatch:
+        raise InvalidRequest(
+            [f"{label}: grpc.json does not fit {lookup.input_type.full_name}: {mismatch}"]
+        ) from None
+    problems = target_problems(target.upstream, request, target.id)
+    if problems:
+        raise InvalidRequest(problems)
+    return replace(target, request=request)
+
+
+async def encoded(request: GrpcRequest, size: int | None = None) -> GrpcRequest:
+    """``request`` with its JSON encoded as the method's input message (in a thread when
+    large: ``size`` bounds its size, json_size when not given); raises JsonMismatch."""
+    schema = request.schema
+    assert schema is not None
+    assert request.json_body is not None
+    if (request.json_size if size is None else size) > OFF_LOOP_BYTES:
+        data = await asyncio.to_thread(schema.encode, request.json_body)
+    else:
+        data = schema.encode(request.json_body)
+    return replace(request, request=data, json_body=None)
+
+
+async def rendered_request(request: GrpcRequest, size: int) -> GrpcRequest:
+    """A substituted JSON request encoded when its target starts (``size``: a bound on its
+    JSON's size); TargetFailure(ERROR) when the values it received make it not fit."""
+    if request.unavailable:
+        raise TargetFailure(pb.OUTCOME_UNAVAILABLE, request.unavailable)
+    if request.json_body is None:
+        return request
+    if request.schema is None:
+        raise TargetFailure(pb.OUTCOME_UNAVAILABLE, "the upstream's descriptors were not looked up")
+    try:
+        return await encoded(request, size)
+    except JsonMismatch as mismatch:
+        raise TargetFailure(
+            pb.OUTCOME_ERROR,
+            f"grpc.json does not fit {request.schema.input_type.full_name}: {mismatch}",
+        ) from None
+
+
+async def decoded_answer(schema: MethodSchema, body: bytes) -> tuple[Any, struct_pb2.Value]:
+    """The answer as Python values and as a Value (in a thread when large); ValueError when
+    it is not the method's output message."""
+    if len(body) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(schema.decode_value, body)
+    return schema.decode_value(body)

@@ -357,3 +357,106 @@ async def test_a_redeployed_upstream_s_new_method_is_found_by_a_refresh(start_se
         assert code == grpc.StatusCode.OK, details
         assert as_dict(results[0].json) == {"sku": "A-1"}
         assert server._service.descriptors["shop"].fetches == 2
+
+
+# --- composition through gRPC answers -----------------------------------------------------------
+
+
+async def test_a_depends_on_chain_through_a_grpc_answer(start_server, catalog, rest):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    results, code, details, _ = await aggregate(
+        stub,
+        # read without decode_json: still decoded for the targets that read it
+        shop("product", "GetProduct", {"sku": "A-1"}),
+        http(
+            "rest",
+            "/echo/{{product.price.currencyCode}}",
+            query={"stock": "{{product.stockCount}}"},
+            depends_on=["product"],
+            decode_json=True,
+        ),
+        shop(
+            "echo",
+            "Echo",
+            {"sku": "{{product.sku}}", "stockCount": "{{product.stockCount}}",
+             "tags": "{{product.tags}}", "price": "{{product.price}}",
+             "displayName": "from {{rest.method}}"},
+            metadata={"x-shelf": "{{product.displayName}}"},
+            depends_on=["product", "rest"],
+            decode_json=True,
+        ),
+    )  # fmt: skip
+    assert code == grpc.StatusCode.OK, details
+    by_id = {result.id: result for result in results}
+    assert [r.id for r in results] == ["product", "rest", "echo"]
+    assert not by_id["product"].HasField("json")
+    assert by_id["rest"].outcome == pb.OUTCOME_OK, by_id["rest"].error
+    assert as_dict(by_id["rest"].json)["path"] == "/echo/EUR?stock=9007199254740993"
+    assert as_dict(by_id["echo"].json) == {
+        "sku": "A-1",
+        "displayName": "from GET",
+        "stockCount": "9007199254740993",  # int64 exact through its string form
+        "tags": ["fresh", "local"],
+        "price": PRODUCT_JSON["price"],
+    }
+    echo = next(seen for seen in catalog.recorder.requests if seen["method"] == "Echo")
+    assert echo["metadata"]["x-shelf"] == "Product A-1"
+
+
+async def test_for_each_over_an_array_in_a_grpc_answer(start_server, catalog):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    response = await stub.Collect(
+        pb.AggregateRequest(
+            targets=[
+                shop("shelf", "ListProducts", {"shelf": "fruit", "pageSize": 2}),
+                shop(
+                    "each",
+                    "GetProduct",
+                    {"sku": "{{item.sku}}"},
+                    depends_on=["shelf"],
+                    for_each="{{shelf.products}}",
+                    decode_json=True,
+                ),
+            ]
+        ),
+        timeout=5,
+    )
+    by_id = {result.id: result for result in response.results}
+    assert set(by_id) == {"shelf", "each[0]", "each[1]"}
+    merged = json_format.MessageToDict(response.merged)
+    assert merged["each[0]"]["sku"] == "A-1"
+    assert merged["each[1]"]["sku"] == "B-2"
+    assert catalog.calls("GetProduct") == 2
+
+
+async def test_a_substituted_value_that_does_not_fit_fails_that_target(start_server, catalog):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    results, code, details, _ = await aggregate(
+        stub,
+        shop("product", "GetProduct", {"sku": "A-1"}),
+        # tags is a list of strings: a Money object does not fit; a metadata value must be ASCII
+        shop("typed", "Echo", {"tags": "{{product.price}}"}, depends_on=["product"]),
+        shop("src", "Echo", {"displayName": "café"}),
+        shop("meta", "Echo", {}, metadata={"x-a": "{{src.displayName}}"}, depends_on=["src"]),
+    )  # fmt: skip
+    by_id = {result.id: result for result in results}
+    assert by_id["typed"].outcome == pb.OUTCOME_ERROR
+    assert "grpc.json does not fit shop.v1.Product" in by_id["typed"].error
+    assert "tags" in by_id["typed"].error
+    assert by_id["meta"].outcome == pb.OUTCOME_ERROR
+    assert "not printable ASCII" in by_id["meta"].error
+    assert catalog.calls("Echo") == 1  # src's only
+
+
+async def test_a_grpc_answer_without_descriptors_cannot_be_read(start_server, bare):
+    _, stub = await start_server(shop={"kind": "grpc", "address": bare.address})
+    raw = b"\n\x03A-1"
+    results, code, details, _ = await aggregate(
+        stub,
+        shop("product", "GetProduct", request=raw),
+        http("rest", "/echo/{{product.sku}}", depends_on=["product"]),
+    )
+    by_id = {result.id: result for result in results}
+    assert by_id["product"].outcome == pb.OUTCOME_OK
+    assert by_id["rest"].outcome == pb.OUTCOME_ERROR
+    assert "'product'" in by_id["rest"].error

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf import descriptor_pb2, message
@@ -193,12 +193,19 @@ async def fetch_by_reflection(channel: grpc.aio.Channel, timeout: float) -> Sche
 
 async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> Schema:
     method = f"/{package}.ServerReflection/ServerReflectionInfo"
-    # No request iterator: requests are written one at a time, each answer read before the next.
+    requests: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def outgoing() -> AsyncIterator[bytes]:
+        while (request := await requests.get()) is not None:
+            yield request
+
+    # Requests go through an iterator, not call.write(): a write racing the upstream's
+    # UNIMPLEMENTED (v1 not served) ends the call as INTERNAL, hiding the status to fall back on.
     call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)(
-        timeout=timeout
-    )  # type: ignore[call-arg]
+        outgoing(), timeout=timeout
+    )
     try:
-        session = _Session(call)
+        session = _Session(call, requests)
         services = await session.services()
         for service in services:
             if not session.defines(service):
@@ -206,7 +213,7 @@ async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> 
         while missing := session.missing():
             for name in missing:
                 await session.files("file_by_filename", name)
-        await call.done_writing()
+        requests.put_nowait(None)
         return Schema(
             session.files_by_name.values(), services, origin=f"its reflection ({package})"
         )
@@ -215,17 +222,20 @@ async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> 
 
 
 class _Session:
-    """One reflection stream: a request written, its answer read, counted against the bounds."""
+    """One reflection stream: a request sent, its answer read, counted against the bounds."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall[bytes, bytes], requests: asyncio.Queue[bytes | None]
+    ) -> None:
         self._call = call
+        self._requests = requests
         self.files_by_name: dict[str, descriptor_pb2.FileDescriptorProto] = {}
         self._defined: set[str] = set()
         self._asked: set[str] = set()
         self._bytes = 0
 
     async def _ask(self, **request: str) -> reflection_pb2.ServerReflectionResponse:
-        await self._call.write(
+        self._requests.put_nowait(
             reflection_pb2.ServerReflectionRequest(**request).SerializeToString()
         )
         raw = await self._call.read()

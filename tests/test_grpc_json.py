@@ -431,7 +431,7 @@ async def test_for_each_over_an_array_in_a_grpc_answer(start_server, catalog):
 
 async def test_a_substituted_value_that_does_not_fit_fails_that_target(start_server, catalog):
     _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
-    results, code, details, _ = await aggregate(
+    results, _, _, _ = await aggregate(
         stub,
         shop("product", "GetProduct", {"sku": "A-1"}),
         # tags is a list of strings: a Money object does not fit; a metadata value must be ASCII
@@ -451,7 +451,7 @@ async def test_a_substituted_value_that_does_not_fit_fails_that_target(start_ser
 async def test_a_grpc_answer_without_descriptors_cannot_be_read(start_server, bare):
     _, stub = await start_server(shop={"kind": "grpc", "address": bare.address})
     raw = b"\n\x03A-1"
-    results, code, details, _ = await aggregate(
+    results, _, _, _ = await aggregate(
         stub,
         shop("product", "GetProduct", request=raw),
         http("rest", "/echo/{{product.sku}}", depends_on=["product"]),
@@ -460,3 +460,53 @@ async def test_a_grpc_answer_without_descriptors_cannot_be_read(start_server, ba
     assert by_id["product"].outcome == pb.OUTCOME_OK
     assert by_id["rest"].outcome == pb.OUTCOME_ERROR
     assert "'product'" in by_id["rest"].error
+
+
+# --- error details --------------------------------------------------------------------------
+
+
+async def test_error_details_are_read_into_the_sentence(start_server, catalog):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    details = ["error_info", "bad_request", "retry_info", "resource_info", "Secret"]
+    results, code, _, _ = await aggregate(stub, shop("r", "Refuse", {"details": details}))
+    assert code == grpc.StatusCode.OK
+    error = results[0].error
+    assert results[0].outcome == pb.OUTCOME_ERROR
+    assert results[0].grpc_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert error == (
+        "shop answered gRPC INVALID_ARGUMENT: the catalog refuses (ErrorInfo SKU_LOCKED "
+        "(shop.example.com); BadRequest sku: must be 8 digits; retry in 0.3s; ResourceInfo sku "
+        "'A-1' owned by team-catalog: locked; type.googleapis.com/shop.v1.Secret)"
+    )
+
+
+async def test_error_details_are_bounded(start_server, catalog):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    details = ["long", *["Secret"] * 20]  # 21 details, one of 5000 characters
+    results, _, _, _ = await aggregate(stub, shop("r", "Refuse", {"details": details}))
+    error = results[0].error
+    assert "R" * 200 not in error
+    assert error.endswith("... (cut))")
+    assert len(error) < 700
+
+
+async def test_retry_info_is_honoured_by_retries(start_server, catalog):
+    _, stub = await start_server(
+        shop={
+            "kind": "grpc",
+            "address": catalog.address,
+            "retry": {"attempts": 2, "backoff": "1ms", "max_backoff": "1ms",
+                      "grpc_codes": ["UNAVAILABLE"]},
+        }
+    )  # fmt: skip
+    unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+    request = {"details": ["retry_info"], "code": unavailable}
+    results, _, _, _ = await aggregate(stub, shop("r", "Refuse", request))
+    (result,) = results
+    assert result.outcome == pb.OUTCOME_UNAVAILABLE
+    assert result.attempts == 2
+    assert "retry in 0.3s" in result.error
+    assert result.latency.ToNanoseconds() >= 300_000_000  # waited as the upstream asked
+    # A delay the deadline cannot hold: no retry.
+    results, _, _, _ = await aggregate(stub, shop("r", "Refuse", request), timeout=0.25)
+    assert results[0].attempts == 1

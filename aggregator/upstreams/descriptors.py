@@ -213,11 +213,11 @@ async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> 
         while missing := session.missing():
             for name in missing:
                 await session.files("file_by_filename", name)
-        requests.put_nowait(None)
         return Schema(
             session.files_by_name.values(), services, origin=f"its reflection ({package})"
         )
     finally:
+        requests.put_nowait(None)  # ends the iterator, so grpc's task consuming it ends too
         call.cancel()
 
 

@@ -14,6 +14,7 @@ from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
 from aggregator.upstreams.descriptors import Descriptors, fetch_by_reflection
+from aggregator.upstreams.status_details import read_details
 from aggregator.v1 import aggregator_pb2 as pb
 
 _CHANNEL_OPTIONS = (
@@ -133,9 +134,15 @@ class GrpcUpstream:
 def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
     details = exc.details() or code.name
+    extra = read_details(exc.trailing_metadata())
+    if extra.words:  # the upstream's error details, after its own message
+        details = f"{details} ({extra.words})"
     if code == grpc.StatusCode.UNAVAILABLE:
         raise TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"{name} is unavailable: {details}", grpc_code=code.value[0]
+            pb.OUTCOME_UNAVAILABLE,
+            f"{name} is unavailable: {details}",
+            grpc_code=code.value[0],
+            retry_after=extra.retry_after,
         ) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise TargetFailure(
@@ -150,4 +157,10 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"upstreams.{name}.max_response_bytes ({max_bytes}): {details}",
             grpc_code=code.value[0],
         ) from exc
-    return Reply(ok=False, body=b"", grpc_code=code.value[0], reason=f"gRPC {code.name}: {details}")
+    return Reply(
+        ok=False,
+        body=b"",
+        grpc_code=code.value[0],
+        reason=f"gRPC {code.name}: {details}",
+        retry_after=extra.retry_after,
+    )

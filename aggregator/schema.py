@@ -71,27 +71,39 @@ class MethodSchema:
             json_format.ParseDict(
                 value, request, descriptor_pool=self.pool, max_recursion_depth=MAX_DEPTH
             )
+            return request.SerializeToString()
         except json_format.ParseError as exc:
             raise JsonMismatch(_quoted(str(exc))) from None
-        except (ValueError, TypeError, RecursionError) as exc:  # what ParseDict lets through
+        # What ParseDict lets through (a bad Timestamp string, ...) or SerializeToString raises
+        # (a proto2 required field left out).
+        except (
+            json_format.Error,
+            message.EncodeError,
+            ValueError,
+            TypeError,
+            RecursionError,
+        ) as exc:
             raise JsonMismatch(_quoted(f"{type(exc).__name__}: {exc}")) from None
-        return request.SerializeToString()
 
     def decode(self, body: bytes) -> Any:
         """The answer ``body`` in the proto3 JSON mapping; ValueError when it does not parse."""
         answer = self.output_class()()
         try:
             answer.ParseFromString(body)
-        except message.DecodeError as exc:
+            # Python values; a top-level well-known type may give a non-dict.
+            return json_format.MessageToDict(answer, descriptor_pool=self.pool)
+        except (message.DecodeError, json_format.Error, ValueError, RecursionError) as exc:
+            # Not the message, or a value with no JSON form (a Timestamp out of range, ...).
             raise ValueError(f"not a {self.output_type.full_name}: {exc}") from None
-        # MessageToDict gives Python values; a top-level well-known type may give a non-dict.
-        return json_format.MessageToDict(answer, descriptor_pool=self.pool)
 
     def decode_value(self, body: bytes) -> tuple[Any, struct_pb2.Value]:
         """decode, and the same as a ``google.protobuf.Value`` (for TargetResult.json)."""
         decoded = self.decode(body)
         value = struct_pb2.Value()
-        json_format.ParseDict(decoded, value, max_recursion_depth=MAX_DEPTH + 8)
+        try:
+            json_format.ParseDict(decoded, value, max_recursion_depth=MAX_DEPTH + 8)
+        except json_format.Error as exc:  # nested deeper than a Value may be
+            raise ValueError(str(exc)) from None
         return decoded, value
 
 

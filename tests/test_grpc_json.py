@@ -510,3 +510,32 @@ async def test_retry_info_is_honoured_by_retries(start_server, catalog):
     # A delay the deadline cannot hold: no retry.
     results, _, _, _ = await aggregate(stub, shop("r", "Refuse", request), timeout=0.25)
     assert results[0].attempts == 1
+
+
+async def test_large_requests_and_answers_go_through_the_thread_path(start_server, catalog):
+    _, stub = await start_server(shop={"kind": "grpc", "address": catalog.address})
+    tags = [f"tag-{i:06d}-" + "x" * 90 for i in range(1500)]  # about 150 KB each way
+    results, code, details, _ = await aggregate(
+        stub, shop("big", "Echo", {"sku": "B", "tags": tags}, decode_json=True)
+    )
+    assert code == grpc.StatusCode.OK, details
+    assert as_dict(results[0].json) == {"sku": "B", "tags": tags}
+    assert len(results[0].body) > 64 * 1024
+
+
+async def test_a_cached_rest_call_fed_by_a_grpc_answer(start_server, catalog, rest):
+    _, stub = await start_server(
+        shop={"kind": "grpc", "address": catalog.address},
+        cached={"kind": "http", "url": rest.url, "cache": {"ttl": "60s"}},
+    )
+    targets = [
+        shop("product", "GetProduct", {"sku": "A-1"}),
+        http("count", "/count/{{product.sku}}", upstream="cached", depends_on=["product"],
+             decode_json=True),
+    ]  # fmt: skip
+    first, _, _, _ = await aggregate(stub, *targets)
+    second, _, _, _ = await aggregate(stub, *targets)
+    assert [r.cache for r in first if r.id == "count"] == [pb.CACHE_STATUS_MISS]
+    assert [r.cache for r in second if r.id == "count"] == [pb.CACHE_STATUS_HIT]
+    assert as_dict(second[-1].json) == {"n": 1}
+    assert catalog.calls("GetProduct") == 2

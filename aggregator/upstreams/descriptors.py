@@ -213,9 +213,9 @@ async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> 
         while missing := session.missing():
             for name in missing:
                 await session.files("file_by_filename", name)
-        return Schema(
-            session.files_by_name.values(), services, origin=f"its reflection ({package})"
-        )
+        # Building the pool costs CPU in proportion to what was sent: not on the event loop.
+        files = list(session.files_by_name.values())
+        return await asyncio.to_thread(Schema, files, services, f"its reflection ({package})")
     finally:
         requests.put_nowait(None)  # ends the iterator, so grpc's task consuming it ends too
         call.cancel()

@@ -238,8 +238,11 @@ class Aggregation:
                 await self._expand(target, self._elements(target))
                 return None
             deadline, reason = self._deadline_for(target, started)
+            request = self._request(target)
+            if isinstance(request, GrpcRequest) and request.json_body is not None:
+                request = await self._encoded(target, request)
             answer = await self._endpoints[target.upstream.name].call(
-                await self._request(target),
+                request,
                 idempotent=target.idempotent,
                 deadline=deadline,
                 deadline_reason=reason,
@@ -275,10 +278,10 @@ class Aggregation:
         if not target.decode_json and target.id not in self._finished:
             return
         try:
-            decoded, value = await decoded_answer(schema, result.body)
+            decoded, value = await decoded_answer(schema, result.body, target.decode_json)
         except ValueError:  # not the method's output message: as a REST body that is not JSON
             return
-        if target.decode_json:
+        if value is not None:
             result.json.CopyFrom(value)
         self._bodies[target.id] = decoded
 
@@ -324,27 +327,31 @@ class Aggregation:
         if target.id in self._finished:
             self._finished[target.id].set()
 
-    async def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
+    def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
         request = target.request
-        typed = isinstance(request, GrpcRequest) and (
-            request.unavailable or request.json_body is not None
-        )
-        if not target.templated and not typed:
-            return request
         if isinstance(request, GrpcRequest) and request.unavailable:
             raise TargetFailure(pb.OUTCOME_UNAVAILABLE, request.unavailable)
-        rendered = request
-        if target.templated:
-            rendered = request.rendered(Substitution(target.sources, self._values(target)))
-        if isinstance(rendered, GrpcRequest) and typed:
-            # The substituted values come from the dependencies' answers: they bound its size.
-            size = rendered.json_size + sum(len(self._settled[d].body) for d in target.depends_on)
-            rendered = await rendered_request(rendered, size)
+        if not target.templated:
+            return request
+        rendered = request.rendered(Substitution(target.sources, self._values(target)))
+        return self._checked(target, rendered)
+
+    def _checked(
+        self, target: PlannedTarget, rendered: HttpRequest | GrpcRequest
+    ) -> HttpRequest | GrpcRequest:
         # Substituted values may lengthen the request or leave the allowed paths: check again.
         problems = target_problems(target.upstream, rendered, target.id)
         if problems:
             raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(problems))
         return rendered
+
+    async def _encoded(self, target: PlannedTarget, request: GrpcRequest) -> GrpcRequest:
+        """A gRPC JSON request left to encode when its target starts (it held references)."""
+        # The substituted values come from the dependencies' answers: they bound its size.
+        size = request.json_size + sum(len(self._settled[d].body) for d in target.depends_on)
+        encoded = self._checked(target, await rendered_request(request, size))
+        assert isinstance(encoded, GrpcRequest)
+        return encoded
 
     def _values(self, target: PlannedTarget) -> Callable[[str], Any]:
         """What a target's references read: dependencies' JSON bodies, and its element."""

@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 
 from aggregator.errors import InvalidRequest, TargetFailure
 from aggregator.plan import GrpcRequest, Plan, PlannedTarget
-from aggregator.schema import JsonMismatch, MethodSchema
+from aggregator.schema import JsonMismatch, MethodSchema, json_value
 from aggregator.security.outbound import target_problems
 from aggregator.upstreams.descriptors import Descriptors, DescriptorsUnavailable, UnknownMethod
 from aggregator.v1 import aggregator_pb2 as pb
@@ -142,9 +142,18 @@ async def rendered_request(request: GrpcRequest, size: int) -> GrpcRequest:
         ) from None
 
 
-async def decoded_answer(schema: MethodSchema, body: bytes) -> tuple[Any, struct_pb2.Value]:
-    """The answer as Python values and as a Value (in a thread when large); ValueError when
-    it is not the method's output message."""
+async def decoded_answer(
+    schema: MethodSchema, body: bytes, as_value: bool
+) -> tuple[Any, struct_pb2.Value | None]:
+    """The answer as Python values, and as a Value when ``as_value`` (in a thread when large);
+    ValueError when it is not the method's output message."""
     if len(body) > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(schema.decode_value, body)
-    return schema.decode_value(body)
+        return await asyncio.to_thread(_decoded, schema, body, as_value)
+    return _decoded(schema, body, as_value)
+
+
+def _decoded(
+    schema: MethodSchema, body: bytes, as_value: bool
+) -> tuple[Any, struct_pb2.Value | None]:
+    decoded = schema.decode(body)
+    return decoded, json_value(decoded) if as_value else None

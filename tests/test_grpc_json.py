@@ -263,6 +263,7 @@ async def test_json_that_does_not_fit_is_refused_and_nothing_sent(
         ("hang", "did not answer in time"),
         ("garbage", "not a ServerReflectionResponse"),
         ("no-imports", "imports google/protobuf/"),
+        ("endless", "more than 1024 files"),
     ],
 )
 async def test_hostile_reflection_makes_the_target_unavailable(start_server, compiled, kind, words):

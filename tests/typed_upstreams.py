@@ -32,7 +32,7 @@ from tests.upstreams import Recorder
 
 PROTOS = Path(__file__).parent / "protos"
 SERVICE = "shop.v1.Catalog"
-Reflection = Literal["v1alpha", "none", "hang", "garbage", "no-imports"]
+Reflection = Literal["v1alpha", "none", "hang", "garbage", "no-imports", "endless"]
 
 
 def compile_descriptor_set(out: Path) -> Path:
@@ -198,8 +198,8 @@ def _catalog_handler(recorder: Recorder, classes: dict[str, Any], extra: tuple[s
 
 
 def _bad_reflection(kind: Reflection, files: descriptor_pb2.FileDescriptorSet) -> Any:
-    """Reflection (v1 and v1alpha) that hangs, answers garbage, or serves a file without the
-    files it imports."""
+    """Reflection (v1 and v1alpha) that hangs, answers garbage, serves a file without the files
+    it imports, or answers every file asked for with more files importing more."""
     shop = next(file for file in files.file if file.name == "shop/v1/shop.proto")
 
     async def info(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
@@ -216,6 +216,14 @@ def _bad_reflection(kind: Reflection, files: descriptor_pb2.FileDescriptorSet) -
             elif request.HasField("file_containing_symbol"):
                 answer.file_descriptor_response.file_descriptor_proto.append(
                     shop.SerializeToString()
+                )
+            elif kind == "endless":  # every file asked for comes with 100 that import more
+                asked = request.file_by_filename
+                answer.file_descriptor_response.file_descriptor_proto.extend(
+                    descriptor_pb2.FileDescriptorProto(
+                        name=f"{asked}.{i}", dependency=[f"{asked}.{i}.a", f"{asked}.{i}.b"]
+                    ).SerializeToString()
+                    for i in range(100)
                 )
             else:
                 answer.error_response.error_code = grpc.StatusCode.NOT_FOUND.value[0]

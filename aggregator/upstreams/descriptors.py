@@ -28,12 +28,13 @@ from aggregator.schema import MethodSchema, Schema
 MAX_SERVICES = 256
 MAX_FILES = 1024
 MAX_BYTES = 16 * 1024 * 1024
-# A fetch that failed is not tried again before this (each caller is told the same failure).
-RETRY_FAILED_AFTER = 5.0
+# A fetch that failed is not tried again before this (each caller is told the same failure):
+# a reflection that hangs costs each caller its wait at most once in this time.
+RETRY_FAILED_AFTER = 2.0
 # A method nobody knows triggers a refresh (a redeployed upstream gained a method) at most
 # this often: a caller naming unknown methods cannot make every call a reflection exchange.
 REFRESH_AT_MOST_EVERY = 1.0
-_REFLECTION = ("grpc.reflection.v1", "grpc.reflection.v1alpha")
+REFLECTION = ("grpc.reflection.v1", "grpc.reflection.v1alpha")
 log = logging.getLogger("aggregator")
 
 
@@ -179,16 +180,21 @@ class ReflectionError(Exception):
     """The upstream's reflection answered something unusable."""
 
 
-async def fetch_by_reflection(channel: grpc.aio.Channel, timeout: float) -> Schema:
+async def fetch_by_reflection(
+    channel: grpc.aio.Channel, timeout: float, packages: tuple[str, str] = REFLECTION
+) -> tuple[Schema, str]:
     """The upstream's services and their files, by reflection v1 (v1alpha when v1 is
-    UNIMPLEMENTED), within ``timeout`` seconds in all."""
+    UNIMPLEMENTED; ``packages`` in the order to ask), within ``timeout`` seconds in all;
+    and the reflection package that answered."""
     async with asyncio.timeout(timeout):
         try:
-            return await _exchange(channel, _REFLECTION[0], timeout)
+            return await _exchange(channel, packages[0], timeout), packages[0]
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+            # INTERNAL too: a request grpc sends as the upstream ends the call UNIMPLEMENTED
+            # ends it INTERNAL on our side ("Internal error from Core"), seen under load.
+            if exc.code() not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL):
                 raise
-        return await _exchange(channel, _REFLECTION[1], timeout)
+        return await _exchange(channel, packages[1], timeout), packages[1]
 
 
 async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> Schema:
@@ -258,7 +264,7 @@ class _Session:
         names = [
             service.name
             for service in answer.list_services_response.service
-            if not service.name.startswith(_REFLECTION)
+            if not service.name.startswith(REFLECTION)
         ]
         if len(names) > MAX_SERVICES:
             raise ReflectionError(f"its reflection lists more than {MAX_SERVICES} services")

@@ -13,7 +13,7 @@ from aggregator.schema import Schema, load_descriptor_set
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
-from aggregator.upstreams.descriptors import Descriptors, fetch_by_reflection
+from aggregator.upstreams.descriptors import REFLECTION, Descriptors, fetch_by_reflection
 from aggregator.upstreams.status_details import read_details
 from aggregator.v1 import aggregator_pb2 as pb
 
@@ -60,6 +60,7 @@ class GrpcUpstream:
         self._retiring: set[asyncio.Task[None]] = set()
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._reflection = REFLECTION
         self.descriptors = (
             Descriptors(self.name, fetch=self._reflected)
             if config.descriptors == "reflection"
@@ -67,9 +68,15 @@ class GrpcUpstream:
         )
 
     async def _reflected(self) -> Schema:
-        """The upstream's descriptors from its reflection, within its timeout."""
+        """The upstream's descriptors from its reflection, within its timeout: the package
+        that answered last time is asked first (grpcio-reflection serves v1alpha only)."""
         self._rotate_if_changed(self._config.timeout)
-        return await fetch_by_reflection(self._channel, self._config.timeout)
+        schema, package = await fetch_by_reflection(
+            self._channel, self._config.timeout, self._reflection
+        )
+        if package != self._reflection[0]:
+            self._reflection = (self._reflection[1], self._reflection[0])
+        return schema
 
     def __repr__(self) -> str:
         tls = f" tls {self._tls!r}" if self._tls is not None else ""

@@ -39,14 +39,24 @@ async def typed_plan(plan: Plan, descriptors: Mapping[str, Descriptors], stop_at
     wanted = _wanting_schemas(plan.targets)
     if not wanted:
         return plan
-    found = await asyncio.gather(
-        *(_lookup(target, descriptors.get(target.upstream.name), stop_at) for target in wanted)
-    )
+    # Known methods without awaiting (the common case); the others looked up at once.
+    found: list[Lookup | None] = [_cached(target, descriptors) for target in wanted]
+    missing = [index for index, lookup in enumerate(found) if lookup is None]
+    if missing:
+        looked_up = await asyncio.gather(
+            *(
+                _lookup(wanted[i], descriptors.get(wanted[i].upstream.name), stop_at)
+                for i in missing
+            )
+        )
+        for index, answer in zip(missing, looked_up, strict=True):
+            found[index] = answer
     typed: dict[str, PlannedTarget] = {}
     problems: list[str] = []
-    for target, lookup in zip(wanted, found, strict=True):
+    for target, known in zip(wanted, found, strict=True):
+        assert known is not None
         try:
-            typed[target.id] = await _typed(target, lookup)
+            typed[target.id] = await _typed(target, known)
         except InvalidRequest as invalid:
             problems.extend(invalid.problems)
     if problems:
@@ -69,6 +79,12 @@ def _wanting_schemas(targets: Sequence[PlannedTarget]) -> list[PlannedTarget]:
                 continue
         wanted.append(target)
     return wanted
+
+
+def _cached(target: PlannedTarget, descriptors: Mapping[str, Descriptors]) -> Lookup | None:
+    assert isinstance(target.request, GrpcRequest)
+    known = descriptors.get(target.upstream.name)
+    return known.cached(target.request.method) if known is not None else None
 
 
 async def _lookup(target: PlannedTarget, descriptors: Descriptors | None, stop_at: float) -> Lookup:

@@ -67,6 +67,10 @@ class Descriptors:
         state = "fetching" if self._task is not None else "idle"
         return f"<Descriptors {self.upstream} {self._schema!r} [{state}, {self.fetches} fetches]>"
 
+    def cached(self, name: str) -> MethodSchema | None:
+        """The schema of method ``name`` if the descriptors at hand have it (no fetch)."""
+        return self._schema.find(name) if self._schema is not None else None
+
     async def method(self, name: str, wait: float) -> MethodSchema:
         """The schema of method ``name``, waiting at most ``wait`` seconds for a fetch.
 

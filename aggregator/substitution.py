@@ -2,9 +2,9 @@
 
 References may appear in an HTTP target's path, query values, header values and string values
 inside its JSON body, and in a gRPC target's metadata values and JSON request; ``{{item...}}``
-names the element of a ``for_each`` expansion. Every
-reference is checked when the plan is made (it must name a dependency); it is resolved when
-the target starts, against the dependency's JSON body.
+names the element of a ``for_each`` expansion. Every reference is checked when the plan is
+made (it must name a dependency); it is resolved when the target starts, against the
+dependency's JSON body (a gRPC dependency's answer in its proto3 JSON mapping).
 
 Values never change where a request goes: in a path they are percent-encoded (a ``/`` becomes
 ``%2F``, so no segment can be added, and ``.``/``..`` are refused); in a query they are

@@ -16,7 +16,7 @@ from aggregator.config import ConfigError, config_from_mapping
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http
 from tests.typed_upstreams import catalog_upstream, compile_descriptor_set
-from tests.upstreams import refused_port
+from tests.upstreams import refused_port, unanswered_port
 
 SHOP = "/shop.v1.Catalog"
 
@@ -540,3 +540,18 @@ async def test_a_cached_rest_call_fed_by_a_grpc_answer(start_server, catalog, re
     assert [r.cache for r in second if r.id == "count"] == [pb.CACHE_STATUS_HIT]
     assert as_dict(second[-1].json) == {"n": 1}
     assert catalog.calls("GetProduct") == 2
+
+
+async def test_a_connect_that_hangs_is_bounded_by_connect_timeout(start_server):
+    with unanswered_port() as port:
+        _, stub = await start_server(
+            shop={"kind": "grpc", "address": f"127.0.0.1:{port}", "timeout": "4s",
+                  "connect_timeout": "200ms"}
+        )  # fmt: skip
+        started = time.perf_counter()
+        results, code, _, _ = await aggregate(stub, shop("t", "GetProduct", {"sku": "A"}))
+        elapsed = time.perf_counter() - started
+    assert code == grpc.StatusCode.OK
+    assert results[0].outcome == pb.OUTCOME_UNAVAILABLE
+    assert "descriptors of upstream 'shop'" in results[0].error
+    assert elapsed < 2.0  # the connect's 200 ms (and grpc's own rounding), not the 4 s timeout

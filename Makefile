@@ -30,7 +30,12 @@ redis:
 		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
 
-test: lint redis
+# buf (npm @bufbuild/buf, a static binary) for the interop tests; they skip, saying so, without it.
+BUF := $(VENV)/node/node_modules/.bin/buf
+$(BUF): $(STAMP)
+	-command -v npm >/dev/null && npm install --silent --prefix $(VENV)/node @bufbuild/buf >/dev/null
+
+test: lint redis $(BUF)
 	$(BIN)/pytest
 
 proto: install

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import grpc
 import yaml
 
+from aggregator.schema import load_descriptor_set
 from aggregator.security import pem
 from aggregator.security.fields import FRAMING_HEADERS, canonical_header, steering
 
@@ -148,6 +149,9 @@ class UpstreamConfig:
     # Identity, method-override and URL-rewrite headers (X-Forwarded-For, X-HTTP-Method-Override,
     # X-Original-URL...) callers may set for this upstream; every other one is refused.
     allowed_headers: tuple[str, ...] = ()
+    # grpc: where the upstream's message types come from, for JSON requests and answers:
+    # "reflection" (its own server reflection) or the path of a FileDescriptorSet file.
+    descriptors: str = "reflection"
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,6 +655,16 @@ def _path_prefixes(value: Any) -> tuple[str, ...]:
     return prefixes
 
 
+def _descriptors(value: Any) -> str:
+    """``reflection``, or a FileDescriptorSet file that is read (and its imports resolved) now."""
+    if value == "reflection":
+        return "reflection"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} must be reflection or the path of a FileDescriptorSet file")
+    load_descriptor_set(value)
+    return value
+
+
 _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {
     "retry": _read_retry,
     "hedge": _read_hedge,
@@ -684,6 +698,8 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
     }
     if kind == "grpc" and "path_prefixes" in section:
         reader.problems.append(f"{path}.path_prefixes: not used by kind grpc")
+    if kind == "http" and "descriptors" in section:
+        reader.problems.append(f"{path}.descriptors: not used by kind http")
     upstream = UpstreamConfig(
         name=name,
         kind=kind,
@@ -718,6 +734,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
         allowed_headers=reader.value(
             section, "allowed_headers", path, _allowed_headers, d.allowed_headers
         ),
+        descriptors=reader.value(section, "descriptors", path, _descriptors, d.descriptors)
+        if kind == "grpc"
+        else d.descriptors,
         **policies,
     )
     if upstream.tls is not None and upstream.url.startswith("http://"):

@@ -106,19 +106,24 @@ class CallDecoder:
     def __repr__(self) -> str:
         return f"<CallDecoder [{self.used}/{self._max_bytes} bytes decoded]>"
 
+    def charge(self, size: int, target_id: str) -> None:
+        """Counts ``size`` bytes of target ``target_id`` against the call's allowance; raises
+        NotDecoded (and counts nothing) when they do not fit."""
+        if self.used + size > self._max_bytes:
+            self.undecoded.add(target_id)
+            raise NotDecoded(
+                f"JSON not decoded: {size} bytes would take the bodies decoded in this call "
+                f"past server.max_decoded_bytes ({self._max_bytes})"
+            )
+        self.used += size
+
     async def fill(self, value: struct_pb2.Value, body: bytes, target_id: str) -> Any:
         """Parses target ``target_id``'s ``body`` into ``value`` within the call's allowance;
         returns the document.
 
         Raises NotDecoded: with a sentence past the allowance or when too deep, without one
         when the body is not JSON. A body refused for size does not use up the allowance."""
-        if self.used + len(body) > self._max_bytes:
-            self.undecoded.add(target_id)
-            raise NotDecoded(
-                f"JSON not decoded: {len(body)} bytes would take the bodies decoded in this call "
-                f"past server.max_decoded_bytes ({self._max_bytes})"
-            )
-        self.used += len(body)
+        self.charge(len(body), target_id)
         try:
             return await self._decoder.fill(value, body)
         except NotDecoded:
@@ -141,17 +146,22 @@ def fill(value: struct_pb2.Value, body: bytes) -> Any:
         document = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise NotDecoded() from None
-    if not _shallow(document, MAX_MESSAGE_DEPTH):
-        raise NotDecoded(
-            f"JSON not decoded: nested deeper than a protobuf Value can carry "
-            f"({MAX_MESSAGE_DEPTH} message levels; an object takes 3, an array 2)"
-        )
+    check_depth(document)
     try:
         _build(value, document)
     except (ValueError, OverflowError):  # an integer too large for a double
         value.Clear()
         raise NotDecoded() from None
     return document
+
+
+def check_depth(document: Any) -> None:
+    """Raises NotDecoded when ``document`` is deeper than a Value the caller can parse."""
+    if not _shallow(document, MAX_MESSAGE_DEPTH):
+        raise NotDecoded(
+            f"JSON not decoded: nested deeper than a protobuf Value can carry "
+            f"({MAX_MESSAGE_DEPTH} message levels; an object takes 3, an array 2)"
+        )
 
 
 def _shallow(document: Any, levels: int) -> bool:

@@ -23,6 +23,7 @@ class TargetFailure(Exception):
         http_status: int = 0,
         grpc_code: int = 0,
         protocol_error: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(sentence)
         self.outcome = outcome
@@ -32,6 +33,8 @@ class TargetFailure(Exception):
         # What came back was not a valid answer (not HTTP, a broken body): counted against the
         # upstream's breaker like a 5xx, although the outcome is ERROR, as Envoy counts them.
         self.protocol_error = protocol_error
+        # Seconds the upstream asked us to wait before retrying (a gRPC RetryInfo).
+        self.retry_after = retry_after
 
 
 class CallFailure(Exception):

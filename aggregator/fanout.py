@@ -26,8 +26,10 @@ from google.protobuf import duration_pb2, json_format
 from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
+from aggregator.grpc_json import decoded_into, rendered_request
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Endpoint
+from aggregator.schema import MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import ITEM, Substitution, resolve
@@ -270,8 +272,11 @@ class Aggregation:
                 await self._expand(target, self._elements(target))
                 return None
             deadline, reason = self._deadline_for(target, started)
+            request = self._request(target)
+            if isinstance(request, GrpcRequest) and request.json_body is not None:
+                request = await self._encoded(target, request)
             answer = await self._endpoints[target.upstream.name].call(
-                self._request(target),
+                request,
                 idempotent=target.idempotent,
                 deadline=deadline,
                 deadline_reason=reason,
@@ -291,7 +296,11 @@ class Aggregation:
         result = _answered(target, answer.result, origin, began, time.perf_counter_ns())
         result.attempts = answer.attempts
         result.cache = answer.cache
-        if target.decode_json and result.body:
+        request = target.request
+        if isinstance(request, GrpcRequest) and request.schema is not None:
+            if result.outcome == _OK:
+                await self._decode_grpc(target, request.schema, result)
+        elif target.decode_json and result.body:
             await self._decode(target, result)
         return result
 
@@ -307,6 +316,26 @@ class Aggregation:
             return
         if target.id in self._finished and result.outcome == _OK:
             self._bodies[target.id] = document  # what dependents read: parsed once, here
+
+    async def _decode_grpc(
+        self, target: PlannedTarget, schema: MethodSchema, result: pb.TargetResult
+    ) -> None:
+        """A gRPC answer in its JSON mapping: for decode_json, and for targets that read it."""
+        if not target.decode_json and target.id not in self._finished:
+            return
+        body = result.body
+        try:
+            self._decoder.charge(len(body), target.id)
+            decoded = await self._decoder.run(
+                len(body), decoded_into, result.json, schema, body, target.decode_json
+            )
+        except NotDecoded as refused:
+            result.error = "; ".join(filter(None, (result.error, refused.sentence)))
+            return
+        except ValueError:  # not the method's output message: as a REST body that is not JSON
+            result.ClearField("json")
+            return
+        self._bodies[target.id] = decoded
 
     def _elements(self, target: PlannedTarget) -> list[Any]:
         assert target.for_each is not None
@@ -351,20 +380,35 @@ class Aggregation:
             self._finished[target.id].set()
 
     def _request(self, target: PlannedTarget) -> HttpRequest | GrpcRequest:
+        request = target.request
+        if isinstance(request, GrpcRequest) and request.unavailable:
+            raise TargetFailure(pb.OUTCOME_UNAVAILABLE, request.unavailable)
         if not target.templated:
-            return target.request
-        assert isinstance(target.request, HttpRequest)
+            return request
         try:
-            rendered = target.request.rendered(Substitution(target.sources, self._values(target)))
+            rendered = request.rendered(Substitution(target.sources, self._values(target)))
         except RecursionError:  # a value from a dependency nested too deeply to write as JSON
             raise TargetFailure(
                 pb.OUTCOME_ERROR, "a substituted value is JSON nested too deeply to send"
             ) from None
+        return self._checked(target, rendered)
+
+    def _checked(
+        self, target: PlannedTarget, rendered: HttpRequest | GrpcRequest
+    ) -> HttpRequest | GrpcRequest:
         # Substituted values may lengthen the request or leave the allowed paths: check again.
         problems = target_problems(target.upstream, rendered, target.id, self._plan.max_path_bytes)
         if problems:
             raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(problems))
         return rendered
+
+    async def _encoded(self, target: PlannedTarget, request: GrpcRequest) -> GrpcRequest:
+        """A gRPC JSON request left to encode when its target starts (it held references)."""
+        # The substituted values come from the dependencies' answers: they bound its size.
+        size = request.json_size + sum(len(self._settled[d].body) for d in target.depends_on)
+        encoded = self._checked(target, await rendered_request(request, size))
+        assert isinstance(encoded, GrpcRequest)
+        return encoded
 
     def _values(self, target: PlannedTarget) -> Callable[[str], Any]:
         """What a target's references read: dependencies' JSON bodies, and its element."""

@@ -27,6 +27,7 @@ from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import HTTP_METHODS, METADATA_KEY, Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
+from aggregator.schema import MethodSchema
 from aggregator.security.fields import (
     FRAMING_HEADERS,
     canonical_header,
@@ -100,6 +101,20 @@ class GrpcRequest:
     method: str
     request: bytes
     metadata: tuple[tuple[str, str], ...]
+    # GrpcCall.json as Python values (None: request bytes), encoded once the method's
+    # schema is known (aggregator/grpc_json.py); json_size is GrpcCall.json's size in bytes.
+    json_body: Any = None
+    json_size: int = 0
+    schema: MethodSchema | None = None
+    unavailable: str = ""  # why the upstream's descriptors could not be had, when needed
+
+    def rendered(self, substitution: Substitution) -> GrpcRequest:
+        """This request with every {{...}} reference in its JSON and metadata replaced."""
+        return replace(
+            self,
+            json_body=substitution.json(self.json_body) if self.json_body is not None else None,
+            metadata=tuple((key, substitution.metadata(value)) for key, value in self.metadata),
+        )
 
 
 @dataclass(slots=True)
@@ -252,7 +267,9 @@ def query_bytes(query: Iterable[tuple[str, str]]) -> int:
 
 def _plain_grpc(call: pb.GrpcCall, max_path_bytes: int) -> GrpcRequest | None:
     method = call.method
-    if call.metadata or len(method) > max_path_bytes or not _GRPC_METHOD.match(method):
+    if call.metadata or call.HasField("json") or len(method) > max_path_bytes:
+        return None
+    if not _GRPC_METHOD.match(method):
         return None
     return GrpcRequest(method, call.request, ())
 
@@ -391,6 +408,11 @@ def _grpc_problems(call: pb.GrpcCall, allowed: Sequence[str], max_path_bytes: in
             yield f"grpc.metadata[{key!r}]: {problem}"
     for first, second in duplicate_names(sorted(call.metadata)):
         yield f"grpc.metadata: {first!r} and {second!r} are one key to an upstream"
+    if call.HasField("json"):
+        if call.request:
+            yield "grpc: set request (bytes) or json, not both"
+        if not _finite_json(call.json):
+            yield "grpc.json: NaN and Infinity are not JSON numbers"
 
 
 def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
@@ -457,6 +479,11 @@ def _for_each_problems(text: str, sources: Sources) -> Iterator[str]:
 
 
 def _template_texts(target: pb.Target) -> Iterator[str]:
+    if target.WhichOneof("call") == "grpc":
+        yield from target.grpc.metadata.values()
+        if target.grpc.HasField("json") and _finite_json(target.grpc.json):
+            yield from json_strings(json_format.MessageToDict(target.grpc.json))
+        return
     if target.WhichOneof("call") != "http":
         return
     call = target.http
@@ -525,10 +552,13 @@ def _plan_target(
             json_body=_json_body(call),
         )
     else:
+        call_json = target.grpc.json if target.grpc.HasField("json") else None
         request = GrpcRequest(
             method=target.grpc.method,
             request=target.grpc.request,
             metadata=tuple(sorted(target.grpc.metadata.items())) if target.grpc.metadata else (),
+            json_body=json_format.MessageToDict(call_json) if call_json is not None else None,
+            json_size=call_json.ByteSize() if call_json is not None else 0,
         )
     upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
     for_each = None

@@ -20,7 +20,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -36,6 +36,7 @@ from aggregator.config import Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
+from aggregator.grpc_json import typed_plan
 from aggregator.metrics import Metrics
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
@@ -48,6 +49,8 @@ from aggregator.security.tls import ServerCertificates
 from aggregator.timers import Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
+from aggregator.upstreams.descriptors import Descriptors
+from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -109,6 +112,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._metrics = metrics
         self._decoder = decoder
         self._gate = gate or Gate(config.auth)
+        # The gRPC upstreams' descriptors, for targets in JSON (aggregator/grpc_json.py).
+        self.descriptors: Mapping[str, Descriptors] = {}
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
@@ -186,6 +191,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._admit()
             try:
                 plan = self._checked_plan(request, caller, metadata)
+                plan = await typed_plan(plan, self.descriptors, budget.stop_at)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
                 reported, cut = aggregation.reported, aggregation.cut
                 try:
@@ -443,6 +449,11 @@ class AggregatorServer:
             for name, upstream in upstreams.items()
         }
         self._service = AggregatorService(self.config, self.endpoints, self.metrics, self.decoder)
+        self._service.descriptors = {
+            name: upstream.descriptors
+            for name, upstream in upstreams.items()
+            if isinstance(upstream, GrpcUpstream)
+        }
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):

@@ -1,9 +1,10 @@
 """``{{id.field.path}}``: values from earlier results substituted into later calls.
 
 References may appear in an HTTP target's path, query values, header values and string values
-inside its JSON body; ``{{item...}}`` names the element of a ``for_each`` expansion. Every
-reference is checked when the plan is made (it must name a dependency); it is resolved when
-the target starts, against the dependency's JSON body.
+inside its JSON body, and in a gRPC target's metadata values and JSON request; ``{{item...}}``
+names the element of a ``for_each`` expansion. Every reference is checked when the plan is
+made (it must name a dependency); it is resolved when the target starts, against the
+dependency's JSON body (a gRPC dependency's answer in its proto3 JSON mapping).
 
 Values never change where a request goes: in a path they are percent-encoded (a ``/`` becomes
 ``%2F``, so no segment can be added, and ``.``/``..`` are refused); in a query they are
@@ -151,6 +152,15 @@ class Substitution:
         problem = header_value_problem(text)
         if problem is not None:
             raise TargetFailure(pb.OUTCOME_ERROR, f"header {template}: {problem}")
+        return text
+
+    def metadata(self, template: str) -> str:
+        """A gRPC metadata value: printable ASCII only, as grpc sends it."""
+        text = self.text(template)
+        if any(not " " <= ch <= "~" for ch in text):
+            raise TargetFailure(
+                pb.OUTCOME_ERROR, f"{template} gives a metadata value that is not printable ASCII"
+            )
         return text
 
     def json(self, value: Any) -> Any:

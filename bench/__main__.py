@@ -14,7 +14,7 @@ from typing import Any
 from bench.harness import running_harness
 from bench.measure import Settings, measure
 from bench.procs import ProcessFailed
-from bench.report import machine, markdown, now, ratios, table, versions
+from bench.report import json_cost, machine, markdown, now, ratios, table, versions
 from bench.scenarios import SCENARIOS, SIDES, SKIPPED
 
 
@@ -118,6 +118,7 @@ def run(
         },
         "results": results,
         **ratios(results),
+        **json_cost(results),
         "exit_codes": exit_codes,
         "duration_s": round(time.monotonic() - started, 1),
         "side_order": f"round r runs {', '.join(SIDES)} (and floor at c1) rotated by r",

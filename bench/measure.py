@@ -98,6 +98,9 @@ class SideRun:
             "overhead_p99_ms": _percentile(overhead, 99),
             "first_result_p50_ms": _percentile(sorted(self.first), 50),
             "cpu_ms_per_call": _round(1000 * self.server_cpu_s / calls if calls else None, 3),
+            "cpu_us_per_target": _round(
+                1e6 * self.server_cpu_s / (calls * targets) if calls else None, 1
+            ),
             "peak_rss_mb": _round(self.peak_rss_mb, 1),
             "server_cpu_util": _round(self.server_cpu_s / self.wall_s if self.wall_s else 0, 2),
             # Upstreams + load generator share the harness CPUs: near 1.0 per CPU, they may be

@@ -22,6 +22,25 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     return {"throughput_vs_naive": throughput, "overhead_p50_vs_naive": overhead}
 
 
+def json_cost(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The aggregator's CPU per gRPC target written in JSON (answer decoded) and in bytes,
+    when both grpc5 scenarios ran: what the JSON path costs."""
+    json_runs = [key for key in results if key.startswith("grpc5-json/")]
+    cost: dict[str, Any] = {}
+    for key in json_runs:
+        twin = key.replace("grpc5-json/", "grpc5-bytes/")
+        if twin in results:
+            in_json = results[key]["aggregator"]["cpu_us_per_target"]
+            in_bytes = results[twin]["aggregator"]["cpu_us_per_target"]
+            extra = None if in_json is None or in_bytes is None else round(in_json - in_bytes, 1)
+            cost[key.removeprefix("grpc5-json/")] = {
+                "json_us_per_target": in_json,
+                "bytes_us_per_target": in_bytes,
+                "json_extra_us_per_target": extra,
+            }
+    return {"grpc_json_cpu": cost} if cost else {}
+
+
 def _ratio(ours: float | None, theirs: float | None) -> float | None:
     if ours is None or not theirs or theirs <= 0:
         return None

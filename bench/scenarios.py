@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aggregator.v1 import aggregator_pb2 as pb
+from bench import quote
 
 SIDES = ("aggregator", "naive", "sequential")
 # The gRPC stack alone, at concurrency 1 only: a grpc.aio server that calls nothing, waits as long
@@ -22,6 +23,7 @@ FLOOR = "floor"
 DELAY_METHOD = "/bench.v1.Upstream/Delay"
 REST_UPSTREAMS = ("u0", "u1", "u2", "u3", "u4")
 GRPC_UPSTREAMS = ("g0", "g1")
+TYPED_UPSTREAM = "quotes"  # bench/quote.py's typed method, on the gRPC upstreams' server
 BULK_UPSTREAM = "bulk"  # batch1000's own pool, warmed by its warm-up request
 HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM)
 # Both sides may hold this many connections to one upstream: the aggregator through each
@@ -43,7 +45,7 @@ class Call:
 
     upstream: str
     ms: float
-    kind: Literal["http", "grpc"] = "http"
+    kind: Literal["http", "grpc", "typed"] = "http"  # typed: bench/quote.py's method
     slow_pct: float = 0.0  # the upstream rolls its seeded RNG per request
     slow_ms: float = 0.0
 
@@ -76,19 +78,31 @@ class Scenario:
     warmup: tuple[Call, ...] | None = None  # a lighter request to warm pools, if not `calls`
     warmup_max_calls: int | None = None
     aggregator_suffix: str = ""  # the aggregator's upstream names get this (hedged twins)
+    # Typed calls go to the aggregator in JSON (decode_json on); other sides get the bytes.
+    typed_json: bool = False
 
     def request_for(self, side: str, warmup: bool = False) -> pb.AggregateRequest:
         calls = self.warmup if warmup and self.warmup is not None else self.calls
         suffix = self.aggregator_suffix if side == "aggregator" else ""
-        return pb.AggregateRequest(targets=[_target(i, c, suffix) for i, c in enumerate(calls)])
+        in_json = self.typed_json and side == "aggregator"
+        return pb.AggregateRequest(
+            targets=[_target(i, c, suffix, in_json) for i, c in enumerate(calls)]
+        )
 
     @property
     def slowest_ms(self) -> float:
         return max(max(call.ms, call.slow_ms) for call in self.calls)
 
 
-def _target(index: int, call: Call, suffix: str) -> pb.Target:
+def _target(index: int, call: Call, suffix: str, in_json: bool = False) -> pb.Target:
     upstream = call.upstream + (suffix if call.kind == "http" else "")
+    if call.kind == "typed":
+        typed = pb.GrpcCall(upstream=upstream, method=quote.METHOD)
+        if in_json:
+            typed.json.struct_value.update(quote.request_json(call.ms))
+        else:
+            typed.request = quote.request_bytes(call.ms)
+        return pb.Target(id=f"t{index}", grpc=typed, decode_json=in_json)
     if call.kind == "grpc":
         grpc_call = pb.GrpcCall(upstream=upstream, method=DELAY_METHOD, request=_ms(call).encode())
         return pb.Target(id=f"t{index}", grpc=grpc_call)
@@ -171,6 +185,22 @@ SCENARIOS["cache-hot"] = Scenario(
     aggregator_suffix=CACHED_SUFFIX,
 )
 
+# The JSON path's cost: five gRPC targets written in JSON (encoded with the descriptors the
+# aggregator fetched by reflection, answers decoded with decode_json) against the same five in
+# bytes. The naive and sequential sides send the bytes in both.
+_TYPED5 = tuple(Call(TYPED_UPSTREAM, 20, kind="typed") for _ in range(5))
+SCENARIOS["grpc5-bytes"] = Scenario(
+    "grpc5-bytes", "five gRPC targets at 20 ms, requests and answers in bytes", _TYPED5,
+    (Point(16),),
+)  # fmt: skip
+SCENARIOS["grpc5-json"] = Scenario(
+    "grpc5-json",
+    "the same five gRPC targets written in JSON, answers decoded (decode_json) by the aggregator",
+    _TYPED5,
+    (Point(16),),
+    typed_json=True,
+)
+
 # Scenarios that cannot run, and why.
 SKIPPED: dict[str, str] = {}
 if HEDGE_DELAY_MS is None:
@@ -191,7 +221,7 @@ def aggregator_config(
     http = {"kind": "http", "connect_timeout": "250ms", **policies}
     upstreams: dict[str, Any] = {name: {**http, "url": http_urls[name]} for name in REST_UPSTREAMS}
     upstreams[BULK_UPSTREAM] = {**http, "url": http_urls[BULK_UPSTREAM], "timeout": "5s"}
-    for name in GRPC_UPSTREAMS:
+    for name in (*GRPC_UPSTREAMS, TYPED_UPSTREAM):
         upstreams[name] = {"kind": "grpc", "address": grpc_address, **policies}
     if HEDGE_DELAY_MS is not None:
         hedge = {"hedge": {"delay": f"{HEDGE_DELAY_MS:g}ms"}}
@@ -220,5 +250,6 @@ def naive_upstreams(
     upstreams: dict[str, Mapping[str, str]] = {
         name: {"kind": "http", "url": http_urls[name]} for name in HTTP_UPSTREAMS
     }
-    upstreams.update({name: {"kind": "grpc", "address": grpc_address} for name in GRPC_UPSTREAMS})
+    grpc_names = (*GRPC_UPSTREAMS, TYPED_UPSTREAM)
+    upstreams.update({name: {"kind": "grpc", "address": grpc_address} for name in grpc_names})
     return upstreams

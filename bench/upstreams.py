@@ -5,7 +5,8 @@ per REST upstream name (as distinct services would: pools are per host and port)
 ``?slow_pct=P&slow_ms=S`` the request takes S ms instead, P percent of the time (a seeded RNG,
 so runs are repeatable in distribution). gRPC: a grpc.aio generic server,
 ``/bench.v1.Upstream/Delay`` whose request is
-the milliseconds as ASCII. Both answer the same small JSON body.
+the milliseconds as ASCII. Both answer the same small JSON body. The gRPC server also serves a
+typed method, ``/bench.v1.Quotes/Get`` (bench/quote.py), with its reflection.
 
 Run as ``python -m bench.upstreams --seed N``: prints ``{"http_ports": {name: port, ...},
 "grpc_port": ...}`` on one line, then serves until SIGTERM.
@@ -22,7 +23,9 @@ from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
+from grpc_reflection.v1alpha import reflection
 
+from bench import quote
 from bench.procs import run_loop
 from bench.scenarios import DELAY_METHOD, HTTP_UPSTREAMS
 
@@ -86,13 +89,26 @@ async def _grpc_delay(request: bytes, context: grpc.aio.ServicerContext[bytes, b
     return BODY
 
 
+async def _quote(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    asked = quote.message_class("QuoteRequest").FromString(request)
+    await asyncio.sleep(asked.delay_ms / 1000)
+    return quote.answer()
+
+
 def grpc_server() -> grpc.aio.Server:
     server = grpc.aio.server()
     service, method = DELAY_METHOD.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(
         service, {method: grpc.unary_unary_rpc_method_handler(_grpc_delay)}
     )
-    server.add_generic_rpc_handlers((handler,))
+    quotes = grpc.method_handlers_generic_handler(
+        quote.SERVICE, {"Get": grpc.unary_unary_rpc_method_handler(_quote)}
+    )
+    server.add_generic_rpc_handlers((handler, quotes))
+    # The typed service's reflection (grpcio-reflection's, v1alpha), as a real upstream's.
+    reflection.enable_server_reflection(
+        (quote.SERVICE, reflection.SERVICE_NAME), server, pool=quote.pool()
+    )
     return server
 
 

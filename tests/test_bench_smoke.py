@@ -68,3 +68,25 @@ def test_quick_bench_reports_every_figure_for_every_side(tmp_path: Path) -> None
     ).stdout.splitlines()
     assert readme_table[0].startswith("| scenario | side | calls/s |")
     assert len(readme_table) == 2 + sum(len(sides) for sides in report["results"].values())
+
+
+@pytest.mark.slow
+def test_quick_bench_measures_grpc_targets_in_json_and_in_bytes(tmp_path: Path) -> None:
+    output = tmp_path / "bench-results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "grpc5-bytes,grpc5-json",
+         "--output", output],
+        cwd=ROOT, capture_output=True, text=True, timeout=50,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(output.read_text())
+    for key in ("grpc5-bytes/c16", "grpc5-json/c16"):
+        for side in SIDES:
+            figures = report["results"][key][side]
+            assert figures["calls"] > 0, (key, side, figures)
+            assert not figures["errors"], (key, side, figures)
+            assert not figures["not_ok_results"], (key, side, figures)
+            assert "cpu_us_per_target" in figures
+    assert set(report["grpc_json_cpu"]["c16"]) == {
+        "json_us_per_target", "bytes_us_per_target", "json_extra_us_per_target",
+    }  # fmt: skip

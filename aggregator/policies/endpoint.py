@@ -379,7 +379,7 @@ class Endpoint:
         retry = self._config.retry
         backoff, cap = (retry.backoff, retry.max_backoff) if retry else (0.025, 0.25)
         delay = random.uniform(0, min(cap, backoff * 2 ** (attempts - 1)))
-        if isinstance(result, Reply) and result.retry_after is not None:
+        if result.retry_after is not None:  # Retry-After, or a gRPC RetryInfo
             delay = max(delay, result.retry_after)
         if self._loop.time() + delay + self._latency >= deadline:
             return None

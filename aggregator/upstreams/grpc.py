@@ -9,10 +9,13 @@ import grpc
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.schema import Schema, load_descriptor_set
 from aggregator.security import hops
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
+from aggregator.upstreams.descriptors import REFLECTION, Descriptors, fetch_by_reflection
+from aggregator.upstreams.status_details import read_details
 from aggregator.v1 import aggregator_pb2 as pb
 
 _CHANNEL_OPTIONS = (
@@ -64,6 +67,23 @@ class GrpcUpstream:
         # Method names come from callers: the cache is bounded so they cannot grow it forever.
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._methods_size = 0  # characters of the names in _methods
+        self._reflection = REFLECTION
+        self.descriptors = (
+            Descriptors(self.name, fetch=self._reflected)
+            if config.descriptors == "reflection"
+            else Descriptors(self.name, schema=load_descriptor_set(config.descriptors))
+        )
+
+    async def _reflected(self) -> Schema:
+        """The upstream's descriptors from its reflection, within its timeout: the package
+        that answered last time is asked first (grpcio-reflection serves v1alpha only)."""
+        self._rotate_if_changed(self._config.timeout)
+        schema, package = await fetch_by_reflection(
+            self._channel, self._config.timeout, self._reflection
+        )
+        if package != self._reflection[0]:
+            self._reflection = (self._reflection[1], self._reflection[0])
+        return schema
 
     def __repr__(self) -> str:
         tls = f" tls {self._tls!r}" if self._tls is not None else ""
@@ -123,6 +143,7 @@ class GrpcUpstream:
         return callable_
 
     async def aclose(self) -> None:
+        await self.descriptors.aclose()
         for task in self._retiring:
             task.cancel()
         if self._retiring:
@@ -133,9 +154,15 @@ class GrpcUpstream:
 def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
     details = exc.details() or code.name
+    extra = read_details(exc.trailing_metadata())
+    if extra.words:  # the upstream's error details, after its own message
+        details = f"{details} ({extra.words})"
     if code == grpc.StatusCode.UNAVAILABLE:
         raise TargetFailure(
-            pb.OUTCOME_UNAVAILABLE, f"{name} is unavailable: {details}", grpc_code=code.value[0]
+            pb.OUTCOME_UNAVAILABLE,
+            f"{name} is unavailable: {details}",
+            grpc_code=code.value[0],
+            retry_after=extra.retry_after,
         ) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise TargetFailure(
@@ -150,4 +177,10 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"upstreams.{name}.max_response_bytes ({max_bytes}): {details}",
             grpc_code=code.value[0],
         ) from exc
-    return Reply(ok=False, body=b"", grpc_code=code.value[0], reason=f"gRPC {code.name}: {details}")
+    return Reply(
+        ok=False,
+        body=b"",
+        grpc_code=code.value[0],
+        reason=f"gRPC {code.name}: {details}",
+        retry_after=extra.retry_after,
+    )

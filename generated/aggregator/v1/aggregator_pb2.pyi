@@ -104,7 +104,7 @@ class HttpCall(_message.Message):
     def __init__(self, upstream: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., query: _Optional[_Mapping[str, str]] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[bytes] = ..., json: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class GrpcCall(_message.Message):
-    __slots__ = ("upstream", "method", "request", "metadata")
+    __slots__ = ("upstream", "method", "request", "metadata", "json")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,11 +116,13 @@ class GrpcCall(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
     upstream: str
     method: str
     request: bytes
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, upstream: _Optional[str] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    json: _struct_pb2.Value
+    def __init__(self, upstream: _Optional[str] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ..., json: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class TargetResult(_message.Message):
     __slots__ = ("id", "outcome", "http_status", "grpc_code", "body", "content_type", "json", "error", "attempts", "start_offset", "latency", "cache", "from_fallback")

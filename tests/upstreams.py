@@ -290,11 +290,16 @@ async def grpc_upstream() -> AsyncIterator[GrpcUpstream]:
         await server.stop(None)
 
 
+_HELD_PORTS: list[socket.socket] = []
+
+
 def refused_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on: bound and never listened on, and held for the rest
+    of the session, so no server started later can take it (connections to it are refused)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(sock)
+    return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

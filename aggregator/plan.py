@@ -352,6 +352,8 @@ def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
     label = f"target {target.id!r}"
     sources = tuple(target.depends_on)
+    if ITEM in sources:  # {{item...}} is for_each's element: a target of that name is unreachable
+        yield f"{label}: depends_on names target 'item', but {{{{item}}}} is for_each's element"
     if target.for_each:
         yield from (f"{label}: {p}" for p in _for_each_problems(target.for_each, sources))
         sources = (*sources, ITEM)

@@ -426,3 +426,31 @@ def test_documented_defaults_are_the_code_defaults(key: str):
     )
     if stated is not None and parsed:
         assert parsed_value(key) == stated, f"{key}: the parser fills in something else"
+
+
+# Links between the pages.
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``path``."""
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if heading := re.match(r"^#+ (.+)$", line):
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            found.add(slug)
+    return found
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_link_between_pages_reaches_its_file_and_heading(page: Path):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+    for link in _LINK.findall(text):
+        if re.match(r"^[a-z]+:", link):
+            continue  # https:, mailto:
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f"{page.name}: {link} names no file"
+        if anchor:
+            assert anchor in anchors(path), f"{page.name}: {link} names no heading of {path.name}"

@@ -19,9 +19,10 @@ demo: install
 	$(BIN)/aggregator demo
 
 lint: install
-	$(BIN)/ruff check aggregator tests
-	$(BIN)/ruff format --check aggregator tests
+	$(BIN)/ruff check aggregator tests examples
+	$(BIN)/ruff format --check aggregator tests examples
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 # The cache tests run a real redis-server; install it from Debian's packages if missing.
 redis:

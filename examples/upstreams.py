@@ -9,6 +9,7 @@ and ``upstreams.health.address`` (gRPC). Stop them with ``kill %1`` (or Ctrl-C i
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,24 +55,26 @@ def addresses(config_path: str) -> tuple[str, int, str]:
 
 async def serve(config_path: str) -> None:
     host, port, grpc_address = addresses(config_path)
+    stop = asyncio.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):  # kill %1, Ctrl-C: stop cleanly
+        asyncio.get_running_loop().add_signal_handler(signal_number, stop.set)
     runner = web.AppRunner(rest_app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
     server = grpc.aio.server()
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    server.add_insecure_port(grpc_address)
-    await server.start()
-    print(f"example upstreams: REST on {host}:{port}, gRPC on {grpc_address}", flush=True)
     try:
-        await server.wait_for_termination()
+        await web.TCPSite(runner, host, port).start()
+        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        server.add_insecure_port(grpc_address)
+        await server.start()
+        print(f"example upstreams: REST on {host}:{port}, gRPC on {grpc_address}", flush=True)
+        await stop.wait()
     finally:
         await server.stop(None)
         await runner.cleanup()
 
 
 if __name__ == "__main__":
-    config = sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).with_name("config.yaml"))
-    try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(
+        serve(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).parent / "config.yaml"))
+    )

@@ -454,3 +454,8 @@ def test_every_link_between_pages_reaches_its_file_and_heading(page: Path):
         assert path.exists(), f"{page.name}: {link} names no file"
         if anchor:
             assert anchor in anchors(path), f"{page.name}: {link} names no heading of {path.name}"
+
+
+def test_the_readme_stays_a_front_door():
+    # The reference lives in docs/; the README says what this is, how to run it, and links.
+    assert len((ROOT / "README.md").read_bytes()) < 15_000

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
-.PHONY: install demo test lint proto bench clean redis
+.PHONY: install demo test lint proto proto-check proto-release bench clean redis
 
 install: $(STAMP)
 
@@ -19,9 +19,10 @@ demo: install
 	$(BIN)/aggregator demo
 
 lint: install
-	$(BIN)/ruff check aggregator tests
-	$(BIN)/ruff format --check aggregator tests
+	$(BIN)/ruff check aggregator tests examples
+	$(BIN)/ruff format --check aggregator tests examples
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 # The cache tests run a real redis-server; install it from Debian's packages if missing.
 redis:
@@ -35,7 +36,19 @@ BUF := $(VENV)/node/node_modules/.bin/buf
 $(BUF): $(STAMP)
 	-command -v npm >/dev/null && npm install --silent --prefix $(VENV)/node @bufbuild/buf >/dev/null
 
-test: lint redis $(BUF)
+# The contract: buf lint (rules and deliberate departures in protos/buf.yaml) and buf breaking
+# against the image of the released contract, so an accidental incompatible change fails.
+RELEASED := protos/aggregator.v1.json
+proto-check: $(BUF)
+	@test -x $(BUF) || { echo "proto-check: buf is missing (npm install --prefix $(VENV)/node @bufbuild/buf)"; exit 1; }
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(RELEASED)
+
+# Only when a break is meant (a new major version) or an addition is released: rewrites the image.
+proto-release: $(BUF)
+	$(BUF) build protos --exclude-source-info -o $(RELEASED)
+
+test: lint proto-check redis
 	$(BIN)/pytest
 
 proto: install

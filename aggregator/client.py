@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
 _TICK = 0.1  # seconds between redraws of a live chart
+_PROTO_DURATION = re.compile(r"^-?[0-9]+(\.[0-9]{1,9})?s\Z")  # the proto3 JSON form of a Duration
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
@@ -89,6 +91,7 @@ def load_request(source: str, stdin: TextIO | None = None) -> pb.AggregateReques
     name = "stdin" if source == "-" else source
     text = _read(source, stdin or sys.stdin)
     raw = _parse(text, name)
+    _check_durations(raw, name)
     try:
         return json_format.ParseDict(raw, pb.AggregateRequest())
     except (json_format.ParseError, TypeError, ValueError) as exc:
@@ -120,6 +123,21 @@ def _parse(text: str, name: str) -> dict[str, Any]:
         kind = type(raw).__name__
         raise UsageError(f"{name}: must be a mapping with a targets list, got {kind}")
     return raw
+
+
+def _check_durations(raw: dict[str, Any], name: str) -> None:
+    """Request timeouts are proto Durations (``"0.1s"``), unlike the config's ``100ms``: protobuf's
+    own error for ``"100ms"`` (``invalid literal for int()``) would not say so."""
+    targets = raw.get("targets")
+    for index, target in enumerate(targets if isinstance(targets, list) else ()):
+        value = target.get("timeout") if isinstance(target, dict) else None
+        if isinstance(value, str) and not _PROTO_DURATION.match(value):
+            where = f"target {target.get('id')!r}" if target.get("id") else f"targets[{index}]"
+            raise UsageError(
+                f"{name}: {where}: timeout {value!r} is not a proto Duration: request durations "
+                'are seconds with an "s" suffix ("0.1s", "2s", "1.5s"), not config durations '
+                'like "100ms"'
+            )
 
 
 def parse_metadata(items: Sequence[str]) -> Metadata:

@@ -442,6 +442,8 @@ def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
     if len(target.depends_on) > MAX_DEPENDS_ON:
         return  # refused for its depends_on already; the references cannot be checked
+    if ITEM in target.depends_on:  # {{item...}} is for_each's element: that target is unreachable
+        yield "depends_on names target 'item', but {{item}} is for_each's element"
     if target.for_each:
         yield from _for_each_problems(target.for_each, Sources(target.depends_on))
     sources = Sources((*target.depends_on, ITEM) if target.for_each else target.depends_on)

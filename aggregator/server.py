@@ -469,9 +469,26 @@ class AggregatorServer:
             await self._close_endpoints()
             raise
         await self._server.start()
-        log.info("serving on %s (port %d, %s)", server_config.address, self.port,
-                 "TLS" if self._certificates else "plaintext")  # fmt: skip
+        log.info("serving %s", self._listening())
         return self.port
+
+    def _listening(self) -> str:
+        """Every port bound, as a newcomer needs them: ``gRPC on 127.0.0.1:50051 (plaintext),
+        health off, metrics on http://127.0.0.1:9464/metrics``."""
+        server_config = self.config.server
+        security = "TLS" if self._certificates else "plaintext"
+        parts = [f"gRPC on {_bound(server_config.address, self.port)} ({security})"]
+        if self.health_port:
+            health = _bound(server_config.health_address, self.health_port)
+            parts.append(f"health on {health} (plaintext, grpc.health.v1 only)")
+        else:
+            parts.append("health on the gRPC port")
+        if self.metrics_port:
+            metrics = _bound(server_config.metrics_address, self.metrics_port)
+            parts.append(f"metrics on http://{metrics}/metrics")
+        else:
+            parts.append("metrics off")
+        return ", ".join(parts)
 
     def _server_options(self) -> tuple[tuple[str, int], ...]:
         return (("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),)
@@ -595,3 +612,8 @@ def _start_tracing(config: Config) -> Any:
         ) from exc
     tracing.enable(provider)
     return provider
+
+
+def _bound(address: str, port: int) -> str:
+    """``address`` with the port actually bound (``127.0.0.1:0`` -> ``127.0.0.1:41169``)."""
+    return f"{address.rpartition(':')[0]}:{port}"

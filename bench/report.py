@@ -215,7 +215,7 @@ _MARKDOWN = (
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The table the README's Performance section shows (``python -m bench --markdown FILE``)."""
+    """The table docs/performance.md shows (``python -m bench --markdown FILE``)."""
     titles = ["scenario", "side", *(title for title, _, _ in _MARKDOWN), "vs naive"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for key, sides in report["results"].items():

@@ -172,6 +172,11 @@ async def test_a_request_the_server_refuses_exits_1_with_its_reasons(start_serve
         ("- just\n- a list\n", "must be a mapping with a targets list, got list"),
         ("targetz: []\n", 'has no field named "targetz"'),
         ("targets: [{id: a, http: {upstream: rest}, timeout: soon}]\n", "Duration"),
+        (  # the config's duration form, in a request: say which form a request needs
+            "targets: [{id: a, http: {upstream: rest}, timeout: 100ms}]\n",
+            "target 'a': timeout '100ms' is not a proto Duration: request durations are seconds"
+            ' with an "s" suffix ("0.1s"',
+        ),
     ],
 )
 def test_a_bad_request_file_is_refused_with_a_clear_error(tmp_path, capsys, content, problem):

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, ids, wait_for
-from tests.upstreams import refused_port
+from tests.upstreams import free_port, refused_port
 
 
 async def aggregate(stub, *targets: pb.Target, timeout: float = 5):
@@ -290,7 +290,7 @@ def redis_server() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make test`, which installs it")
-    port = refused_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.PIPE,
@@ -355,3 +355,25 @@ async def test_substituted_values_are_checked_against_the_upstreams_rules(start_
     assert failed.outcome == pb.OUTCOME_ERROR
     assert "exceeds upstreams.small.max_request_bytes (64)" in failed.error
     assert len(rest.recorder.requests) == 1  # only the user call went out
+
+
+async def test_a_target_named_item_works_while_nothing_references_it(stub):
+    item = source("item", {"sku": "A"})
+    after = http("after", "/echo/x", depends_on=["item"])
+    results, code, _, _ = await aggregate(stub, item, after)
+    assert code == grpc.StatusCode.OK
+    assert sorted(ids(results)) == ["after", "item"]
+
+
+@pytest.mark.parametrize("for_each", ["", "{{item.skus}}"])
+async def test_references_to_a_target_named_item_are_refused(stub, rest, for_each):
+    # {{item}} is for_each's element (and nothing outside for_each): a target of that name
+    # could never be read, so a reference to it is refused rather than left unresolvable.
+    item = source("item", {"sku": "A", "skus": ["A", "B"]})
+    detail = http("d", "/echo/{{item.sku}}", depends_on=["item"], for_each=for_each)
+    results, code, details, _ = await aggregate(stub, item, detail)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    problem = "target 'd': depends_on names target 'item', but {{item}} is for_each's element"
+    assert problem in details
+    assert results == []
+    assert rest.recorder.requests == []

@@ -131,3 +131,24 @@ def test_text_lines_carry_the_extra_fields_and_tracebacks_like_logging_does():
     assert rest[-1] == "ValueError: boom"
     # The same date and time as logging's own formatter, to the millisecond.
     assert formatter.format(plain)[:23] == logging.Formatter("%(asctime)s").format(plain)
+
+
+async def test_metrics_carry_no_created_series(start_server):
+    server, _ = await start_server(server={"metrics_address": "127.0.0.1:0"})
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    assert "_created" not in text  # one per child, most of the page, read by no dashboard
+    assert len(text.encode()) < 15_000
+
+
+async def test_the_start_line_names_every_port_bound(start_server, log_lines):
+    server, _ = await start_server(
+        server={"metrics_address": "127.0.0.1:0", "health_address": "127.0.0.1:0"}
+    )
+    started = [r.getMessage() for r in log_lines.records if r.getMessage().startswith("serving")]
+    assert started == [
+        f"serving gRPC on 127.0.0.1:{server.port} (plaintext), "
+        f"health on 127.0.0.1:{server.health_port} (plaintext, grpc.health.v1 only), "
+        f"metrics on http://127.0.0.1:{server.metrics_port}/metrics"
+    ]

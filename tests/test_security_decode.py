@@ -31,7 +31,7 @@ from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
 from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
 from tests.test_tls import server_tls
-from tests.upstreams import raw_upstream, refused_port
+from tests.upstreams import free_port, raw_upstream
 
 MIB = 1024 * 1024
 
@@ -353,7 +353,7 @@ def _nested(levels: int, fan_out: int) -> bytes:
 
 
 async def test_an_aggregator_calling_itself_stops_at_the_third_hop(start_server, rest, text_log):
-    port = refused_port()
+    port = free_port()
     self_upstream = {"kind": "grpc", "address": f"127.0.0.1:{port}", "timeout": "5s"}
     _, stub = await start_server(server={"address": f"127.0.0.1:{port}"}, self=self_upstream)
     started = time.perf_counter()

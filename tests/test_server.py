@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import aggregator_process, collect, http, wait_for
-from tests.upstreams import RestUpstream, refused_port
+from tests.upstreams import RestUpstream, free_port
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -93,7 +93,7 @@ upstreams:
 @pytest.fixture
 async def serve_process(tmp_path, rest) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """`aggregator serve` in a child process, ready when its health says SERVING."""
-    port = refused_port()
+    port = free_port()
     config = tmp_path / "config.yaml"
     _write_config(config, port, rest, grace="2s")
     async with aggregator_process(config, port) as process:

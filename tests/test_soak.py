@@ -34,7 +34,7 @@ from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import TRAILER_KEYS, collect, http, rpc_target, wait_for
-from tests.upstreams import RestUpstream, refused_port, reset_connection
+from tests.upstreams import RestUpstream, free_port, reset_connection
 
 ROOT = Path(__file__).resolve().parent.parent
 SOAK_SECONDS = float(os.environ.get("AGGREGATOR_SOAK_SECONDS", "20"))
@@ -648,7 +648,7 @@ TARGETS_PER_CALL = 3
 @pytest.fixture
 async def serve_process(tmp_path, rest) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """`aggregator serve` in a child process, ready when its health says SERVING."""
-    port = refused_port()
+    port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""

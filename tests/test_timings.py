@@ -16,7 +16,7 @@ from aggregator.logs import JsonFormatter
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import aggregator_process, collect, http
-from tests.upstreams import RestUpstream, refused_port
+from tests.upstreams import RestUpstream, free_port
 
 MS = 1_000_000  # nanoseconds
 
@@ -39,7 +39,7 @@ async def uvloop_server(
     tmp_path, rest: RestUpstream
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """`aggregator serve` on uvloop, logging JSON lines."""
-    port = refused_port()
+    port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""

@@ -19,7 +19,7 @@ from aggregator import tracing
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http, rpc_target
-from tests.upstreams import refused_port
+from tests.upstreams import free_port
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -79,7 +79,7 @@ async def test_tracing_off_sends_no_traceparent(stub, rest):
 
 
 async def test_tracing_section_turns_tracing_on_in_serve(tmp_path, rest):
-    port = refused_port()
+    port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
-from tests.upstreams import refused_port
+from tests.upstreams import free_port
 
 
 async def counted(metrics_dir: Path, calls: int) -> list[float]:
@@ -45,7 +45,7 @@ def calls_per_worker(metrics_dir: Path) -> list[float]:
 
 
 async def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path, rest):
-    port, metrics_port = refused_port(), refused_port()
+    port, metrics_port = free_port(), free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""

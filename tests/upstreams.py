@@ -293,6 +293,13 @@ async def grpc_upstream() -> AsyncIterator[GrpcUpstream]:
 _HELD_PORTS: list[socket.socket] = []
 
 
+def free_port() -> int:
+    """A loopback port free a moment ago, for a server the test starts (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def refused_port() -> int:
     """A loopback port nothing listens on: bound and never listened on, and held for the rest
     of the session, so no server started later can take it (connections to it are refused)."""

@@ -2,7 +2,7 @@
 
 The REST upstreams' transport. aiohttp's client did the same work for about 190 µs more Python
 per request than this module (measured on this project's machine: 222 against 30 µs of CPU
-for a keep-alive GET on uvloop; see the README's Performance section): at five targets an
+for a keep-alive GET on uvloop; see docs/performance.md): at five targets an
 aggregate that was 40% of the server's CPU. What it keeps of a full client is what an
 aggregator needs: keep-alive pooling with an idle limit, TLS, framing by Content-Length,
 chunked or close, 1xx responses skipped, a cap on what a response may make us buffer, and a

@@ -26,11 +26,13 @@ aggregates:
       locale: {default: "en"}
     targets:
       - {id: product, required: true, decode_json: true,
-         http: {upstream: catalog, path: "/products/{{params.sku}}", query: {lang: "{{params.locale}}"}}}
+         http: {upstream: catalog, path: "/products/{{params.sku}}",
+                query: {lang: "{{params.locale}}"}}}
       - {id: price, decode_json: true,
          grpc: {upstream: pricing, method: /pricing.v1.Prices/Get, json: {sku: "{{params.sku}}"}}}
       - {id: reviews, depends_on: [product], timeout: 0.3s, fallback: [],
-         http: {upstream: catalog, path: "/reviews/{{product.id}}", headers: {x-locale: "{{params.locale}}"}}}
+         http: {upstream: catalog, path: "/reviews/{{product.id}}",
+                headers: {x-locale: "{{params.locale}}"}}}
 """
 
 

@@ -828,10 +828,7 @@ def _read_caller(
     if "certificate" not in section and "token_subject" not in section:
         reader.problems.append(f"{path}: needs a certificate or a token_subject to be known by")
     if "upstreams" not in section and "aggregates" not in section:
-        reader.problems.append(
-            f'{path}.upstreams: required (a list of upstream names, or "*"), unless the caller '
-            "runs only named aggregates (aggregates)"
-        )
+        reader.problems.append(f'{path}.upstreams: required (a list of upstream names, or "*")')
     caller = CallerConfig(
         name=name,
         certificate=reader.value(section, "certificate", path, _text, ""),

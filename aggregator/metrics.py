@@ -1,7 +1,7 @@
 """Prometheus metrics of SPEC §9, with every label child bound once at start-up.
 
-Labels are bounded: upstream names come from the config and outcomes from the enum; no id,
-path or request value ever becomes a label.
+Labels are bounded: upstream and aggregate names come from the config and outcomes from the
+enum; no id, path or request value ever becomes a label.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
+from aggregator.config import AD_HOC
 from aggregator.v1 import aggregator_pb2 as pb
 
 # From a tenth of a millisecond (the service's own overhead) to the longest deadline.
@@ -42,7 +43,12 @@ class UpstreamMetrics:
 class Metrics:
     """Every metric of the service, registered in ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry, upstreams: Iterable[str]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        upstreams: Iterable[str],
+        aggregates: Iterable[str] = (),
+    ) -> None:
         self.registry = registry
         # What /metrics serves: this process's registry, or with server.workers > 1 the
         # sum over every worker's files in PROMETHEUS_MULTIPROC_DIR.
@@ -51,12 +57,13 @@ class Metrics:
             self.exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposition)  # type: ignore[no-untyped-call]
         self.calls = Counter(
-            "aggregator_calls", "Aggregate and Collect calls by final gRPC status code.",
-            ["code"], registry=registry,
+            "aggregator_calls",
+            "Aggregate and Collect calls by final gRPC status code and named aggregate.",
+            ["code", "aggregate"], registry=registry,
         )  # fmt: skip
         self.call_duration = Histogram(
-            "aggregator_call_duration_seconds", "Wall time of whole aggregates.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "aggregator_call_duration_seconds", "Wall time of whole aggregates, by aggregate.",
+            ["aggregate"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.targets = Counter(
             "aggregator_targets", "Targets by upstream and outcome.",
@@ -92,7 +99,13 @@ class Metrics:
             "aggregator_rejected_calls", "Calls refused before any upstream was called, by reason.",
             ["reason"], registry=registry,
         )  # fmt: skip
-        self.calls_by_code = {code: self.calls.labels(code.name) for code in grpc.StatusCode}
+        # Per aggregate label (a configured name, or ad_hoc: callers cannot add values).
+        labels = (AD_HOC, *aggregates)
+        self.calls_by_code = {
+            label: {code: self.calls.labels(code.name, label) for code in grpc.StatusCode}
+            for label in labels
+        }
+        self.call_duration_of = {label: self.call_duration.labels(label) for label in labels}
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
 

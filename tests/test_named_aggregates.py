@@ -4,6 +4,7 @@ parameters land encoded where they stand, every refusal sends nothing, the safel
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -223,7 +224,10 @@ async def test_list_aggregates_names_their_parameters_and_targets(page: Any) -> 
     assert params["slow"].default.number_value == 1
 
 
-async def test_calls_are_counted_by_aggregate_name(start_server: Any) -> None:
+async def test_calls_are_counted_and_logged_by_aggregate_name(
+    start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator")
     server, stub = await start_server(
         server={"metrics_address": "127.0.0.1:0"}, aggregates={"page": PAGE, "ping": EMPTY}
     )
@@ -246,6 +250,11 @@ async def test_calls_are_counted_by_aggregate_name(start_server: Any) -> None:
     assert value("aggregator_calls_total", code="OK", aggregate="ad_hoc") == 1
     assert value("aggregator_call_duration_seconds_count", aggregate="ping") == 1
     assert "no-such-name-123" not in text
+    lines = {(r.aggregate, r.code, r.targets) for r in caplog.records if hasattr(r, "aggregate")}
+    assert lines == {
+        ("ping", "OK", 1), ("page", "INVALID_ARGUMENT", 5),
+        ("ad_hoc", "INVALID_ARGUMENT", 0), ("ad_hoc", "OK", 1),
+    }  # fmt: skip
 
 
 @pytest.fixture

@@ -298,6 +298,7 @@ async def test_demo_draws_with_the_same_timeline():
     assert " hit " in chart  # catalog came from the cache the warm-up filled
     assert "x-aggregate-fallback     reviews" in text
     assert "INFO" not in text  # the server's log lines do not interleave with the chart
+    assert 'called by name: {"aggregate": "product_page", "params": {"sku": "A-1042"}}' in text
 
 
 # The renderer on its own.

@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import PARAMS, AggregateConfig, Config, ConfigError
 from aggregator.errors import InvalidRequest, TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, explained_plan
+from aggregator.security.fields import header_value_problem
 from aggregator.security.outbound import plan_problems
 from aggregator.substitution import (
     REFERENCE,
@@ -62,35 +64,44 @@ class NamedAggregate:
     info: pb.AggregateInfo
     defaults: Mapping[str, Any]  # optional parameters' values
     required: frozenset[str]
-    # Per target of the plan: whether it holds {{params...}}, and whether it still holds
-    # {{id.path}} references once they are replaced (then the fan-out renders those).
-    with_params: tuple[bool, ...]
-    still_templated: tuple[bool, ...]
+    # Per target of the plan: how to fill its {{params...}} (None: it holds none).
+    binders: tuple[_Binder | None, ...]
 
     def __repr__(self) -> str:
         return f"<NamedAggregate {self.name} [{len(self.plan.targets)} targets]>"
 
+    @property
+    def with_params(self) -> tuple[bool, ...]:
+        return tuple(binder is not None for binder in self.binders)
+
+    @property
+    def still_templated(self) -> tuple[bool, ...]:
+        """Per target: whether {{id.path}} references remain once parameters are filled."""
+        return tuple(
+            binder.templated if binder is not None else target.templated
+            for binder, target in zip(self.binders, self.plan.targets, strict=True)
+        )
+
     def bind(self, params: struct_pb2.Struct) -> Plan:
         """The plan of a call with ``params``; raises InvalidRequest naming each problem."""
         values = self._values(params)
-        if not any(self.with_params):
+        if not any(self.binders):
             return self.plan
         size = params.ByteSize()
         problems: list[str] = []
         targets = []
-        for target, has_params, templated in zip(
-            self.plan.targets, self.with_params, self.still_templated, strict=True
-        ):
-            if has_params:
+        for target, binder in zip(self.plan.targets, self.binders, strict=True):
+            if binder is not None:
                 try:
-                    target = _bound(target, values, templated, size)
+                    target = binder.bind(target, values, size)
                 except TargetFailure as failure:
                     problems.append(f"target {target.id!r}: {failure.sentence}")
                     continue
             targets.append(target)
         if problems:
             raise InvalidRequest(problems)
-        return replace(self.plan, targets=tuple(targets))
+        plan = self.plan
+        return Plan(tuple(targets), plan.max_targets, plan.max_path_bytes)
 
     def _values(self, params: struct_pb2.Struct) -> dict[str, Any]:
         fields = params.fields
@@ -108,117 +119,227 @@ class NamedAggregate:
             raise InvalidRequest(problems)
         values = dict(self.defaults)
         for name, value in fields.items():
-            values[name] = json_format.MessageToDict(value)
-            problem = _value_problem(value)
-            if problem:
+            try:
+                values[name] = _python_value(value)
+            except ValueError as problem:
                 problems.append(f"params.{name}: {problem}")
         if problems:
             raise InvalidRequest(problems)
         return values
 
 
-def _value_problem(value: struct_pb2.Value) -> str | None:
+def _python_value(value: struct_pb2.Value) -> Any:
+    """A parameter's value as Python (what substitution renders); ValueError when it cannot be
+    one: null, or a string holding {{ (which would read as a reference once substituted)."""
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        return None if "{{" not in value.string_value else _BRACES
+        if "{{" in value.string_value:
+            raise ValueError(_BRACES)
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
     if kind == "null_value" or kind is None:
-        return "null is not a value (leave the parameter out for its default)"
-    nested = kind in ("struct_value", "list_value")
-    if nested and any("{{" in text for text in json_strings(json_format.MessageToDict(value))):
-        return _BRACES
-    return None
+        raise ValueError("null is not a value (leave the parameter out for its default)")
+    nested = json_format.MessageToDict(value)
+    if any("{{" in text for text in json_strings(nested)):
+        raise ValueError(_BRACES)
+    return nested
 
 
 _BRACES = "values may not contain {{ (references are the aggregate's own)"
 
 
+def _lookup(values: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """``{{params.a.b}}``: values["a"]["b"]; TargetFailure when it is not there."""
+    if len(path) == 1:  # every parameter is in values (bind checked), the usual case
+        return values[path[0]]
+    return resolve(Reference(PARAMS, path), lambda _: values)
+
+
+class _Template:
+    """A text with {{params...}} references, split once at load into literal text and
+    references: filling it joins the parts, whatever {{id.path}} references it also holds."""
+
+    __slots__ = ("_kept", "_parts", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        parts: list[str | tuple[str, tuple[str, ...]]] = []
+        at = 0
+        for match in REFERENCE.finditer(source):
+            raw = match.group(1)
+            if _is_param(raw):
+                parts.append(source[at : match.start()])
+                parts.append((raw, tuple(raw.split(".")[1:])))
+                at = match.end()
+        parts.append(source[at:])
+        self._parts = tuple(parts)
+        # The references left for the fan-out: a filled text must hold these and no other.
+        self._kept = [raw for raw in references(source) if not _is_param(raw)]
+
+    def __repr__(self) -> str:
+        return f"<_Template {self.source!r}>"
+
+    def fill(self, values: Mapping[str, Any], encode: Callable[[Any, str], str]) -> str:
+        out: list[str] = []
+        for part in self._parts:
+            if isinstance(part, str):
+                out.append(part)
+            else:
+                out.append(encode(_lookup(values, part[1]), part[0]))
+        text = "".join(out)
+        if "{{" in text and list(references(text)) != self._kept:
+            raise TargetFailure(pb.OUTCOME_ERROR, "parameter values would make a {{...}} reference")
+        return text
+
+
+def _segment(value: Any, raw: str) -> str:
+    """A value in a path: one whole segment, percent-encoded (as substitution.py does)."""
+    text = value if type(value) is str else as_text(value)
+    if _UNRESERVED.match(text):  # quote would leave it as it is
+        return text
+    if text in (".", ".."):
+        raise TargetFailure(pb.OUTCOME_ERROR, f"{{{{{raw}}}}} is {text!r}: not a path segment")
+    return quote(text, safe="")
+
+
+# Text that percent-encoding leaves as it is and that is not . or .. (which have a dot).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z|\.[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z")
+
+
+def _text(value: Any, raw: str) -> str:
+    return value if type(value) is str else as_text(value)
+
+
+Field = str | _Template
+
+
+def _field(text: str) -> Field:
+    return _Template(text) if any(_is_param(raw) for raw in references(text)) else text
+
+
+def _filled(field: Field, values: Mapping[str, Any], encode: Callable[[Any, str], str]) -> str:
+    return field if isinstance(field, str) else field.fill(values, encode)
+
+
+class _Binder:
+    """Fills one target's {{params...}}: its templates split at load, the rest reused."""
+
+    __slots__ = (
+        "_header_params",
+        "_headers",
+        "_json",
+        "_path",
+        "_query",
+        "_query_params",
+        "templated",
+    )  # fmt: skip
+
+    def __init__(self, request: HttpRequest | GrpcRequest, templated: bool) -> None:
+        self.templated = templated  # {{id.path}} references remain for the fan-out
+        self._path: Field = request.path if isinstance(request, HttpRequest) else ""
+        if isinstance(self._path, str):
+            self._path = _field(self._path)
+        pairs = request.query if isinstance(request, HttpRequest) else ()
+        self._query = tuple((name, _field(value)) for name, value in pairs)
+        pairs = request.headers if isinstance(request, HttpRequest) else request.metadata
+        self._headers = tuple((name, _field(value)) for name, value in pairs)
+        self._query_params = any(isinstance(v, _Template) for _, v in self._query)
+        self._header_params = any(isinstance(v, _Template) for _, v in self._headers)
+        self._json = request.json_body is not None and any(
+            _is_param(raw) for text in json_strings(request.json_body) for raw in references(text)
+        )
+
+    def __repr__(self) -> str:
+        return f"<_Binder path={self._path!r}>"
+
+    def bind(self, target: PlannedTarget, values: Mapping[str, Any], size: int) -> PlannedTarget:
+        request = target.request
+        bound: HttpRequest | GrpcRequest
+        try:
+            json_body = request.json_body
+            if self._json:
+                json_body = ParamSubstitution(values).json(json_body)
+            if isinstance(request, HttpRequest):
+                body = request.body
+                if self._json:
+                    body = json.dumps(json_body, separators=(",", ":")).encode()
+                query, headers = request.query, request.headers
+                if self._query_params:
+                    query = tuple((name, _filled(v, values, _text)) for name, v in self._query)
+                if self._header_params:
+                    headers = tuple((name, _header(v, values)) for name, v in self._headers)
+                path = self._path
+                if not isinstance(path, str):
+                    path = path.fill(values, _segment)
+                bound = HttpRequest(request.method, path, query, headers, body, json_body)
+            else:
+                metadata = request.metadata
+                if self._header_params:
+                    metadata = tuple((name, _metadata(v, values)) for name, v in self._headers)
+                bound = GrpcRequest(
+                    request.method,
+                    request.request,
+                    metadata,
+                    json_body,
+                    request.json_size + size if self._json else request.json_size,
+                    request.schema,
+                    request.unavailable,
+                )
+        except RecursionError:
+            raise TargetFailure(pb.OUTCOME_ERROR, "a parameter is nested too deeply") from None
+        t = target
+        return PlannedTarget(
+            t.id, t.upstream, bound, t.required, t.timeout, t.depends_on, t.fallback,
+            t.decode_json, self.templated, t.for_each, t.index, t.item,
+        )  # fmt: skip
+
+
+def _header(field: Field, values: Mapping[str, Any]) -> str:
+    if isinstance(field, str):
+        return field
+    text = field.fill(values, _text)
+    problem = header_value_problem(text)
+    if problem is not None:
+        raise TargetFailure(pb.OUTCOME_ERROR, f"header {field.source}: {problem}")
+    return text
+
+
+def _metadata(field: Field, values: Mapping[str, Any]) -> str:
+    if isinstance(field, str):
+        return field
+    text = field.fill(values, _text)
+    if any(not " " <= ch <= "~" for ch in text):
+        raise TargetFailure(
+            pb.OUTCOME_ERROR, f"{field.source} gives a metadata value that is not printable ASCII"
+        )
+    return text
+
+
 class ParamSubstitution(Substitution):
-    """Replaces {{params...}} only, leaving {{id.path}} references for the fan-out."""
+    """Replaces {{params...}} only in a JSON body, leaving {{id.path}} references for the
+    fan-out (a whole reference keeps its value's type)."""
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         super().__init__((PARAMS,), lambda _: values)
         self._values = values
 
-    def _param(self, raw: str) -> Any:
-        return resolve(Reference(PARAMS, tuple(raw.split(".")[1:])), lambda _: self._values)
-
     def text(self, template: str) -> str:
-        if "{{" not in template:
-            return template
-
-        def value(match: re.Match[str]) -> str:
-            raw = match.group(1)
-            return as_text(self._param(raw)) if _is_param(raw) else match.group(0)
-
-        return _unchanged_references(template, REFERENCE.sub(value, template))
-
-    def path(self, template: str) -> str:
-        if "{{" not in template:
-            return template
-        outer = Substitution((PARAMS,), lambda _: self._values)
-
-        def segment(match: re.Match[str]) -> str:
-            if not _is_param(match.group(1)):
-                return match.group(0)
-            return outer.path(match.group(0))
-
-        return _unchanged_references(template, REFERENCE.sub(segment, template))
+        return _Template(template).fill(self._values, _text) if "{{" in template else template
 
     def json(self, value: Any) -> Any:
         if isinstance(value, str):
             whole = REFERENCE.fullmatch(value)
             if whole is not None and _is_param(whole.group(1)):
-                return self._param(whole.group(1))
+                return _lookup(self._values, tuple(whole.group(1).split(".")[1:]))
             return self.text(value)
         if isinstance(value, list):
             return [self.json(element) for element in value]
         if isinstance(value, dict):
             return {key: self.json(element) for key, element in value.items()}
         return value
-
-
-def _unchanged_references(template: str, rendered: str) -> str:
-    """``rendered``, unless the values put in it made a {{...}} reference the template did not
-    have (a value ending in ``{`` before one starting with ``{``)."""
-    if "{{" in rendered:
-        kept = [raw for raw in references(template) if not _is_param(raw)]
-        if list(references(rendered)) != kept:
-            raise TargetFailure(pb.OUTCOME_ERROR, "parameter values would make a {{...}} reference")
-    return rendered
-
-
-def _bound(target: PlannedTarget, values: Mapping[str, Any], templated: bool, size: int) -> Any:
-    substitution = ParamSubstitution(values)
-    request = target.request
-    bound: HttpRequest | GrpcRequest
-    try:
-        if isinstance(request, HttpRequest):
-            json_body = (
-                substitution.json(request.json_body) if request.json_body is not None else None
-            )
-            body = request.body
-            if json_body is not None:
-                body = json.dumps(json_body, separators=(",", ":")).encode()
-            bound = replace(
-                request,
-                path=substitution.path(request.path),
-                query=tuple((k, substitution.text(v)) for k, v in request.query),
-                headers=tuple((k, substitution.header(v)) for k, v in request.headers),
-                body=body,
-                json_body=json_body,
-            )
-        else:
-            bound = replace(
-                request,
-                json_body=(
-                    substitution.json(request.json_body) if request.json_body is not None else None
-                ),
-                json_size=request.json_size + size if request.json_body is not None else 0,
-                metadata=tuple((k, substitution.metadata(v)) for k, v in request.metadata),
-            )
-    except RecursionError:
-        raise TargetFailure(pb.OUTCOME_ERROR, "a parameter is nested too deeply") from None
-    return replace(target, request=bound, templated=templated)
 
 
 class Catalog:
@@ -291,10 +412,9 @@ def _planned(
     )
     if own or plan is None:
         return None
-    with_params = tuple(_holds_params(target) for target in targets)
-    still = tuple(
-        any(not _is_param(raw) for _, text in _template_fields(t) for raw in references(text))
-        for t in targets
+    binders = tuple(
+        _Binder(planned.request, _holds_references(target)) if _holds_params(target) else None
+        for planned, target in zip(plan.targets, targets, strict=True)
     )
     return NamedAggregate(
         name=aggregate.name,
@@ -302,8 +422,7 @@ def _planned(
         info=_info(aggregate, targets),
         defaults={p.name: p.default for p in aggregate.params.values() if not p.required},
         required=frozenset(p.name for p in aggregate.params.values() if p.required),
-        with_params=with_params,
-        still_templated=still,
+        binders=binders,
     )
 
 
@@ -318,6 +437,13 @@ def _param_reference_problems(
         yield f"{where}: {{{{{raw}}}}} names undeclared parameter {name!r} (declared: {listed})"
     else:
         used.add(name)
+
+
+def _holds_references(target: pb.Target) -> bool:
+    """Whether {{id.path}} references (not parameters) are in ``target``."""
+    return any(
+        not _is_param(raw) for _, text in _template_fields(target) for raw in references(text)
+    )
 
 
 def _holds_params(target: pb.Target) -> bool:

@@ -251,7 +251,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._observe, request_id, label, targets, reported.values(), failure, elapsed, fanin,
         )  # fmt: skip
         if span is not None:
-            tracing.annotate(span, _span_attributes(reported.values(), failure))
+            tracing.annotate(span, _span_attributes(reported.values(), failure, label))
         if failure is not None:
             # InvalidRequest lists its problems within its own, larger cap.
             listed = isinstance(failure, InvalidRequest)
@@ -408,12 +408,12 @@ async def _within_budget(run: Awaitable[None], budget: Budget) -> None:
 
 
 def _span_attributes(
-    results: Collection[pb.TargetResult], failure: CallFailure | None
+    results: Collection[pb.TargetResult], failure: CallFailure | None, label: str
 ) -> dict[str, int | str]:
     code = failure.code if failure is not None else grpc.StatusCode.OK
     failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
     return {"rpc.grpc.status_code": code.value[0], "aggregator.targets": len(results),
-            "aggregator.failed": failed}  # fmt: skip
+            "aggregator.failed": failed, "aggregator.aggregate": label}  # fmt: skip
 
 
 def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:

@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.aggregates import Catalog
 from aggregator.config import config_from_mapping
-from aggregator.plan import Plan, make_plan
+from aggregator.plan import HttpRequest, Plan, make_plan
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
+from aggregator.substitution import Substitution
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import TRAILER_KEYS, collect, http, ids
 from tests.test_auth import bearer, jwt_auth, serve, signing_key, token  # noqa: F401
@@ -354,3 +355,30 @@ def test_a_named_call_plans_in_less_cpu_than_the_same_targets_ad_hoc() -> None:
         return statistics.median(times)
 
     assert cpu(run_named) <= cpu(run_ad_hoc) * 1.1
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["A-1042", "a/b", "x?y#z", "é ü", "..x", "a.b", "%2F", "_~-", "", 3, 2.5, -1, True, False],
+)
+def test_a_parameter_is_encoded_exactly_as_a_dependency_value(value: Any) -> None:
+    templates = {"path": "/x/{{%s.v}}/y", "query": "a{{%s.v}}", "header": "v={{%s.v}}"}
+    config = config_from_mapping(
+        {
+            "upstreams": {"u": {"kind": "http", "url": "http://127.0.0.1:9000"}},
+            "aggregates": {"p": {"params": {"v": {"required": True}}, "targets": [{
+                "id": "t", "http": {"upstream": "u", "path": templates["path"] % "params",
+                                    "query": {"q": templates["query"] % "params"},
+                                    "headers": {"x-v": templates["header"] % "params"}}}]}},
+        }
+    )  # fmt: skip
+    aggregate = Catalog(config).get("p")
+    assert aggregate is not None
+    (target,) = aggregate.bind(named("p", v=value).params).targets
+    as_dependency = Substitution(["dep"], lambda _: {"v": value})
+    request = target.request
+    assert isinstance(request, HttpRequest)
+    assert request.path == as_dependency.path(templates["path"] % "dep")
+    assert request.query == (("q", as_dependency.text(templates["query"] % "dep")),)
+    assert request.headers == (("x-v", as_dependency.header(templates["header"] % "dep")),)
+    assert not target.templated

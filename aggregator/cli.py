@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_config(path: str) -> int:
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         print("\n".join(exc.problems))
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}")
     print("ok")
     return 0
 
@@ -67,6 +70,8 @@ def _serve(path: str | None) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     configure_logging(config.server.log_format, config.server.log_level)
+    for warning in config.warnings:
+        logging.getLogger("aggregator").warning("config: %s", warning)
     if config.server.workers > 1:
         from aggregator.workers import run_workers
 

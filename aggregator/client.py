@@ -12,6 +12,12 @@ YAML, from a file or ``-`` for stdin::
         grpc: {upstream: pricing, method: /shop.Pricing/Get, request: CgZBLTEwNDI=}
         timeout: 0.3s
 
+A named aggregate (configured on the server) is called by name instead, with its parameters::
+
+    aggregator call --aggregate product_page -p sku=A-1042 -p locale=fr -p 'count:=3'
+
+(``KEY=VALUE`` sends a string; ``KEY:=JSON`` a JSON value: a number, true, a list...)
+
 Exit status: 0 when the call ends OK, 1 when it ends with another status, 2 when the request
 or an option is unusable (then nothing is sent).
 """
@@ -192,7 +198,48 @@ async def aggregate(
 
 async def _call(target: Target, request: pb.AggregateRequest, view: TimelineView) -> Ending:
     async with target.channel() as channel:
+        if request.aggregate:
+            view.timeline.targets = await named_targets(channel, request.aggregate, target)
         return await aggregate(channel, request, view, target.timeout, target.metadata)
+
+
+async def named_targets(
+    channel: grpc.aio.Channel, name: str, target: Target
+) -> tuple[pb.Target, ...]:
+    """The target ids of named aggregate ``name`` (ListAggregates), so the live chart shows
+    what is still running; none when the server does not say (the chart then shows results)."""
+    stub = pb_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        listed = await stub.ListAggregates(
+            pb.ListAggregatesRequest(), timeout=target.timeout or 5.0, metadata=target.metadata
+        )
+    except grpc.aio.AioRpcError:
+        return ()
+    for info in listed.aggregates:
+        if info.name == name:
+            return tuple(pb.Target(id=target_id) for target_id in info.target_ids)
+    return ()
+
+
+def named_request(name: str, items: Sequence[str]) -> pb.AggregateRequest:
+    """``--aggregate NAME -p KEY=VALUE ...`` as a request: VALUE a string, or ``KEY:=JSON``."""
+    request = pb.AggregateRequest(aggregate=name)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key == ":":
+            raise UsageError(f"-p {item!r}: expected KEY=VALUE (a string) or KEY:=JSON")
+        if key.endswith(":"):
+            try:
+                parsed: Any = json.loads(value)
+            except ValueError as exc:
+                raise UsageError(f"-p {item!r}: not JSON after := ({exc})") from exc
+            key = key[:-1]
+        else:
+            parsed = value
+        if key in request.params.fields:
+            raise UsageError(f"-p {item!r}: parameter {key!r} given twice")
+        request.params.update({key: parsed})
+    return request
 
 
 @contextlib.asynccontextmanager
@@ -230,7 +277,18 @@ def ending_lines(ending: Ending, timeline: Timeline, elapsed: float) -> list[str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("request", help="the AggregateRequest as a JSON or YAML file; - for stdin")
+    parser.add_argument(
+        "request",
+        nargs="?",
+        help="the AggregateRequest as a JSON or YAML file; - for stdin (or use --aggregate)",
+    )
+    parser.add_argument(
+        "--aggregate", metavar="NAME", help="run the server's named aggregate NAME instead"
+    )
+    parser.add_argument(
+        "-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+        help="a parameter of --aggregate: KEY=VALUE (a string) or KEY:=JSON; repeatable",
+    )  # fmt: skip
     parser.add_argument(
         "--address", default="127.0.0.1:50051", help="server host:port (default: %(default)s)"
     )
@@ -254,14 +312,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     """The `call` command: 0 on status OK, 1 on another status, 2 on unusable input."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        request = load_request(args.request)
+        request = _request(args)
         target = _target(args)
     except UsageError as exc:
         print(f"aggregator call: {exc}", file=err)
         return 2
     style = Style.for_stream(out)
     view = TimelineView(out, Timeline(request.targets, style), live=is_terminal(out))
-    print(f"aggregate of {len(request.targets)} targets to {target.address}", file=out)
+    if request.aggregate:
+        print(f"aggregate {request.aggregate!r} to {target.address}", file=out)
+    else:
+        print(f"aggregate of {len(request.targets)} targets to {target.address}", file=out)
     try:
         ending = asyncio.run(_call(target, request, view))
     except KeyboardInterrupt:
@@ -273,6 +334,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     lines += ending_lines(ending, view.timeline, elapsed)
     print("\n".join(lines), file=out)
     return 0 if ending.code == grpc.StatusCode.OK else 1
+
+
+def _request(args: argparse.Namespace) -> pb.AggregateRequest:
+    if args.aggregate is not None:
+        if args.request is not None:
+            raise UsageError("give a request file or --aggregate, not both")
+        return named_request(args.aggregate, args.param)
+    if args.param:
+        raise UsageError("-p/--param fills the parameters of --aggregate")
+    if args.request is None:
+        raise UsageError("a request file (or - for stdin), or --aggregate NAME, is required")
+    return load_request(args.request)
 
 
 def _target(args: argparse.Namespace) -> Target:

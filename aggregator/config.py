@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -32,6 +32,8 @@ _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LONGEST = 366 * 24 * 3600.0  # no duration here is meant to be longer; "9" * 400 is a typo
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 _UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+# No dots: {{params.a.b}} reads b inside parameter a.
+_PARAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 # gRPC metadata keys as grpc accepts them (lowercase), shared with plan.py and client.py.
 METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")  # an RFC 9110 token, lowercase
@@ -185,6 +187,8 @@ class ServerConfig:
     max_decoded_bytes: int = 8 * MIB
     # An HTTP path, an HTTP query (names and values together) or a gRPC method name, in bytes.
     max_path_bytes: int = 8 * 1024
+    # False: AggregateRequest.targets is refused (PERMISSION_DENIED); only named aggregates run.
+    allow_ad_hoc: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +208,7 @@ class CallerConfig:
     certificate: str = ""  # a subject alternative name or the subject CN of its certificate
     token_subject: str = ""  # the subject claim of its bearer token
     upstreams: tuple[str, ...] = ()  # the upstreams it may call; "*" for all
+    aggregates: tuple[str, ...] = ()  # the named aggregates it may run; "*" for all
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +218,35 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ParamConfig:
+    """A parameter of a named aggregate: required, or optional with a default."""
+
+    name: str
+    required: bool = True
+    default: Any = None  # a JSON value (str, number, bool, list, dict); None when required
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateConfig:
+    """A named aggregate (``aggregates.<name>``); aggregates.py plans its targets."""
+
+    name: str
+    description: str = ""
+    params: Mapping[str, ParamConfig] = field(default_factory=dict)
+    # The targets in their proto3 JSON mapping, as written (parsed into pb.Target when planned).
+    targets: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     auth: AuthConfig | None = None  # None: every caller may call every upstream
     tracing: TracingConfig | None = None  # None: off
+    aggregates: Mapping[str, AggregateConfig] = field(default_factory=dict)
+    # What is allowed but probably a mistake (an unused parameter): logged at start and
+    # printed by check-config, one line each, naming its key path.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +420,12 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{value!r} is not a non-empty string")
@@ -493,6 +528,7 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         max_path_bytes=reader.value(
             section, "max_path_bytes", "server", _int_between(64, 1024 * 1024), d.max_path_bytes
         ),
+        allow_ad_hoc=reader.value(section, "allow_ad_hoc", "server", _bool, d.allow_ad_hoc),
     )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(
@@ -780,35 +816,55 @@ def _read_jwt(reader: _Reader, raw: Any, path: str) -> JwtConfig:
 
 
 def _read_caller(
-    reader: _Reader, name: str, raw: Any, upstreams: Collection[str], path: str
+    reader: _Reader,
+    name: str,
+    raw: Any,
+    upstreams: Collection[str],
+    aggregates: Collection[str],
+    path: str,
 ) -> CallerConfig:
     section = reader.section(raw, path)
     reader.unknown(section, set(CallerConfig.__slots__) - {"name"}, path)
     if "certificate" not in section and "token_subject" not in section:
         reader.problems.append(f"{path}: needs a certificate or a token_subject to be known by")
-    if "upstreams" not in section:
+    if "upstreams" not in section and "aggregates" not in section:
         reader.problems.append(f'{path}.upstreams: required (a list of upstream names, or "*")')
     caller = CallerConfig(
         name=name,
         certificate=reader.value(section, "certificate", path, _text, ""),
         token_subject=reader.value(section, "token_subject", path, _text, ""),
         upstreams=reader.value(section, "upstreams", path, _strings, ()),
+        aggregates=reader.value(section, "aggregates", path, _strings, ()),
     )
     for upstream in caller.upstreams:
         if upstream != "*" and upstream not in upstreams:
             reader.problems.append(f"{path}.upstreams: {upstream!r} is not a configured upstream")
+    for aggregate in caller.aggregates:
+        if aggregate != "*" and aggregate not in aggregates:
+            reader.problems.append(
+                f"{path}.aggregates: {aggregate!r} is not a configured aggregate"
+            )
     return caller
 
 
 def _read_auth(
-    reader: _Reader, raw: Any, upstreams: Collection[str], server: ServerConfig
+    reader: _Reader,
+    raw: Any,
+    upstreams: Collection[str],
+    aggregates: Collection[str],
+    server: ServerConfig,
 ) -> AuthConfig:
     section = reader.section(raw, "auth")
     reader.unknown(section, {"jwt", "callers"}, "auth")
     jwt = _read_jwt(reader, section["jwt"], "auth.jwt") if section.get("jwt") else None
     callers = {
         str(name): _read_caller(
-            reader, str(name), raw_caller, upstreams, f"auth.callers.{key_label(name)}"
+            reader,
+            str(name),
+            raw_caller,
+            upstreams,
+            aggregates,
+            f"auth.callers.{key_label(name)}",
         )
         for name, raw_caller in reader.section(section.get("callers"), "auth.callers").items()
     }
@@ -847,20 +903,127 @@ def config_from_mapping(raw: Any) -> Config:
     """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
     reader = _Reader()
     top = reader.section(raw, "(top level)")
-    reader.unknown(top, {"server", "upstreams", "auth", "tracing"}, "")
+    reader.unknown(top, {"server", "upstreams", "auth", "tracing", "aggregates"}, "")
     server = _read_server(reader, top.get("server"))
     upstreams: dict[str, UpstreamConfig] = {}
     for name, section in reader.section(top.get("upstreams"), "upstreams").items():
         upstream = _read_upstream(reader, str(name), section)
         if upstream is not None:
             upstreams[str(name)] = upstream
+    aggregates = {
+        str(name): _read_aggregate(reader, str(name), section)
+        for name, section in reader.section(top.get("aggregates"), "aggregates").items()
+    }
     auth = top.get("auth")
-    auth_config = _read_auth(reader, auth, upstreams, server) if auth is not None else None
+    auth_config = (
+        _read_auth(reader, auth, upstreams, aggregates, server) if auth is not None else None
+    )
     tracing = top.get("tracing")
     tracing_config = _read_tracing(reader, tracing) if tracing is not None else None
+    config = Config(
+        server=server,
+        upstreams=upstreams,
+        auth=auth_config,
+        tracing=tracing_config,
+        aggregates=aggregates,
+    )
+    warnings: tuple[str, ...] = ()
+    if aggregates:
+        # Every named aggregate is planned now, as a request naming its targets would be.
+        from aggregator.aggregates import Catalog  # plan.py imports this module
+
+        try:
+            warnings = Catalog(config).warnings
+        except ConfigError as exc:
+            reader.problems.extend(exc.problems)
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(server=server, upstreams=upstreams, auth=auth_config, tracing=tracing_config)
+    return replace(config, warnings=warnings) if warnings else config
+
+
+# The parameter source of a named aggregate's references: {{params.NAME}}.
+PARAMS = "params"
+AD_HOC = "ad_hoc"  # the metric label of a call that names no configured aggregate
+
+
+def _read_aggregate(reader: _Reader, name: str, raw: Any) -> AggregateConfig:
+    path = f"aggregates.{key_label(name)}"
+    if not _UPSTREAM_NAME.match(name):
+        reader.problems.append(f"{path}: aggregate names must match [A-Za-z0-9_.-]{{1,64}}")
+    elif name == AD_HOC:
+        reader.problems.append(f"{path}: {AD_HOC!r} is the metric label of ad-hoc calls")
+    section = reader.section(raw, path)
+    reader.unknown(section, {"description", "params", "targets"}, path)
+    targets = section.get("targets")
+    if not isinstance(targets, list) or not targets:
+        reader.problems.append(f"{path}.targets: required (a list of targets)")
+        targets = []
+    checked: list[Mapping[str, Any]] = []
+    for index, target in enumerate(targets):
+        if isinstance(target, dict):
+            checked.append(target)
+        else:
+            reader.problems.append(
+                f"{path}.targets[{index}]: must be a mapping, got {_kind(target)}"
+            )
+    params = {
+        str(key): _read_param(reader, str(key), value, f"{path}.params.{key_label(key)}")
+        for key, value in reader.section(section.get("params"), f"{path}.params").items()
+    }
+    return AggregateConfig(
+        name=name,
+        description=reader.value(section, "description", path, _description, ""),
+        params=params,
+        targets=tuple(checked),
+    )
+
+
+def _description(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _read_param(reader: _Reader, name: str, raw: Any, path: str) -> ParamConfig:
+    if not _PARAM_NAME.match(name):
+        reader.problems.append(f"{path}: parameter names must match [A-Za-z0-9_-]{{1,64}}")
+    section = reader.section(raw, path)
+    reader.unknown(section, {"required", "default"}, path)
+    has_default = "default" in section
+    required = reader.value(section, "required", path, _bool, not has_default)
+    default = section.get("default")
+    if required and has_default:
+        reader.problems.append(f"{path}.default: a required parameter has no default")
+    elif not required and not has_default:
+        reader.problems.append(
+            f"{path}.required: false needs a default (a default makes it optional)"
+        )
+    elif has_default:
+        problem = _json_value_problem(default)
+        if problem:
+            reader.problems.append(f"{path}.default: {problem}")
+    return ParamConfig(name=name, required=required, default=default if has_default else None)
+
+
+def _json_value_problem(value: Any) -> str | None:
+    """Why ``value`` cannot stand for a parameter (None when it can)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            return "null is not a value (leave the default out to make it required)"
+        if isinstance(item, float) and not math.isfinite(item):
+            return "NaN and Infinity are not JSON numbers"
+        if isinstance(item, str):
+            if "{{" in item:
+                return f"{item!r}: values may not contain {{{{ (references are the config's own)"
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif not isinstance(item, bool | int | float):
+            return f"{item!r} is not a JSON value (string, number, boolean, list or mapping)"
+    return None
 
 
 def _read_tracing(reader: _Reader, raw: Any) -> TracingConfig:

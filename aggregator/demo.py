@@ -1,7 +1,9 @@
-"""`aggregator demo`: a product page of five calls, served by built-in upstreams, streamed live.
+"""`aggregator demo`: a product page of six calls, served by built-in upstreams, streamed live.
 
-Catalogue, pricing, inventory and recommendations are REST endpoints of one aiohttp app;
-shipping is a gRPC service. Everything listens on 127.0.0.1 on free ports.
+Catalogue, pricing, inventory, recommendations and reviews are REST endpoints of one aiohttp
+app; shipping is a gRPC service. Everything listens on 127.0.0.1 on free ports. The page is a
+named aggregate (config ``aggregates.product_page``, SPEC §11): the demo calls it by name with
+its one parameter, ``sku``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from aggregator.client import aggregate, ending_lines
 from aggregator.config import Config, config_from_mapping
@@ -26,6 +28,8 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 
 SHIPPING_METHOD = "/demo.v1.Shipping/Quote"
+PAGE_NAME = "product_page"
+SKU = "A-1042"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +60,7 @@ def _rest_app() -> web.Application:
         return web.json_response(call.body, status=call.status)
 
     app = web.Application()
-    app.router.add_get("/{name}/A-1042", handle)
+    app.router.add_get(f"/{{name}}/{SKU}", handle)
     return app
 
 
@@ -96,16 +100,36 @@ def demo_config(rest_port: int, grpc_port: int) -> Config:
     }
     upstreams[CACHED]["cache"] = {"ttl": "60s"}
     upstreams["shipping"] = {"kind": "grpc", "address": f"127.0.0.1:{grpc_port}"}
+    page = {
+        "description": "Everything a product page shows",
+        "params": {"sku": {"required": True}},
+        # The targets in their proto3 JSON mapping, as a config file holds them.
+        "targets": [
+            json_format.MessageToDict(target, preserving_proto_field_name=True)
+            for target in page_targets("{{params.sku}}")
+        ],
+    }
     return config_from_mapping(
-        {"server": {"address": "127.0.0.1:0", "metrics_address": ""}, "upstreams": upstreams}
+        {
+            "server": {"address": "127.0.0.1:0", "metrics_address": ""},
+            "upstreams": upstreams,
+            "aggregates": {PAGE_NAME: page},
+        }
     )
 
 
 def demo_request() -> pb.AggregateRequest:
+    """The product page, called by name."""
+    request = pb.AggregateRequest(aggregate=PAGE_NAME)
+    request.params.update({"sku": SKU})
+    return request
+
+
+def page_targets(sku: str) -> list[pb.Target]:
     targets = [
         pb.Target(
             id=call.id,
-            http=pb.HttpCall(upstream=call.id, path=f"/{call.id}/A-1042"),
+            http=pb.HttpCall(upstream=call.id, path=f"/{call.id}/{sku}"),
             decode_json=True,
             required=call.id == "catalog",
         )
@@ -116,7 +140,7 @@ def demo_request() -> pb.AggregateRequest:
     targets.append(
         pb.Target(id="shipping", grpc=pb.GrpcCall(upstream="shipping", method=SHIPPING_METHOD))
     )
-    return pb.AggregateRequest(targets=targets)
+    return targets
 
 
 async def run_demo() -> None:
@@ -139,15 +163,16 @@ async def run_demo() -> None:
 async def _show(port: int) -> None:
     calls = (*PAGE, SHIPPING)
     one_after_another = sum(call.delay for call in calls)
-    print(f"aggregator on 127.0.0.1:{port}: a product page of {len(calls)} calls")
+    print(
+        f"aggregator on 127.0.0.1:{port}: a product page of {len(calls)} calls, "
+        f'called by name: {{"aggregate": "{PAGE_NAME}", "params": {{"sku": "{SKU}"}}}}'
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
         async for _ in stub.Aggregate(demo_request(), timeout=2):  # warm the connections
             pass
         style = Style.for_stream(sys.stdout)
-        view = TimelineView(
-            sys.stdout, Timeline(demo_request().targets, style), is_terminal(sys.stdout)
-        )
+        view = TimelineView(sys.stdout, Timeline(page_targets(SKU), style), is_terminal(sys.stdout))
         try:
             ending = await aggregate(channel, demo_request(), view, timeout=2)
         finally:

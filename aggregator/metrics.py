@@ -1,7 +1,7 @@
 """Prometheus metrics of SPEC §9, with every label child bound once at start-up.
 
-Labels are bounded: upstream names come from the config and outcomes from the enum; no id,
-path or request value ever becomes a label.
+Labels are bounded: upstream and aggregate names come from the config and outcomes from the
+enum; no id, path or request value ever becomes a label.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from aggregator.config import AD_HOC
 from aggregator.v1 import aggregator_pb2 as pb
 
 # From a tenth of a millisecond (the service's own overhead) to the longest deadline.
@@ -49,7 +50,12 @@ class UpstreamMetrics:
 class Metrics:
     """Every metric of the service, registered in ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry, upstreams: Iterable[str]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        upstreams: Iterable[str],
+        aggregates: Iterable[str] = (),
+    ) -> None:
         # No `_created` series: one per labelled child, they were two thirds of a fresh
         # server's /metrics and no query of the dashboard reads them (process-wide switch).
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -61,12 +67,13 @@ class Metrics:
             self.exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposition)  # type: ignore[no-untyped-call]
         self.calls = Counter(
-            "aggregator_calls", "Aggregate and Collect calls by final gRPC status code.",
-            ["code"], registry=registry,
+            "aggregator_calls",
+            "Aggregate and Collect calls by final gRPC status code and named aggregate.",
+            ["code", "aggregate"], registry=registry,
         )  # fmt: skip
         self.call_duration = Histogram(
-            "aggregator_call_duration_seconds", "Wall time of whole aggregates.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "aggregator_call_duration_seconds", "Wall time of whole aggregates, by aggregate.",
+            ["aggregate"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.targets = Counter(
             "aggregator_targets", "Targets by upstream and outcome.",
@@ -102,7 +109,13 @@ class Metrics:
             "aggregator_rejected_calls", "Calls refused before any upstream was called, by reason.",
             ["reason"], registry=registry,
         )  # fmt: skip
-        self.calls_by_code = {code: self.calls.labels(code.name) for code in grpc.StatusCode}
+        # Per aggregate label (a configured name, or ad_hoc: callers cannot add values).
+        labels = (AD_HOC, *aggregates)
+        self.calls_by_code = {
+            label: {code: self.calls.labels(code.name, label) for code in grpc.StatusCode}
+            for label in labels
+        }
+        self.call_duration_of = {label: self.call_duration.labels(label) for label in labels}
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
 

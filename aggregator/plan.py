@@ -274,8 +274,12 @@ def _plain_grpc(call: pb.GrpcCall, max_path_bytes: int) -> GrpcRequest | None:
     return GrpcRequest(method, call.request, ())
 
 
-def explained_plan(request: pb.AggregateRequest, config: Config) -> Plan:
-    """make_plan for any request: every check, each problem in a sentence."""
+def explained_plan(
+    request: pb.AggregateRequest, config: Config, params: frozenset[str] = frozenset()
+) -> Plan:
+    """make_plan for any request: every check, each problem in a sentence. References may
+    also name the sources in ``params`` (a named aggregate's {{params.NAME}}, which
+    aggregates.py checks and substitutes before the plan runs)."""
     problems: list[str] = []
     limit = config.server.max_targets
     max_path_bytes = config.server.max_path_bytes
@@ -296,7 +300,7 @@ def explained_plan(request: pb.AggregateRequest, config: Config) -> Plan:
         # Most targets have no {{...}}: look for references only where braces are.
         templated = any("{{" in text for text in _template_texts(target))
         if templated or target.for_each:
-            problems.extend(f"{label}: {p}" for p in _template_problems(target, expanding))
+            problems.extend(f"{label}: {p}" for p in _template_problems(target, expanding, params))
         if not target_problems:
             planned.append(_plan_target(target, config.upstreams, templated))
     if any(target.depends_on for target in request.targets):
@@ -438,7 +442,9 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
         yield f"depends_on: cycle {' -> '.join(i if _ID.match(i) else repr(i) for i in cycle)}"
 
 
-def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
+def _template_problems(
+    target: pb.Target, expanding: set[str], params: frozenset[str] = frozenset()
+) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
     if len(target.depends_on) > MAX_DEPENDS_ON:
         return  # refused for its depends_on already; the references cannot be checked
@@ -446,7 +452,9 @@ def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
         yield "depends_on names target 'item', but {{item}} is for_each's element"
     if target.for_each:
         yield from _for_each_problems(target.for_each, Sources(target.depends_on))
-    sources = Sources((*target.depends_on, ITEM) if target.for_each else target.depends_on)
+    sources = Sources(
+        (*target.depends_on, ITEM, *params) if target.for_each else (*target.depends_on, *params)
+    )
     found = _references(target)
     if len(found) > MAX_REFERENCES:
         yield f"more than {MAX_REFERENCES} {{{{...}}}} references (the limit per target)"
@@ -458,6 +466,8 @@ def _template_problems(target: pb.Target, expanding: set[str]) -> Iterator[str]:
                 f"{{{{{raw}}}}} names no target in depends_on"
                 + (" (nor item)" if target.for_each else "")
             )
+        elif reference.source in params:
+            continue
         elif reference.source in expanding:
             yield f"{{{{{raw}}}}} names for_each target {reference.source!r}"
 

@@ -6,9 +6,11 @@ new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
 came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
-admission, which upstreams the request names that the caller may not call (PERMISSION_DENIED:
-one pass over the request as received, so an unauthorized caller costs no planning), the request
-itself (INVALID_ARGUMENT), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
+admission, ad-hoc targets where only named aggregates may run (PERMISSION_DENIED,
+server.allow_ad_hoc), which named aggregate or which upstreams the request names that the caller
+may not run or call (PERMISSION_DENIED: one pass over the request as received, so an
+unauthorized caller costs no planning), the request itself or the named aggregate's parameters
+(INVALID_ARGUMENT), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
-from aggregator.config import Config
+from aggregator.aggregates import Catalog, NamedAggregate
+from aggregator.config import AD_HOC, Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
@@ -91,6 +94,11 @@ def _add_aggregator(service: AggregatorService, server: grpc.aio.Server) -> None
             request_deserializer=_parse_request,
             response_serializer=pb.CollectResponse.SerializeToString,
         ),
+        "ListAggregates": grpc.unary_unary_rpc_method_handler(
+            service.ListAggregates,
+            request_deserializer=pb.ListAggregatesRequest.FromString,
+            response_serializer=pb.ListAggregatesResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
@@ -106,8 +114,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metrics: Metrics,
         decoder: JsonDecoder,
         gate: Gate | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._config = config
+        # The named aggregates, planned once (config load planned them too, to check them).
+        self._catalog = catalog if catalog is not None else Catalog(config)
         self._endpoints = endpoints
         self._metrics = metrics
         self._decoder = decoder
@@ -148,6 +159,21 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         await self._run("Collect", request, context, gather, decoder)
         return response
 
+    async def ListAggregates(
+        self, request: pb.ListAggregatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAggregatesResponse:
+        """The named aggregates the caller may run (all of them when auth is off)."""
+        metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
+        try:
+            caller = (
+                self._gate.identify(metadata, context.auth_context() or {})
+                if self._gate.enabled
+                else None
+            )
+        except CallFailure as refused:
+            await context.abort(refused.code, refused.message)
+        return self._catalog.infos(lambda name: caller is None or caller.may_run(name))
+
     async def _run(
         self,
         method: str,
@@ -181,6 +207,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         cut: list[pb.TargetResult] = []  # unreported when the call was cancelled
         failure: CallFailure | None = None
         first_at: int | None = None
+        named = self._catalog.get(request.aggregate) if request.aggregate else None
+        # The metric label and the log's name: only ever a configured name, or ad_hoc.
+        label = named.name if named is not None else AD_HOC
+        targets = len(named.plan.targets) if named is not None else len(request.targets)
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
@@ -190,7 +220,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             )
             self._admit()
             try:
-                plan = self._checked_plan(request, caller, metadata)
+                plan = self._checked_plan(request, named, caller, metadata)
                 plan = await typed_plan(plan, self.descriptors, budget.stop_at)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
                 reported, cut = aggregation.reported, aggregation.cut
@@ -209,8 +239,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
             elapsed = time.perf_counter_ns() - budget.started_ns
             gone = self._cancellation()
-            targets = len(request.targets)
-            self._observe(request_id, targets, reported.values(), gone, elapsed, None, cut)
+            self._observe(request_id, label, targets, reported.values(), gone, elapsed, None, cut)
             raise
         ended = time.perf_counter_ns()
         elapsed = ended - budget.started_ns
@@ -219,11 +248,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         fanin = ended - first_at if first_at is not None else None
         self._loop.call_soon(
-            self._observe, request_id, len(request.targets), reported.values(), failure, elapsed,
-            fanin,
+            self._observe, request_id, label, targets, reported.values(), failure, elapsed, fanin,
         )  # fmt: skip
         if span is not None:
-            tracing.annotate(span, _span_attributes(reported.values(), failure))
+            tracing.annotate(span, _span_attributes(reported.values(), failure, label))
         if failure is not None:
             # InvalidRequest lists its problems within its own, larger cap.
             listed = isinstance(failure, InvalidRequest)
@@ -233,19 +261,43 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def _checked_plan(
         self,
         request: pb.AggregateRequest,
+        named: NamedAggregate | None,
         caller: Caller | None,
         metadata: Sequence[tuple[str, Any]],
     ) -> Plan:
         """The plan, once the caller may run it and every upstream accepts what it would get."""
         if request is UNDECODABLE:
             raise InvalidRequest([UNDECODABLE_PROBLEM])
-        self._gate.authorize_calls(caller, _named_calls(request))
-        plan = make_plan(request, self._config)
+        if request.aggregate or request.HasField("params"):
+            plan = self._named_plan(request, named, caller)
+        else:
+            if not self._config.server.allow_ad_hoc:
+                raise CallFailure(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "targets: this server runs named aggregates only (server.allow_ad_hoc is "
+                    "false); set aggregate (ListAggregates lists them)",
+                )
+            self._gate.authorize_calls(caller, _named_calls(request))
+            plan = make_plan(request, self._config)
         plan = forward_caller_metadata(plan, metadata)
         problems = plan_problems(plan)
         if problems:
             raise InvalidRequest(problems)
         return plan
+
+    def _named_plan(
+        self, request: pb.AggregateRequest, named: NamedAggregate | None, caller: Caller | None
+    ) -> Plan:
+        """A named aggregate's plan, bound to the request's params (nothing else is planned)."""
+        if request.targets:
+            raise InvalidRequest(["targets and aggregate: set one of them, not both"])
+        if not request.aggregate:
+            raise InvalidRequest(["params: given without aggregate (params fill a named one)"])
+        self._gate.authorize_aggregate(caller, request.aggregate)
+        if named is None:
+            shown = repr(request.aggregate[:64]) + (" (cut)" if len(request.aggregate) > 64 else "")
+            raise InvalidRequest([f"aggregate: {shown} is not a configured aggregate"])
+        return named.bind(request.params)
 
     def _cancellation(self) -> CallFailure:
         """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
@@ -261,6 +313,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def _observe(
         self,
         request_id: str,
+        label: str,
         requested: int,
         results: Collection[pb.TargetResult],
         failure: CallFailure | None,
@@ -273,10 +326,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
-        metrics.calls_by_code[code].inc()
+        metrics.calls_by_code[label][code].inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
-        metrics.call_duration.observe(elapsed / 1e9)
+        metrics.call_duration_of[label].observe(elapsed / 1e9)
         slowest, longest = None, -1
         for result in (*results, *cut):
             latency = result.latency
@@ -297,6 +350,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 request_id, code.name, requested, len(results), len(failed), elapsed / 1e6,
                 extra={
                     "request_id": request_id,
+                    "aggregate": label,
                     "code": code.name,
                     "targets": requested,
                     "results": len(results),
@@ -354,12 +408,12 @@ async def _within_budget(run: Awaitable[None], budget: Budget) -> None:
 
 
 def _span_attributes(
-    results: Collection[pb.TargetResult], failure: CallFailure | None
+    results: Collection[pb.TargetResult], failure: CallFailure | None, label: str
 ) -> dict[str, int | str]:
     code = failure.code if failure is not None else grpc.StatusCode.OK
     failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
     return {"rpc.grpc.status_code": code.value[0], "aggregator.targets": len(results),
-            "aggregator.failed": failed}  # fmt: skip
+            "aggregator.failed": failed, "aggregator.aggregate": label}  # fmt: skip
 
 
 def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:
@@ -403,7 +457,7 @@ class AggregatorServer:
         self.config = config
         self.port = 0
         self.metrics_port = 0
-        self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams)
+        self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams, config.aggregates)
         self.endpoints: dict[str, Endpoint] = {}
         self.health_port = 0
         self._server: grpc.aio.Server | None = None

@@ -32,6 +32,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 ITEM = "item"
 _REFERENCE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
 _WHOLE = re.compile(r"^\{\{\s*([^{}\s]+)\s*\}\}\Z")
+REFERENCE = _REFERENCE  # what a {{...}} reference is, for aggregates.py
 _LONGEST_ID = 64  # target ids match [A-Za-z0-9_.-]{1,64}; "item" is shorter
 
 

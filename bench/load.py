@@ -50,7 +50,9 @@ class Load:
     async def run(self, command: dict[str, Any]) -> dict[str, Any]:
         scenario = SCENARIOS[command["scenario"]]
         request = scenario.request_for(command["side"], warmup=command["warmup"])
-        slice_ = _Slice(self._stub(command["target"]), request, scenario.timeout)
+        # A named aggregate's request holds no targets: count the ones the others are sent.
+        targets = len(scenario.request_for("naive", warmup=command["warmup"]).targets)
+        slice_ = _Slice(self._stub(command["target"]), request, scenario.timeout, targets)
         return await slice_.run(command["concurrency"], command["max_calls"], command["seconds"])
 
     async def aclose(self) -> None:
@@ -62,12 +64,16 @@ class _Slice:
     """One slice of load against one side."""
 
     def __init__(
-        self, stub: pb_grpc.AggregatorStub, request: pb.AggregateRequest, timeout: float
+        self,
+        stub: pb_grpc.AggregatorStub,
+        request: pb.AggregateRequest,
+        timeout: float,
+        targets: int,
     ) -> None:
         self._stub = stub
         self._request = request
         self._timeout = timeout
-        self._targets = len(request.targets)
+        self._targets = targets
         self._issued = 0
         self.latency: list[float] = []
         self.first: list[float] = []

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from google.protobuf import json_format
+
 from aggregator.v1 import aggregator_pb2 as pb
 from bench import quote
 
@@ -80,8 +82,15 @@ class Scenario:
     aggregator_suffix: str = ""  # the aggregator's upstream names get this (hedged twins)
     # Typed calls go to the aggregator in JSON (decode_json on); other sides get the bytes.
     typed_json: bool = False
+    # The aggregator is sent the named aggregate of this name (its targets: ``calls``, in the
+    # config, see named_aggregate) with NAMED_PARAMS; the other sides get the same targets.
+    named: str = ""
 
     def request_for(self, side: str, warmup: bool = False) -> pb.AggregateRequest:
+        if self.named and side == "aggregator":
+            request = pb.AggregateRequest(aggregate=self.named)
+            request.params.update(NAMED_PARAMS)
+            return request
         calls = self.warmup if warmup and self.warmup is not None else self.calls
         suffix = self.aggregator_suffix if side == "aggregator" else ""
         in_json = self.typed_json and side == "aggregator"
@@ -201,6 +210,35 @@ SCENARIOS["grpc5-json"] = Scenario(
     typed_json=True,
 )
 
+# A named aggregate (SPEC §11) against the same targets sent ad hoc: the plan is made when the
+# config loads, a call only binds its parameter. Each target's path is /delay/{{params.delay}}MS
+# and the call sends delay "0": binding does real work (a path segment filled and encoded), and
+# the upstream reads /delay/0120 as the 120 ms page5 sends.
+NAMED_PARAMS = {"delay": "0"}
+SCENARIOS["named-page5"] = Scenario(
+    "named-page5",
+    "page5 as the named aggregate page5 of the aggregator's config, called by name with a "
+    "parameter",
+    SCENARIOS["page5"].calls,
+    SCENARIOS["page5"].points,
+    named="page5",
+)
+
+
+def named_aggregate(scenario: Scenario) -> dict[str, Any]:
+    """The config entry of ``scenario``'s named aggregate: its targets in proto3 JSON, every
+    path's delay led by {{params.delay}}, which NAMED_PARAMS fills with a leading zero."""
+    targets = []
+    for target in scenario.request_for("naive").targets:
+        entry = json_format.MessageToDict(target, preserving_proto_field_name=True)
+        if "http" in entry:
+            path = entry["http"]["path"]
+            assert path.startswith("/delay/")
+            entry["http"]["path"] = path.replace("/delay/", "/delay/{{params.delay}}", 1)
+        targets.append(entry)
+    return {"params": {"delay": {"required": True}}, "targets": targets}
+
+
 # Scenarios that cannot run, and why.
 SKIPPED: dict[str, str] = {}
 if HEDGE_DELAY_MS is None:
@@ -240,6 +278,7 @@ def aggregator_config(
             "shutdown_grace": "2s",
         },
         "upstreams": upstreams,
+        "aggregates": {s.named: named_aggregate(s) for s in SCENARIOS.values() if s.named},
     }
 
 

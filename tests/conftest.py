@@ -52,9 +52,11 @@ def make_config(
     rpc: GrpcUpstream,
     server: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
+    aggregates: dict[str, Any] | None = None,
     **upstreams: Any,
 ) -> Config:
-    """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override."""
+    """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override
+    upstreams; ``aggregates`` is the config's named aggregates."""
     document: dict[str, Any] = {
         "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
         "upstreams": {
@@ -66,6 +68,8 @@ def make_config(
     }
     if auth is not None:
         document["auth"] = auth
+    if aggregates is not None:
+        document["aggregates"] = aggregates
     return config_from_mapping(document)
 
 
@@ -80,9 +84,11 @@ async def start_server(
     async def start(
         server: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
+        aggregates: dict[str, Any] | None = None,
         **upstreams: Any,
     ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
-        aggregator = AggregatorServer(make_config(rest, rpc, server, auth, **upstreams))
+        config = make_config(rest, rpc, server, auth, aggregates, **upstreams)
+        aggregator = AggregatorServer(config)
         port = await aggregator.start()
         servers.append(aggregator)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -90,3 +90,24 @@ def test_quick_bench_measures_grpc_targets_in_json_and_in_bytes(tmp_path: Path) 
     assert set(report["grpc_json_cpu"]["c16"]) == {
         "json_us_per_target", "bytes_us_per_target", "json_extra_us_per_target",
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_bench_calls_the_named_aggregate_beside_the_same_targets_ad_hoc(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "bench-results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "page5,named-page5",
+         "--output", output],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(output.read_text())
+    for key in ("page5/c1", "page5/c64", "named-page5/c1", "named-page5/c64"):
+        for side in SIDES:
+            figures = report["results"][key][side]
+            assert figures["calls"] > 0, (key, side, figures)
+            assert not figures["errors"], (key, side, figures)
+            assert not figures["not_ok_results"], (key, side, figures)
+            assert not figures["incomplete_calls"], (key, side, figures)

@@ -303,6 +303,7 @@ async def test_demo_draws_with_the_same_timeline():
     assert " hit " in chart  # catalog came from the cache the warm-up filled
     assert "x-aggregate-fallback     reviews" in text
     assert "INFO" not in text  # the server's log lines do not interleave with the chart
+    assert 'called by name: {"aggregate": "product_page", "params": {"sku": "A-1042"}}' in text
 
 
 # The renderer on its own.
@@ -454,3 +455,54 @@ def test_request_files_accept_yaml_and_proto_json_names(tmp_path):
     request = load_request(str(path))
     assert request.targets[0].decode_json
     assert load_request("-", io.StringIO('{"targets": [{"id": "b"}]}')).targets[0].id == "b"
+
+
+NAMED = {
+    "params": {"sku": {"required": True}, "count": {"default": 1}},
+    "targets": [
+        {"id": "quick", "http": {"upstream": "rest", "path": "/echo/{{params.sku}}"}},
+        {"id": "sleepy", "http": {"upstream": "rest", "path": "/delay/{{params.count}}"}},
+    ],
+}
+
+
+async def test_call_runs_a_named_aggregate_with_parameters(start_server, rest):
+    aggregator, _ = await start_server(aggregates={"page": NAMED})
+    address = f"127.0.0.1:{aggregator.port}"
+
+    code, out, err = await run_call(
+        "--address", address, "--aggregate", "page", "-p", "sku=A/1", "-p", "count:=300"
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "aggregate 'page' to " in out
+    arrivals = [line.split()[3] for line in out.splitlines() if line.startswith("+")]
+    assert arrivals == ["quick", "sleepy"]
+    assert sorted(seen["path"] for seen in rest.recorder.requests) == ["/delay/300", "/echo/A%2F1"]
+    assert trailer(out, "x-aggregate-succeeded") == "2"
+
+    code, screen = await run_in_terminal(
+        "--address", address, "--aggregate", "page", "-p", "sku=B", "-p", "count:=300"
+    )  # fmt: skip
+    assert code == 0
+    assert "running" in screen  # the ids came from ListAggregates: sleepy drawn while running
+
+    code, out, _ = await run_call("--address", address, "--aggregate", "page")
+    assert code == 1
+    assert "params.sku: required by aggregate 'page'" in out
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        (["--aggregate", "page", "-p", "novalue"], "expected KEY=VALUE"),
+        (["--aggregate", "page", "-p", "n:=not json"], "not JSON after :="),
+        (["--aggregate", "page", "-p", "a=1", "-p", "a=2"], "given twice"),
+        (["-p", "a=1", "-"], "-p/--param fills the parameters of --aggregate"),
+        (["--aggregate", "page", "-"], "a request file or --aggregate, not both"),
+        ([], "or --aggregate NAME, is required"),
+    ],
+)
+def test_bad_aggregate_options_are_refused(capsys, options, problem):
+    assert main(["call", "--address", "127.0.0.1:1", *options]) == 2
+    assert problem in capsys.readouterr().err

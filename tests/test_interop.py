@@ -219,3 +219,56 @@ async def test_buf_curl_calls_a_grpc_backend_in_json(start_server, catalog):
     (result,) = messages(out)
     assert result["outcome"] == "OUTCOME_OK"
     assert result["json"]["price"] == {"currencyCode": "EUR", "units": "12", "nanos": 500000000}
+
+
+# The README's session as a named aggregate: the page's topology in config, the call by name.
+NAMED_PAGE = {
+    "description": "A product, its reviews and its restock",
+    "params": {"sku": {"required": True}, "currency": {"default": "EUR"}},
+    "targets": json.loads(
+        json.dumps(README_REQUEST["targets"])
+        .replace('"A-1"', '"{{params.sku}}"')
+        .replace("{{product.price.currencyCode}}", "{{params.currency}}")
+    ),
+}
+
+
+@needs_grpcurl
+async def test_grpcurl_lists_and_calls_a_named_aggregate(start_server, catalog, rest):
+    server, _ = await start_server(
+        aggregates={"product_page": NAMED_PAGE},
+        shop={"kind": "grpc", "address": catalog.address},
+    )
+    address = f"127.0.0.1:{server.port}"
+    code, out, err = await grpcurl("-plaintext", address, "aggregator.v1.Aggregator/ListAggregates")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "aggregates": [
+            {
+                "name": "product_page",
+                "description": "A product, its reviews and its restock",
+                "params": [
+                    {"name": "sku", "required": True},
+                    {"name": "currency", "default": "EUR"},
+                ],
+                "target_ids": ["product", "reviews", "restock"],  # grpcurl: proto names
+            }
+        ]
+    }
+    request = {"aggregate": "product_page", "params": {"sku": "A-1", "currency": "CHF"}}
+    code, out, err = await grpcurl(
+        "-plaintext", "-d", json.dumps(request), address, "aggregator.v1.Aggregator/Aggregate"
+    )
+    assert code == 0, err
+    by_id = {message["id"]: message for message in messages(out)}
+    assert [m["outcome"] for m in by_id.values()] == ["OUTCOME_OK"] * 3
+    assert by_id["product"]["json"]["displayName"] == "Product A-1"
+    assert by_id["reviews"]["json"]["path"] == "/echo/reviews/A-1?currency=CHF"
+    assert by_id["restock"]["json"] == {"sku": "A-1", "stockCount": "9007199254740993"}
+    code, _, err = await grpcurl(
+        "-plaintext", "-d", '{"aggregate": "product_page"}', address,
+        "aggregator.v1.Aggregator/Aggregate",
+    )  # fmt: skip
+    assert code != 0
+    assert "params.sku: required by aggregate 'product_page'" in err
+    assert catalog.calls() == 2

@@ -60,7 +60,7 @@ async def test_metrics_of_the_spec_are_served_with_bounded_labels(start_server, 
     def value(name: str, **labels: str) -> float:
         return next(s.value for s in samples if s.name == name and s.labels == labels)
 
-    assert value("aggregator_calls_total", code="OK") == 1
+    assert value("aggregator_calls_total", code="OK", aggregate="ad_hoc") == 1
     assert value("aggregator_targets_total", upstream="guarded", outcome="OUTCOME_OK") == 1
     assert value("aggregator_targets_total", upstream="rest", outcome="OUTCOME_ERROR") == 1
     assert value("aggregator_circuit_state", upstream="guarded") == 0

@@ -55,6 +55,7 @@ async def test_spans_continue_the_callers_trace_and_reach_upstreams(stub, rest, 
     assert f"{server.context.trace_id:032x}" == CALLER_TRACE
     assert f"{server.parent.span_id:016x}" == CALLER_SPAN
     assert server.attributes["aggregator.targets"] == 2
+    assert server.attributes["aggregator.aggregate"] == "ad_hoc"
     assert sorted(s.name for s in attempts) == ["rest attempt", "rpc attempt"]
     assert all(s.parent.span_id == server.context.span_id for s in attempts)
 

@@ -7,7 +7,10 @@ when the certificate would have been good, so a caller never silently acts as so
 
 - no usable identity -> UNAUTHENTICATED;
 - a verified identity that is not in ``auth.callers``, or a caller naming an upstream it may
-  not call -> PERMISSION_DENIED naming the upstreams.
+  not call -> PERMISSION_DENIED naming the upstreams;
+- a caller naming an aggregate it may not run (``auth.callers.<name>.aggregates``) ->
+  PERMISSION_DENIED naming it. A named aggregate's upstreams are the operator's choice: the
+  caller's ``upstreams`` limit only the targets it sends itself.
 
 Both are decided before anything is sent upstream. Health and reflection are not behind this.
 """
@@ -46,9 +49,14 @@ class Caller:
     name: str  # "" for a verified identity that auth.callers does not name
     known_by: str  # how it proved who it is: "token subject 'web'", "certificate 'a.b'"
     upstreams: frozenset[str]
+    aggregates: frozenset[str] = frozenset()
 
     def may_call(self, upstream: str) -> bool:
         return _ANY in self.upstreams or upstream in self.upstreams
+
+    def may_run(self, aggregate: str) -> bool:
+        """Whether it may run the named aggregate (auth.callers.<name>.aggregates)."""
+        return _ANY in self.aggregates or aggregate in self.aggregates
 
     def __str__(self) -> str:
         return f"caller {self.name!r}" if self.name else f"{self.known_by} (not in auth.callers)"
@@ -102,7 +110,10 @@ class Gate:
         assert self._auth is not None
         config = self._auth.callers.get(name) if name else None
         upstreams = frozenset(config.upstreams) if config else frozenset()
-        return Caller(name=name or "", known_by=known_by, upstreams=upstreams)
+        aggregates = frozenset(config.aggregates) if config else frozenset()
+        return Caller(
+            name=name or "", known_by=known_by, upstreams=upstreams, aggregates=aggregates
+        )
 
     def _how_to_authenticate(self) -> str:
         ways = []
@@ -111,6 +122,17 @@ class Gate:
         if self._by_certificate:
             ways.append("a client certificate")
         return "no credentials: send " + " or ".join(ways or ["credentials"])
+
+    def authorize_aggregate(self, caller: Caller | None, aggregate: str) -> None:
+        """Raises CallFailure PERMISSION_DENIED unless ``caller`` may run the named aggregate
+        (asked before the name is looked up: a caller learns nothing of the names it may not
+        run). A named aggregate's upstreams are the operator's choice: auth.callers' upstreams
+        limit ad-hoc targets only."""
+        if caller is not None and not caller.may_run(aggregate):
+            raise CallFailure(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} may not run aggregate {_shown(aggregate)}",
+            )
 
     def authorize(self, caller: Caller | None, plan: Plan) -> None:
         """Raises CallFailure PERMISSION_DENIED naming every upstream ``caller`` may not call."""
@@ -132,6 +154,11 @@ class Gate:
                 for name, ids in sorted(denied.items())
             )
             raise CallFailure(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call {listed}")
+
+
+def _shown(name: str) -> str:
+    """A caller-given name in a message: quoted, and cut when long."""
+    return repr(name[:64]) + (" (cut)" if len(name) > 64 else "")
 
 
 def _bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:

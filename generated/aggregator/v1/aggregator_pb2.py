@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61ggregator/v1/aggregator.proto\x12\raggregator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\":\n\x10\x41ggregateRequest\x12&\n\x07targets\x18\x01 \x03(\x0b\x32\x15.aggregator.v1.Target\"\x91\x02\n\x06Target\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04http\x18\x02 \x01(\x0b\x32\x17.aggregator.v1.HttpCallH\x00\x12\'\n\x04grpc\x18\x03 \x01(\x0b\x32\x17.aggregator.v1.GrpcCallH\x00\x12\x10\n\x08required\x18\x04 \x01(\x08\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x06 \x03(\t\x12(\n\x08\x66\x61llback\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x13\n\x0b\x64\x65\x63ode_json\x18\x08 \x01(\x08\x12\x10\n\x08\x66or_each\x18\t \x01(\tB\x06\n\x04\x63\x61ll\"\xc5\x02\n\x08HttpCall\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x31\n\x05query\x18\x04 \x03(\x0b\x32\".aggregator.v1.HttpCall.QueryEntry\x12\x35\n\x07headers\x18\x05 \x03(\x0b\x32$.aggregator.v1.HttpCall.HeadersEntry\x12\x0e\n\x04\x62ody\x18\x06 \x01(\x0cH\x00\x12&\n\x04json\x18\x07 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\xcd\x01\n\x08GrpcCall\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.aggregator.v1.GrpcCall.MetadataEntry\x12$\n\x04json\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x02\n\x0cTargetResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.aggregator.v1.Outcome\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x11\n\tgrpc_code\x18\x04 \x01(\x05\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12$\n\x04json\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12/\n\x0cstart_offset\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05\x63\x61\x63he\x18\x0c \x01(\x0e\x32\x1a.aggregator.v1.CacheStatus\x12\x15\n\rfrom_fallback\x18\r \x01(\x08\"h\n\x0f\x43ollectResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.aggregator.v1.TargetResult\x12\'\n\x06merged\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb5\x01\n\x10\x41ggregateSummary\x12\x0f\n\x07targets\x18\x01 \x01(\x05\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x05\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x05\x12.\n\x08\x66\x61ilures\x18\x06 \x03(\x0b\x32\x1c.aggregator.v1.TargetSummary\x12\x18\n\x10\x66\x61ilures_omitted\x18\x07 \x01(\x05\"p\n\rTargetSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.aggregator.v1.Outcome\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*\xcf\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x11\n\rOUTCOME_ERROR\x10\x02\x12\x13\n\x0fOUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x04\x12\x18\n\x14OUTCOME_CIRCUIT_OPEN\x10\x05\x12\x14\n\x10OUTCOME_REJECTED\x10\x06\x12\x13\n\x0fOUTCOME_SKIPPED\x10\x07\x12\x15\n\x11OUTCOME_CANCELLED\x10\x08*p\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x16\n\x12\x43\x41\x43HE_STATUS_STALE\x10\x03\x32\xa5\x01\n\nAggregator\x12K\n\tAggregate\x12\x1f.aggregator.v1.AggregateRequest\x1a\x1b.aggregator.v1.TargetResult0\x01\x12J\n\x07\x43ollect\x12\x1f.aggregator.v1.AggregateRequest\x1a\x1e.aggregator.v1.CollectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61ggregator/v1/aggregator.proto\x12\raggregator.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"v\n\x10\x41ggregateRequest\x12&\n\x07targets\x18\x01 \x03(\x0b\x32\x15.aggregator.v1.Target\x12\x11\n\taggregate\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x17\n\x15ListAggregatesRequest\"J\n\x16ListAggregatesResponse\x12\x30\n\naggregates\x18\x01 \x03(\x0b\x32\x1c.aggregator.v1.AggregateInfo\"u\n\rAggregateInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x06params\x18\x03 \x03(\x0b\x32\x1d.aggregator.v1.AggregateParam\x12\x12\n\ntarget_ids\x18\x04 \x03(\t\"Y\n\x0e\x41ggregateParam\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\'\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\x91\x02\n\x06Target\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04http\x18\x02 \x01(\x0b\x32\x17.aggregator.v1.HttpCallH\x00\x12\'\n\x04grpc\x18\x03 \x01(\x0b\x32\x17.aggregator.v1.GrpcCallH\x00\x12\x10\n\x08required\x18\x04 \x01(\x08\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ndepends_on\x18\x06 \x03(\t\x12(\n\x08\x66\x61llback\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x13\n\x0b\x64\x65\x63ode_json\x18\x08 \x01(\x08\x12\x10\n\x08\x66or_each\x18\t \x01(\tB\x06\n\x04\x63\x61ll\"\xc5\x02\n\x08HttpCall\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x31\n\x05query\x18\x04 \x03(\x0b\x32\".aggregator.v1.HttpCall.QueryEntry\x12\x35\n\x07headers\x18\x05 \x03(\x0b\x32$.aggregator.v1.HttpCall.HeadersEntry\x12\x0e\n\x04\x62ody\x18\x06 \x01(\x0cH\x00\x12&\n\x04json\x18\x07 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x1a,\n\nQueryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\xcd\x01\n\x08GrpcCall\x12\x10\n\x08upstream\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07request\x18\x03 \x01(\x0c\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.aggregator.v1.GrpcCall.MetadataEntry\x12$\n\x04json\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x02\n\x0cTargetResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.aggregator.v1.Outcome\x12\x13\n\x0bhttp_status\x18\x03 \x01(\x05\x12\x11\n\tgrpc_code\x18\x04 \x01(\x05\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12$\n\x04json\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x10\n\x08\x61ttempts\x18\t \x01(\x05\x12/\n\x0cstart_offset\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07latency\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x05\x63\x61\x63he\x18\x0c \x01(\x0e\x32\x1a.aggregator.v1.CacheStatus\x12\x15\n\rfrom_fallback\x18\r \x01(\x08\"h\n\x0f\x43ollectResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.aggregator.v1.TargetResult\x12\'\n\x06merged\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xb5\x01\n\x10\x41ggregateSummary\x12\x0f\n\x07targets\x18\x01 \x01(\x05\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x05\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\x05\x12.\n\x08\x66\x61ilures\x18\x06 \x03(\x0b\x32\x1c.aggregator.v1.TargetSummary\x12\x18\n\x10\x66\x61ilures_omitted\x18\x07 \x01(\x05\"p\n\rTargetSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.aggregator.v1.Outcome\x12*\n\x07latency\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*\xcf\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0e\n\nOUTCOME_OK\x10\x01\x12\x11\n\rOUTCOME_ERROR\x10\x02\x12\x13\n\x0fOUTCOME_TIMEOUT\x10\x03\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x04\x12\x18\n\x14OUTCOME_CIRCUIT_OPEN\x10\x05\x12\x14\n\x10OUTCOME_REJECTED\x10\x06\x12\x13\n\x0fOUTCOME_SKIPPED\x10\x07\x12\x15\n\x11OUTCOME_CANCELLED\x10\x08*p\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x01\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x02\x12\x16\n\x12\x43\x41\x43HE_STATUS_STALE\x10\x03\x32\x84\x02\n\nAggregator\x12K\n\tAggregate\x12\x1f.aggregator.v1.AggregateRequest\x1a\x1b.aggregator.v1.TargetResult0\x01\x12J\n\x07\x43ollect\x12\x1f.aggregator.v1.AggregateRequest\x1a\x1e.aggregator.v1.CollectResponse\x12]\n\x0eListAggregates\x12$.aggregator.v1.ListAggregatesRequest\x1a%.aggregator.v1.ListAggregatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HTTPCALL_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_GRPCCALL_METADATAENTRY']._loaded_options = None
   _globals['_GRPCCALL_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=1764
-  _globals['_OUTCOME']._serialized_end=1971
-  _globals['_CACHESTATUS']._serialized_start=1973
-  _globals['_CACHESTATUS']._serialized_end=2085
+  _globals['_OUTCOME']._serialized_start=2135
+  _globals['_OUTCOME']._serialized_end=2342
+  _globals['_CACHESTATUS']._serialized_start=2344
+  _globals['_CACHESTATUS']._serialized_end=2456
   _globals['_AGGREGATEREQUEST']._serialized_start=111
-  _globals['_AGGREGATEREQUEST']._serialized_end=169
-  _globals['_TARGET']._serialized_start=172
-  _globals['_TARGET']._serialized_end=445
-  _globals['_HTTPCALL']._serialized_start=448
-  _globals['_HTTPCALL']._serialized_end=773
-  _globals['_HTTPCALL_QUERYENTRY']._serialized_start=670
-  _globals['_HTTPCALL_QUERYENTRY']._serialized_end=714
-  _globals['_HTTPCALL_HEADERSENTRY']._serialized_start=716
-  _globals['_HTTPCALL_HEADERSENTRY']._serialized_end=762
-  _globals['_GRPCCALL']._serialized_start=776
-  _globals['_GRPCCALL']._serialized_end=981
-  _globals['_GRPCCALL_METADATAENTRY']._serialized_start=934
-  _globals['_GRPCCALL_METADATAENTRY']._serialized_end=981
-  _globals['_TARGETRESULT']._serialized_start=984
-  _globals['_TARGETRESULT']._serialized_end=1357
-  _globals['_COLLECTRESPONSE']._serialized_start=1359
-  _globals['_COLLECTRESPONSE']._serialized_end=1463
-  _globals['_AGGREGATESUMMARY']._serialized_start=1466
-  _globals['_AGGREGATESUMMARY']._serialized_end=1647
-  _globals['_TARGETSUMMARY']._serialized_start=1649
-  _globals['_TARGETSUMMARY']._serialized_end=1761
-  _globals['_AGGREGATOR']._serialized_start=2088
-  _globals['_AGGREGATOR']._serialized_end=2253
+  _globals['_AGGREGATEREQUEST']._serialized_end=229
+  _globals['_LISTAGGREGATESREQUEST']._serialized_start=231
+  _globals['_LISTAGGREGATESREQUEST']._serialized_end=254
+  _globals['_LISTAGGREGATESRESPONSE']._serialized_start=256
+  _globals['_LISTAGGREGATESRESPONSE']._serialized_end=330
+  _globals['_AGGREGATEINFO']._serialized_start=332
+  _globals['_AGGREGATEINFO']._serialized_end=449
+  _globals['_AGGREGATEPARAM']._serialized_start=451
+  _globals['_AGGREGATEPARAM']._serialized_end=540
+  _globals['_TARGET']._serialized_start=543
+  _globals['_TARGET']._serialized_end=816
+  _globals['_HTTPCALL']._serialized_start=819
+  _globals['_HTTPCALL']._serialized_end=1144
+  _globals['_HTTPCALL_QUERYENTRY']._serialized_start=1041
+  _globals['_HTTPCALL_QUERYENTRY']._serialized_end=1085
+  _globals['_HTTPCALL_HEADERSENTRY']._serialized_start=1087
+  _globals['_HTTPCALL_HEADERSENTRY']._serialized_end=1133
+  _globals['_GRPCCALL']._serialized_start=1147
+  _globals['_GRPCCALL']._serialized_end=1352
+  _globals['_GRPCCALL_METADATAENTRY']._serialized_start=1305
+  _globals['_GRPCCALL_METADATAENTRY']._serialized_end=1352
+  _globals['_TARGETRESULT']._serialized_start=1355
+  _globals['_TARGETRESULT']._serialized_end=1728
+  _globals['_COLLECTRESPONSE']._serialized_start=1730
+  _globals['_COLLECTRESPONSE']._serialized_end=1834
+  _globals['_AGGREGATESUMMARY']._serialized_start=1837
+  _globals['_AGGREGATESUMMARY']._serialized_end=2018
+  _globals['_TARGETSUMMARY']._serialized_start=2020
+  _globals['_TARGETSUMMARY']._serialized_end=2132
+  _globals['_AGGREGATOR']._serialized_start=2459
+  _globals['_AGGREGATOR']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

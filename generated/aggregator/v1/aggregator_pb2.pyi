@@ -44,10 +44,46 @@ CACHE_STATUS_HIT: CacheStatus
 CACHE_STATUS_STALE: CacheStatus
 
 class AggregateRequest(_message.Message):
-    __slots__ = ("targets",)
+    __slots__ = ("targets", "aggregate", "params")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[Target]
-    def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ...) -> None: ...
+    aggregate: str
+    params: _struct_pb2.Struct
+    def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., aggregate: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListAggregatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAggregatesResponse(_message.Message):
+    __slots__ = ("aggregates",)
+    AGGREGATES_FIELD_NUMBER: _ClassVar[int]
+    aggregates: _containers.RepeatedCompositeFieldContainer[AggregateInfo]
+    def __init__(self, aggregates: _Optional[_Iterable[_Union[AggregateInfo, _Mapping]]] = ...) -> None: ...
+
+class AggregateInfo(_message.Message):
+    __slots__ = ("name", "description", "params", "target_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    params: _containers.RepeatedCompositeFieldContainer[AggregateParam]
+    target_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., params: _Optional[_Iterable[_Union[AggregateParam, _Mapping]]] = ..., target_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AggregateParam(_message.Message):
+    __slots__ = ("name", "required", "default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    required: bool
+    default: _struct_pb2.Value
+    def __init__(self, name: _Optional[str] = ..., required: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("id", "http", "grpc", "required", "timeout", "depends_on", "fallback", "decode_json", "for_each")

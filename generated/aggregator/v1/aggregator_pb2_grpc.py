@@ -45,6 +45,11 @@ class AggregatorStub:
                 request_serializer=aggregator_dot_v1_dot_aggregator__pb2.AggregateRequest.SerializeToString,
                 response_deserializer=aggregator_dot_v1_dot_aggregator__pb2.CollectResponse.FromString,
                 _registered_method=True)
+        self.ListAggregates = channel.unary_unary(
+                '/aggregator.v1.Aggregator/ListAggregates',
+                request_serializer=aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesRequest.SerializeToString,
+                response_deserializer=aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -66,6 +71,14 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAggregates(self, request, context):
+        """The named aggregates configured on this server (config `aggregates`) that the caller
+        may run: name, description, parameters and target ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +91,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Collect,
                     request_deserializer=aggregator_dot_v1_dot_aggregator__pb2.AggregateRequest.FromString,
                     response_serializer=aggregator_dot_v1_dot_aggregator__pb2.CollectResponse.SerializeToString,
+            ),
+            'ListAggregates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAggregates,
+                    request_deserializer=aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesRequest.FromString,
+                    response_serializer=aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +153,33 @@ class Aggregator:
             '/aggregator.v1.Aggregator/Collect',
             aggregator_dot_v1_dot_aggregator__pb2.AggregateRequest.SerializeToString,
             aggregator_dot_v1_dot_aggregator__pb2.CollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAggregates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aggregator.v1.Aggregator/ListAggregates',
+            aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesRequest.SerializeToString,
+            aggregator_dot_v1_dot_aggregator__pb2.ListAggregatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

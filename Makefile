@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
-.PHONY: install demo test lint proto bench clean redis
+.PHONY: install demo test lint proto bench clean redis chromium
 
 install: $(STAMP)
 
@@ -30,12 +30,20 @@ redis:
 		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
 
+# The admin page's browser tests drive Debian's chromium (through playwright); install it if
+# missing. They skip, saying so, without it.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; } || true
+
 # buf (npm @bufbuild/buf, a static binary) for the interop tests; they skip, saying so, without it.
 BUF := $(VENV)/node/node_modules/.bin/buf
 $(BUF): $(STAMP)
 	-command -v npm >/dev/null && npm install --silent --prefix $(VENV)/node @bufbuild/buf >/dev/null
 
-test: lint redis $(BUF)
+test: lint redis chromium $(BUF)
 	$(BIN)/pytest
 
 proto: install

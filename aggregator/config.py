@@ -185,6 +185,10 @@ class ServerConfig:
     max_decoded_bytes: int = 8 * MIB
     # An HTTP path, an HTTP query (names and values together) or a gRPC method name, in bytes.
     max_path_bytes: int = 8 * 1024
+    # The admin page (SPEC §13): loopback by default; "" disables. The last admin_recent
+    # aggregates are kept for it.
+    admin_address: str = "127.0.0.1:9465"
+    admin_recent: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +496,12 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         ),
         max_path_bytes=reader.value(
             section, "max_path_bytes", "server", _int_between(64, 1024 * 1024), d.max_path_bytes
+        ),
+        admin_address=reader.value(
+            section, "admin_address", "server", _listen_address, d.admin_address
+        ),
+        admin_recent=reader.value(
+            section, "admin_recent", "server", _int_between(1, 100_000), d.admin_recent
         ),
     )
     if server.default_deadline > server.max_deadline:

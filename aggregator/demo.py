@@ -97,7 +97,10 @@ def demo_config(rest_port: int, grpc_port: int) -> Config:
     upstreams[CACHED]["cache"] = {"ttl": "60s"}
     upstreams["shipping"] = {"kind": "grpc", "address": f"127.0.0.1:{grpc_port}"}
     return config_from_mapping(
-        {"server": {"address": "127.0.0.1:0", "metrics_address": ""}, "upstreams": upstreams}
+        {
+            "server": {"address": "127.0.0.1:0", "metrics_address": "", "admin_address": ""},
+            "upstreams": upstreams,
+        }
     )
 
 

@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
+from aggregator.admin.app import make_app
+from aggregator.admin.recent import Recent
 from aggregator.config import Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
@@ -120,6 +122,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._shed = 0
         self._shed_logged_at = -1.0
         self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
+        self.recent: Recent | None = None  # the admin page's record, when it is on
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
@@ -181,6 +184,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         cut: list[pb.TargetResult] = []  # unreported when the call was cancelled
         failure: CallFailure | None = None
         first_at: int | None = None
+        plan: Plan | None = None
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
@@ -210,7 +214,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             elapsed = time.perf_counter_ns() - budget.started_ns
             gone = self._cancellation()
             targets = len(request.targets)
-            self._observe(request_id, targets, reported.values(), gone, elapsed, None, cut)
+            self._observe(
+                request_id, targets, reported.values(), gone, elapsed, None, cut, plan, budget
+            )
             raise
         ended = time.perf_counter_ns()
         elapsed = ended - budget.started_ns
@@ -220,7 +226,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         fanin = ended - first_at if first_at is not None else None
         self._loop.call_soon(
             self._observe, request_id, len(request.targets), reported.values(), failure, elapsed,
-            fanin,
+            fanin, (), plan, budget,
         )  # fmt: skip
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure))
@@ -267,12 +273,20 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         elapsed: int,
         fanin: int | None,
         cut: Collection[pb.TargetResult] = (),
+        plan: Plan | None = None,
+        budget: Budget | None = None,
     ) -> None:
-        """Metrics and the one log line of an aggregate of ``requested`` targets that sent
-        ``results`` and was cancelled with the ``cut`` ones running; ``elapsed`` and ``fanin``
-        (first result to last) in nanoseconds."""
+        """Metrics, the admin page's record and the one log line of an aggregate of
+        ``requested`` targets that sent ``results`` and was cancelled with the ``cut`` ones
+        running; ``elapsed`` and ``fanin`` (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
+        if self.recent is not None:
+            deadline = int(budget.seconds * 1e9) if budget is not None else 0
+            self.recent.record(
+                request_id, _aggregate_name(plan), code.name, elapsed, deadline, requested,
+                plan, (*results, *cut) if cut else results,
+            )  # fmt: skip
         metrics.calls_by_code[code].inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
@@ -362,6 +376,11 @@ def _span_attributes(
             "aggregator.failed": failed}  # fmt: skip
 
 
+def _aggregate_name(plan: Plan | None) -> str:
+    """The named aggregate the call ran (SPEC §11), or "ad_hoc" for a list of targets."""
+    return "ad_hoc"
+
+
 def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:
     """(target id, upstream name) for each target naming an upstream, as received."""
     for target in request.targets:
@@ -420,6 +439,10 @@ class AggregatorServer:
         self._service: AggregatorService | None = None
         self.decoder = JsonDecoder()  # large JSON bodies, off the loop
         self._metrics_runner: web.AppRunner | None = None
+        self.admin_port = 0
+        self._admin_runner: web.AppRunner | None = None
+        admin = config.server.admin_address
+        self.recent = Recent(config.server.admin_recent, config.upstreams) if admin else None
 
     def __repr__(self) -> str:
         return (
@@ -454,6 +477,7 @@ class AggregatorServer:
             for name, upstream in upstreams.items()
             if isinstance(upstream, GrpcUpstream)
         }
+        self._service.recent = self.recent
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -465,6 +489,8 @@ class AggregatorServer:
                 self.health_port = await self._serve_health(server_config.health_address)
             if server_config.metrics_address:
                 self.metrics_port = await self._serve_metrics(server_config.metrics_address)
+            if self.recent is not None:
+                self.admin_port = await self._serve_admin(server_config.admin_address)
         except BaseException:
             await self._close_endpoints()
             raise
@@ -504,12 +530,25 @@ class AggregatorServer:
         app = web.Application()
         app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.exposition))
         self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
+        return await self._serve_http(self._metrics_runner, address, "server.metrics_address")
+
+    async def _serve_admin(self, address: str) -> int:
+        assert self.recent is not None
+        self._admin_runner = web.AppRunner(
+            make_app(self.recent, self.endpoints), access_log=None, handler_cancellation=True
+        )
+        return await self._serve_http(self._admin_runner, address, "server.admin_address")
+
+    async def _serve_http(self, runner: web.AppRunner, address: str, key: str) -> int:
+        await runner.setup()
         host, _, port = address.rpartition(":")
         reuse_port = self.config.server.workers > 1
-        site = web.TCPSite(self._metrics_runner, host.strip("[]"), int(port), reuse_port=reuse_port)
-        await site.start()
-        return int(self._metrics_runner.addresses[0][1])
+        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(f"cannot listen on {key} {address}: {exc.strerror}") from exc
+        return int(runner.addresses[0][1])
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones within the grace, close pools."""
@@ -533,6 +572,8 @@ class AggregatorServer:
         self.decoder.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
 
 
 def run(config: Config) -> None:

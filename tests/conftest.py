@@ -56,7 +56,12 @@ def make_config(
 ) -> Config:
     """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override."""
     document: dict[str, Any] = {
-        "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
+        "server": {
+            "address": "127.0.0.1:0",
+            "metrics_address": "",
+            "admin_address": "",
+            **(server or {}),
+        },
         "upstreams": {
             "rest": {"kind": "http", "url": rest.url},
             "rpc": {"kind": "grpc", "address": rpc.address},

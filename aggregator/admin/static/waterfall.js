@@ -133,7 +133,10 @@
         if (t.attempts > 1) note.push(t.attempts + " attempts");
         if (t.cache === "hit") note.push("cache hit");
         if (t.from_fallback) note.push("fallback");
-        b.appendChild(el("span", "bar-text", note.join(" · ")));
+        // The note goes inside a wide bar, before one that ends near the axis's end.
+        const where = t.latency_ms / end > 0.3 ? " inside"
+          : (t.start_offset_ms + t.latency_ms) / end > 0.75 ? " before" : "";
+        b.appendChild(el("span", "bar-text" + where, note.join(" · ")));
       }
       track.appendChild(b);
       row.append(label, track);
@@ -147,8 +150,8 @@
     if (r.deadline_ms > 0 && r.deadline_ms <= end) {
       const line = el("div", "deadline");
       line.title = "deadline " + ms(r.deadline_ms);
-      line.style.left = "calc(" + (dense ? "0px" : "var(--label, 11em)") + " + (100% - " +
-        (dense ? "0px" : "var(--label, 11em)") + " - 0.8em) * " + (r.deadline_ms / end) + " + 0.4em)";
+      line.style.left = "calc(" + (dense ? "0px" : "var(--label)") + " + (100% - " +
+        (dense ? "0px" : "var(--label)") + " - 0.8em) * " + (r.deadline_ms / end) + " + 0.4em)";
       document.getElementById("waterfall").appendChild(line);
     }
   }
@@ -178,6 +181,11 @@
     record = await response.json();
     summarize(record);
     draw();
+    if (record.targets.length === 0) {
+      const problem = document.getElementById("problem");
+      problem.textContent = "No target ran: the call ended " + record.status + " before any did.";
+      problem.hidden = false;
+    }
   }
 
   document.getElementById("only-failed").addEventListener("change", () => record && draw());

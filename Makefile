@@ -53,6 +53,7 @@ proto: install
 
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.admin
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -138,6 +138,43 @@ async def test_the_waterfall_draws_bars_as_wide_as_their_latencies(start_server,
     assert "rest" in details
     assert "/delay/60" in details
     assert "200" in details
+    assert page.errors == []
+
+
+async def test_the_waterfall_marks_attempts_cache_hits_fallbacks_and_the_deadline(
+    start_server, browser, rest
+):
+    server, stub = await start_server(
+        server=ADMIN,
+        cached={"kind": "http", "url": rest.url, "cache": {"ttl": "30s"}},
+        stock={
+            "kind": "http", "url": rest.url, "retry": {"attempts": 3, "backoff": "5ms"},
+            "circuit_breaker": {"fail_max": 3, "reset_timeout": "30s"},
+        },
+    )  # fmt: skip
+    await call(stub, "warm-cache", http("profile", "/count/profile", "cached"))
+    ads = http("ads", "/status/503")
+    ads.fallback.string_value = "no ads"
+    targets = (
+        http("cart", "/delay/5"), http("prices", "/delay/60"), http("reviews", "/delay/150"),
+        http("profile", "/count/profile", "cached"), http("stock", "/flaky/stock/1", "stock"),
+        ads, http("recommendations", "/delay/40", depends_on=["cart"]),
+        http("coupons", "/x", "dead"),
+    )  # fmt: skip
+    request = pb.AggregateRequest(targets=targets)
+    await collect(
+        stub.Aggregate(request, metadata=(("x-request-id", "checkout-4c1d"),), timeout=0.25)
+    )
+    page = await open_page(browser, base(server) + "/aggregates/checkout-4c1d")
+    tab = page.page
+    await tab.wait_for_selector(".row .bar", timeout=5000)
+    assert await tab.locator(".row").count() == len(targets)
+    assert await tab.locator('.row[data-target="profile"] .bar.cache-hit').count() == 1
+    assert await tab.locator('.row[data-target="ads"] .bar.fallback').count() == 1
+    assert await tab.locator('.row[data-target="stock"] .attempt').count() == 1
+    assert await tab.locator(".deadline").count() == 1
+    await tab.click('.row[data-target="stock"] .bar')
+    assert "attempts\n2\n" in await tab.locator("#details").inner_text()
     await tab.screenshot(path=str(DOCS / "admin-waterfall.png"))
     assert page.errors == []
 

@@ -50,7 +50,7 @@
     let end = r.elapsed_ms;
     for (const t of r.targets) end = Math.max(end, t.start_offset_ms + t.latency_ms);
     // The deadline is drawn when it is near enough not to squash every bar.
-    if (r.deadline_ms > 0 && r.deadline_ms <= end * 1.5) end = Math.max(end, r.deadline_ms);
+    if (r.deadline_ms > 0 && r.deadline_ms <= end * 2) end = Math.max(end, r.deadline_ms);
     return end > 0 ? end : 1;
   }
 
@@ -65,7 +65,7 @@
     const axis = document.getElementById("axis");
     axis.replaceChildren();
     const step = niceStep(end);
-    for (let at = 0; at <= end + 1e-9; at += step) {
+    for (let at = 0; at <= end * 0.93; at += step) {  // none where its label would not fit
       const tick = el("div", "tick", ms(at));
       tick.style.left = (at / end * 100) + "%";
       axis.appendChild(tick);

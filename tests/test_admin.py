@@ -178,6 +178,7 @@ async def test_unknown_ids_and_paths_are_404_and_odd_queries_400(start_server, s
     url = f"http://127.0.0.1:{server.admin_port}/api/aggregates"
     async with session.post(url, data=b"x") as response:
         assert response.status == 405
+        assert response.headers["Allow"] == "GET"
         assert "Traceback" not in await response.text()
     status, _, _ = await get(session, server, "/aggregates/admin-known")
     assert status == 200

@@ -120,6 +120,8 @@ async def _guarded(
         response = _error(400, str(refused))
     except web.HTTPException as answer:
         response = _error(answer.status, answer.text or answer.reason)
+        if answer.status == 405:
+            response.headers["Allow"] = "GET"
     except Exception:  # a bug of ours: logged here, one sentence there
         log.exception("admin page: %s %s failed", request.method, request.path)
         response = _error(500, "internal error (logged)")

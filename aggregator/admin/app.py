@@ -51,35 +51,52 @@ class BadQuery(Exception):
 
 
 def make_app(recent: Recent, upstreams: Mapping[str, UpstreamView]) -> web.Application:
+    pages = AdminPages(recent, upstreams)
     app = web.Application(middlewares=[_guarded], client_max_size=1024)
-    files = {path: (_read(name), kind) for path, (name, kind) in _FILES.items()}
-    waterfall = _read("waterfall.html")
+    for path in _FILES:
+        app.router.add_get(path, pages.static, allow_head=False)
+    app.router.add_get("/aggregates/{request_id}", pages.waterfall, allow_head=False)
+    app.router.add_get("/api/upstreams", pages.api_upstreams, allow_head=False)
+    app.router.add_get("/api/aggregates", pages.api_aggregates, allow_head=False)
+    app.router.add_get("/api/aggregates/{request_id}", pages.api_aggregate, allow_head=False)
+    return app
 
-    def static(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        body, kind = files[path]
 
-        async def serve(request: web.Request) -> web.Response:
-            _query(request, ())
-            return web.Response(body=body, content_type=kind, charset="utf-8")
+class AdminPages:
+    """The handlers: the page's files (read once) and the JSON, from ``recent`` and the
+    upstreams' policies."""
 
-        return serve
+    def __init__(self, recent: Recent, upstreams: Mapping[str, UpstreamView]) -> None:
+        self._recent = recent
+        self._upstreams = upstreams
+        self._files = {path: (_read(name), kind) for path, (name, kind) in _FILES.items()}
+        self._waterfall = _read("waterfall.html")
 
-    async def waterfall_page(request: web.Request) -> web.Response:
+    def __repr__(self) -> str:
+        return f"<AdminPages {self._recent!r} [{len(self._upstreams)} upstreams]>"
+
+    async def static(self, request: web.Request) -> web.Response:
         _query(request, ())
-        if recent.find(_request_id(request)) is None:
-            raise web.HTTPNotFound(text="no such aggregate among the recent ones\n")
-        return web.Response(body=waterfall, content_type="text/html", charset="utf-8")
+        body, kind = self._files[request.path]
+        return web.Response(body=body, content_type=kind, charset="utf-8")
 
-    async def api_upstreams(request: web.Request) -> web.Response:
+    async def waterfall(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        if self._recent.find(_request_id(request)) is None:
+            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
+        return web.Response(body=self._waterfall, content_type="text/html", charset="utf-8")
+
+    async def api_upstreams(self, request: web.Request) -> web.Response:
         _query(request, ())
         rows = [
-            {"name": name, **view.admin_stats(), **recent.upstream_stats(name)}
-            for name, view in upstreams.items()
+            {"name": name, **view.admin_stats(), **self._recent.upstream_stats(name)}
+            for name, view in self._upstreams.items()
         ]
         return web.json_response({"upstreams": rows})
 
-    async def api_aggregates(request: web.Request) -> web.Response:
+    async def api_aggregates(self, request: web.Request) -> web.Response:
         query = _query(request, ("failed", "slowest", "limit"))
+        recent = self._recent
         keep = recent.records.maxlen or 1
         failed = _flag(query.get("failed", "false"), "failed")
         slowest = _count(query["slowest"], "slowest", keep) if "slowest" in query else None
@@ -90,22 +107,12 @@ def make_app(recent: Recent, upstreams: Mapping[str, UpstreamView]) -> web.Appli
              "aggregates": [r.summary() for r in records]}
         )  # fmt: skip
 
-    async def api_aggregate(request: web.Request) -> web.Response:
+    async def api_aggregate(self, request: web.Request) -> web.Response:
         _query(request, ())
-        record = recent.find(_request_id(request))
+        record = self._recent.find(_request_id(request))
         if record is None:
-            return web.json_response(
-                {"error": "no such aggregate among the recent ones"}, status=404
-            )
+            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
         return web.json_response(record.detail())
-
-    for path in files:
-        app.router.add_get(path, static(path), allow_head=False)
-    app.router.add_get("/aggregates/{request_id}", waterfall_page, allow_head=False)
-    app.router.add_get("/api/upstreams", api_upstreams, allow_head=False)
-    app.router.add_get("/api/aggregates", api_aggregates, allow_head=False)
-    app.router.add_get("/api/aggregates/{request_id}", api_aggregate, allow_head=False)
-    return app
 
 
 @web.middleware

@@ -176,7 +176,14 @@ async def test_the_waterfall_marks_attempts_cache_hits_fallbacks_and_the_deadlin
     await tab.click('.row[data-target="stock"] .bar')
     assert "attempts\n2\n" in await tab.locator("#details").inner_text()
     await tab.screenshot(path=str(DOCS / "admin-waterfall.png"))
+    phone = await open_page(browser, base(server) + "/aggregates/checkout-4c1d", 390, 800)
+    await phone.page.wait_for_selector(".row .bar", timeout=5000)
+    overflow = await phone.page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 1
     assert page.errors == []
+    assert phone.errors == []
 
 
 async def test_the_waterfall_of_a_thousand_targets_draws_each(start_server, browser):

@@ -50,7 +50,7 @@
     let end = r.elapsed_ms;
     for (const t of r.targets) end = Math.max(end, t.start_offset_ms + t.latency_ms);
     // The deadline is drawn when it is near enough not to squash every bar.
-    if (r.deadline_ms > 0 && r.deadline_ms <= end * 2) end = Math.max(end, r.deadline_ms);
+    if (r.deadline_ms > 0 && r.deadline_ms <= end * 3) end = Math.max(end, r.deadline_ms);
     return end > 0 ? end : 1;
   }
 

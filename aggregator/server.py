@@ -281,12 +281,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         running; ``elapsed`` and ``fanin`` (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
-        if self.recent is not None:
-            deadline = int(budget.seconds * 1e9) if budget is not None else 0
-            self.recent.record(
-                request_id, _aggregate_name(plan), code.name, elapsed, deadline, requested,
-                plan, (*results, *cut) if cut else results,
-            )  # fmt: skip
         metrics.calls_by_code[code].inc()
         if isinstance(failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
@@ -320,6 +314,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     "slowest": slowest.id if slowest else "",
                     "error": failure.message[:200] if failure else "",
                 },
+            )  # fmt: skip
+        if self.recent is not None:
+            deadline = int(budget.seconds * 1e9) if budget is not None else 0
+            self.recent.record(
+                request_id, _aggregate_name(plan), code.name, elapsed, deadline, requested,
+                plan, (*results, *cut) if cut else results,
             )  # fmt: skip
 
     def _admit(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -266,6 +267,15 @@ async def test_an_empty_admin_address_serves_nothing_and_keeps_nothing(start_ser
     assert server.admin_port == 0
     _, code, _, _ = await call(stub, "no-admin", http("a", "/delay/1"))
     assert code.name == "OK"
+
+
+async def test_a_taken_admin_port_is_an_error_naming_the_key(start_server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"server\.admin_address 127\.0\.0\.1:{port}"):
+            await start_server(server={"admin_address": f"127.0.0.1:{port}"})
 
 
 def test_admin_config_defaults_and_key_path_errors():

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
-.PHONY: install demo test lint proto proto-check proto-release bench clean redis
+.PHONY: install demo test lint proto proto-check proto-release bench clean redis chromium
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ redis:
 		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
 
+# The admin page's browser tests drive Debian's chromium (through playwright); install it if
+# missing. They skip, saying so, without it.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; } || true
+
 # buf (npm @bufbuild/buf, a static binary) for the interop tests; they skip, saying so, without it.
 BUF := $(VENV)/node/node_modules/.bin/buf
 $(BUF): $(STAMP)
@@ -48,7 +56,7 @@ proto-check: $(BUF)
 proto-release: $(BUF)
 	$(BUF) build protos --exclude-source-info -o $(RELEASED)
 
-test: lint proto-check redis
+test: lint proto-check redis chromium $(BUF)
 	$(BIN)/pytest
 
 proto: install
@@ -58,6 +66,7 @@ proto: install
 
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.admin
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -189,6 +189,10 @@ class ServerConfig:
     max_path_bytes: int = 8 * 1024
     # False: AggregateRequest.targets is refused (PERMISSION_DENIED); only named aggregates run.
     allow_ad_hoc: bool = True
+    # The admin page (SPEC §13): loopback by default; "" disables. The last admin_recent
+    # aggregates are kept for it.
+    admin_address: str = "127.0.0.1:9465"
+    admin_recent: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,6 +533,12 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
             section, "max_path_bytes", "server", _int_between(64, 1024 * 1024), d.max_path_bytes
         ),
         allow_ad_hoc=reader.value(section, "allow_ad_hoc", "server", _bool, d.allow_ad_hoc),
+        admin_address=reader.value(
+            section, "admin_address", "server", _listen_address, d.admin_address
+        ),
+        admin_recent=reader.value(
+            section, "admin_recent", "server", _int_between(1, 100_000), d.admin_recent
+        ),
     )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(

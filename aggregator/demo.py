@@ -111,7 +111,7 @@ def demo_config(rest_port: int, grpc_port: int) -> Config:
     }
     return config_from_mapping(
         {
-            "server": {"address": "127.0.0.1:0", "metrics_address": ""},
+            "server": {"address": "127.0.0.1:0", "metrics_address": "", "admin_address": ""},
             "upstreams": upstreams,
             "aggregates": {PAGE_NAME: page},
         }

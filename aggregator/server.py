@@ -34,6 +34,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
+from aggregator.admin.app import make_app
+from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
 from aggregator.config import AD_HOC, Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
@@ -131,6 +133,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._shed = 0
         self._shed_logged_at = -1.0
         self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
+        self.recent: Recent | None = None  # the admin page's record, when it is on
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
@@ -211,6 +214,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # The metric label and the log's name: only ever a configured name, or ad_hoc.
         label = named.name if named is not None else AD_HOC
         targets = len(named.plan.targets) if named is not None else len(request.targets)
+        plan: Plan | None = None
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             caller = (
@@ -239,7 +243,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
             elapsed = time.perf_counter_ns() - budget.started_ns
             gone = self._cancellation()
-            self._observe(request_id, label, targets, reported.values(), gone, elapsed, None, cut)
+            self._observe(
+                request_id, label, targets, reported.values(), gone, elapsed, None, cut, plan,
+                budget,
+            )  # fmt: skip
             raise
         ended = time.perf_counter_ns()
         elapsed = ended - budget.started_ns
@@ -248,7 +255,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         fanin = ended - first_at if first_at is not None else None
         self._loop.call_soon(
-            self._observe, request_id, label, targets, reported.values(), failure, elapsed, fanin,
+            self._observe, request_id, label, targets, reported.values(), failure, elapsed,
+            fanin, (), plan, budget,
         )  # fmt: skip
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure, label))
@@ -320,10 +328,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         elapsed: int,
         fanin: int | None,
         cut: Collection[pb.TargetResult] = (),
+        plan: Plan | None = None,
+        budget: Budget | None = None,
     ) -> None:
-        """Metrics and the one log line of an aggregate of ``requested`` targets that sent
-        ``results`` and was cancelled with the ``cut`` ones running; ``elapsed`` and ``fanin``
-        (first result to last) in nanoseconds."""
+        """Metrics, the admin page's record and the one log line of an aggregate of
+        ``requested`` targets that sent ``results`` and was cancelled with the ``cut`` ones
+        running; ``elapsed`` and ``fanin`` (first result to last) in nanoseconds."""
         metrics = self._metrics
         code = failure.code if failure is not None else grpc.StatusCode.OK
         metrics.calls_by_code[label][code].inc()
@@ -360,6 +370,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     "slowest": slowest.id if slowest else "",
                     "error": failure.message[:200] if failure else "",
                 },
+            )  # fmt: skip
+        if self.recent is not None:
+            deadline = int(budget.seconds * 1e9) if budget is not None else 0
+            self.recent.record(
+                request_id, label, code.name, elapsed, deadline, requested,
+                plan, (*results, *cut) if cut else results,
             )  # fmt: skip
 
     def _admit(self) -> None:
@@ -474,6 +490,10 @@ class AggregatorServer:
         self._service: AggregatorService | None = None
         self.decoder = JsonDecoder()  # large JSON bodies, off the loop
         self._metrics_runner: web.AppRunner | None = None
+        self.admin_port = 0
+        self._admin_runner: web.AppRunner | None = None
+        admin = config.server.admin_address
+        self.recent = Recent(config.server.admin_recent, config.upstreams) if admin else None
 
     def __repr__(self) -> str:
         return (
@@ -508,6 +528,7 @@ class AggregatorServer:
             for name, upstream in upstreams.items()
             if isinstance(upstream, GrpcUpstream)
         }
+        self._service.recent = self.recent
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -519,6 +540,8 @@ class AggregatorServer:
                 self.health_port = await self._serve_health(server_config.health_address)
             if server_config.metrics_address:
                 self.metrics_port = await self._serve_metrics(server_config.metrics_address)
+            if self.recent is not None:
+                self.admin_port = await self._serve_admin(server_config.admin_address)
         except BaseException:
             await self._close_endpoints()
             raise
@@ -575,12 +598,25 @@ class AggregatorServer:
         app = web.Application()
         app.router.add_get("/metrics", make_aiohttp_handler(self.metrics.exposition))
         self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
+        return await self._serve_http(self._metrics_runner, address, "server.metrics_address")
+
+    async def _serve_admin(self, address: str) -> int:
+        assert self.recent is not None
+        self._admin_runner = web.AppRunner(
+            make_app(self.recent, self.endpoints), access_log=None, handler_cancellation=True
+        )
+        return await self._serve_http(self._admin_runner, address, "server.admin_address")
+
+    async def _serve_http(self, runner: web.AppRunner, address: str, key: str) -> int:
+        await runner.setup()
         host, _, port = address.rpartition(":")
         reuse_port = self.config.server.workers > 1
-        site = web.TCPSite(self._metrics_runner, host.strip("[]"), int(port), reuse_port=reuse_port)
-        await site.start()
-        return int(self._metrics_runner.addresses[0][1])
+        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise OSError(f"cannot listen on {key} {address}: {exc.strerror}") from exc
+        return int(runner.addresses[0][1])
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones within the grace, close pools."""
@@ -604,6 +640,8 @@ class AggregatorServer:
         self.decoder.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
 
 
 def run(config: Config) -> None:

@@ -271,6 +271,8 @@ def aggregator_config(
         "server": {
             "address": f"127.0.0.1:{port}",
             "metrics_address": f"127.0.0.1:{metrics_port}",
+            # On, as in production (its recording is part of what is measured), on a free port.
+            "admin_address": "127.0.0.1:0",
             "max_targets": 1000,
             "max_concurrent_calls": 1000,
             "default_deadline": "5s",

@@ -58,7 +58,12 @@ def make_config(
     """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override
     upstreams; ``aggregates`` is the config's named aggregates."""
     document: dict[str, Any] = {
-        "server": {"address": "127.0.0.1:0", "metrics_address": "", **(server or {})},
+        "server": {
+            "address": "127.0.0.1:0",
+            "metrics_address": "",
+            "admin_address": "",
+            **(server or {}),
+        },
         "upstreams": {
             "rest": {"kind": "http", "url": rest.url},
             "rpc": {"kind": "grpc", "address": rpc.address},

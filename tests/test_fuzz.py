@@ -695,6 +695,7 @@ _VALUE_FOR = {
     "url": URLS,
     "address": HOST_PORT,
     "metrics_address": st.one_of(st.just(""), HOST_PORT),
+    "admin_address": st.one_of(st.just(""), HOST_PORT),
     "log_format": st.sampled_from(["text", "json", "xml"]),
     "log_level": st.sampled_from(["debug", "info", "warning", "error", "trace"]),
     "backend": st.sampled_from(["memory", "redis", "disk"]),

@@ -200,6 +200,19 @@ def test_metrics_port_zero_turns_the_endpoint_off():
     assert release.all("ServiceMonitor") == []
 
 
+def test_the_admin_page_stays_on_the_pods_loopback_and_off_the_service():
+    release = render({"service": {"type": "LoadBalancer"}})
+    assert release.config["server"]["admin_address"] == "127.0.0.1:9465"
+    for service in release.all("Service"):
+        assert 9465 not in {p["port"] for p in service["spec"]["ports"]}
+        assert "admin" not in {p["name"] for p in service["spec"]["ports"]}
+    assert 9465 not in {p["containerPort"] for p in release.container["ports"]}
+    # Whatever config.server says, the chart keeps it on loopback.
+    exposed = render({"config": {"server": {"admin_address": "0.0.0.0:9465"}}})
+    assert exposed.config["server"]["admin_address"] == "127.0.0.1:9465"
+    assert render({"adminPort": 0}).config["server"]["admin_address"] == ""
+
+
 def test_headless_service_for_client_side_balancing():
     release = render({"headless": {"enabled": True}})
     services = {s["metadata"]["name"]: s for s in release.all("Service")}

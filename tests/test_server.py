@@ -83,6 +83,7 @@ def _write_config(path: Path, port: int, rest: RestUpstream, grace: str) -> None
 server:
   address: "127.0.0.1:{port}"
   metrics_address: ""
+  admin_address: ""
   shutdown_grace: {grace}
 upstreams:
   rest: {{kind: http, url: "{rest.url}", timeout: 20s}}

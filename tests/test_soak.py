@@ -436,6 +436,7 @@ def soak_config(app: FaultyUpstream, flapping: FaultyUpstream, restarting: Fault
         "server": {
             "address": "127.0.0.1:0",
             "metrics_address": "",
+            "admin_address": "",
             "max_concurrent_calls": CLIENTS - 2,  # admission control sheds now and then too
             "deadline_margin": "100ms",
             "deadline_margin_ratio": 0.25,
@@ -655,6 +656,7 @@ async def serve_process(tmp_path, rest) -> AsyncIterator[tuple[asyncio.subproces
 server:
   address: "127.0.0.1:{port}"
   metrics_address: ""
+  admin_address: ""
   shutdown_grace: 10s
 upstreams:
   rest: {{kind: http, url: "{rest.url}", timeout: 5s}}

@@ -46,6 +46,7 @@ async def uvloop_server(
 server:
   address: "127.0.0.1:{port}"
   metrics_address: ""
+  admin_address: ""
   event_loop: uvloop
   log_format: json
 upstreams:

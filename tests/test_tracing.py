@@ -84,7 +84,7 @@ async def test_tracing_section_turns_tracing_on_in_serve(tmp_path, rest):
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""
-server: {{address: "127.0.0.1:{port}", metrics_address: "", shutdown_grace: 1s}}
+server: {{address: "127.0.0.1:{port}", metrics_address: "", admin_address: "", shutdown_grace: 1s}}
 upstreams: {{rest: {{kind: http, url: "{rest.url}"}}}}
 tracing: {{exporter: console, service_name: traced-aggregator}}
 """

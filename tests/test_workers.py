@@ -52,6 +52,7 @@ async def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path, rest):
 server:
   address: "127.0.0.1:{port}"
   metrics_address: "127.0.0.1:{metrics_port}"
+  admin_address: ""
   workers: 2
   shutdown_grace: 2s
 upstreams:

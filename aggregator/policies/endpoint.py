@@ -385,6 +385,17 @@ class Endpoint:
             return None
         return delay
 
+    def admin_stats(self) -> dict[str, Any]:
+        """What the admin page shows of this upstream's policies (SPEC §13): one endpoint,
+        and a fixed concurrency limit (max_concurrency), until an upstream is a fleet."""
+        return {
+            "kind": self._config.kind,
+            "endpoints": {"active": 1, "ejected": 0},
+            "breaker": self.breaker.state if self.breaker is not None else "none",
+            "in_flight": self.bulkhead.inflight,
+            "concurrency_limit": self.bulkhead.limit,
+        }
+
     async def aclose(self) -> None:
         await self._upstream.aclose()
         if self.cache is not None:

@@ -47,7 +47,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The config file: .Values.config with the keys the chart owns written from the values, so the
 listeners, the container ports, the probes and the mounted files always agree:
-server.address (port), server.metrics_address (metricsPort), and with tls.enabled
+server.address (port), server.metrics_address (metricsPort), server.admin_address (adminPort,
+on the pod's loopback only), and with tls.enabled
 server.tls (the mounted Secret) and server.health_address (healthPort).
 */}}
 {{- define "aggregator.config" -}}
@@ -61,6 +62,11 @@ server.tls (the mounted Secret) and server.health_address (healthPort).
 {{- $_ := set $server "metrics_address" (printf "0.0.0.0:%d" (int .Values.metricsPort)) }}
 {{- else }}
 {{- $_ := set $server "metrics_address" "" }}
+{{- end }}
+{{- if gt (int .Values.adminPort) 0 }}
+{{- $_ := set $server "admin_address" (printf "127.0.0.1:%d" (int .Values.adminPort)) }}
+{{- else }}
+{{- $_ := set $server "admin_address" "" }}
 {{- end }}
 {{- if .Values.tls.enabled }}
 {{- if not .Values.tls.secretName }}

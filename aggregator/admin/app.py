@@ -1,0 +1,185 @@
+"""The admin page's web app (SPEC §13): ``/``, ``/aggregates/<request id>`` and the JSON they
+read, ``/api/upstreams``, ``/api/aggregates`` and ``/api/aggregates/<request id>``.
+
+Only fixed routes: the page's files are read from the package once, at start. A path that is
+not one of them answers 404, a query string that is not understood 400, an error of ours 500
+with one sentence: never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from aggregator.admin.recent import Recent
+
+log = logging.getLogger("aggregator.admin")
+
+MAX_QUERY = 256  # bytes of a query string
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # as server.py accepts x-request-id
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_FILES = {  # URL path: (file in aggregator/admin/static, content type)
+    "/": ("overview.html", "text/html"),
+    "/static/admin.css": ("admin.css", "text/css"),
+    "/static/overview.js": ("overview.js", "text/javascript"),
+    "/static/waterfall.js": ("waterfall.js", "text/javascript"),
+}
+
+
+class UpstreamView(Protocol):
+    """What the page shows of an upstream beyond its rolling minute (policies/endpoint.py)."""
+
+    def admin_stats(self) -> dict[str, Any]: ...
+
+
+class BadQuery(Exception):
+    """A query string the API does not understand: 400 with this sentence."""
+
+
+def make_app(recent: Recent, upstreams: Mapping[str, UpstreamView]) -> web.Application:
+    pages = AdminPages(recent, upstreams)
+    app = web.Application(middlewares=[_guarded], client_max_size=1024)
+    for path in _FILES:
+        app.router.add_get(path, pages.static, allow_head=False)
+    app.router.add_get("/aggregates/{request_id}", pages.waterfall, allow_head=False)
+    app.router.add_get("/api/upstreams", pages.api_upstreams, allow_head=False)
+    app.router.add_get("/api/aggregates", pages.api_aggregates, allow_head=False)
+    app.router.add_get("/api/aggregates/{request_id}", pages.api_aggregate, allow_head=False)
+    return app
+
+
+class AdminPages:
+    """The handlers: the page's files (read once) and the JSON, from ``recent`` and the
+    upstreams' policies."""
+
+    def __init__(self, recent: Recent, upstreams: Mapping[str, UpstreamView]) -> None:
+        self._recent = recent
+        self._upstreams = upstreams
+        self._files = {path: (_read(name), kind) for path, (name, kind) in _FILES.items()}
+        self._waterfall = _read("waterfall.html")
+
+    def __repr__(self) -> str:
+        return f"<AdminPages {self._recent!r} [{len(self._upstreams)} upstreams]>"
+
+    async def static(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        body, kind = self._files[request.path]
+        return web.Response(body=body, content_type=kind, charset="utf-8")
+
+    async def waterfall(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        if self._recent.find(_request_id(request)) is None:
+            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
+        return web.Response(body=self._waterfall, content_type="text/html", charset="utf-8")
+
+    async def api_upstreams(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        rows = [
+            {"name": name, **view.admin_stats(), **self._recent.upstream_stats(name)}
+            for name, view in self._upstreams.items()
+        ]
+        return web.json_response({"upstreams": rows})
+
+    async def api_aggregates(self, request: web.Request) -> web.Response:
+        query = _query(request, ("failed", "slowest", "limit"))
+        recent = self._recent
+        keep = recent.records.maxlen or 1
+        failed = _flag(query.get("failed", "false"), "failed")
+        slowest = _count(query["slowest"], "slowest", keep) if "slowest" in query else None
+        limit = _count(query["limit"], "limit", keep) if "limit" in query else keep
+        records = recent.newest(failed=failed, slowest=slowest)[:limit]
+        return web.json_response(
+            {"kept": len(recent.records), "keep": keep,
+             "aggregates": [r.summary() for r in records]}
+        )  # fmt: skip
+
+    async def api_aggregate(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        record = self._recent.find(_request_id(request))
+        if record is None:
+            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
+        return web.json_response(record.detail())
+
+
+@web.middleware
+async def _guarded(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Security headers on every answer; a query the API refuses is 400, a bug 500, and
+    neither shows more than a sentence."""
+    try:
+        response = await handler(request)
+    except BadQuery as refused:
+        response = _error(400, str(refused))
+    except web.HTTPException as answer:
+        response = _error(answer.status, answer.text or answer.reason)
+        if answer.status == 405:
+            response.headers["Allow"] = "GET"
+    except Exception:  # a bug of ours: logged here, one sentence there
+        log.exception("admin page: %s %s failed", request.method, request.path)
+        response = _error(500, "internal error (logged)")
+    response.headers.update(_HEADERS)
+    return response
+
+
+def _error(status: int, sentence: str) -> web.Response:
+    if status == 405:
+        sentence = "only GET"
+    return web.json_response({"error": sentence.strip()}, status=status)
+
+
+def _read(name: str) -> bytes:
+    return resources.files("aggregator.admin").joinpath("static", name).read_bytes()
+
+
+def _request_id(request: web.Request) -> str:
+    request_id = request.match_info["request_id"]
+    if not _REQUEST_ID.match(request_id):
+        raise web.HTTPNotFound(text="not a request id")
+    return request_id
+
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query string as a dict: short, each name once and known, or BadQuery."""
+    raw = request.rel_url.raw_query_string
+    if len(raw) > MAX_QUERY:
+        raise BadQuery(f"query string longer than {MAX_QUERY} bytes")
+    try:
+        pairs = parse_qsl(raw, keep_blank_values=True, strict_parsing=bool(raw), errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise BadQuery("malformed query string") from None
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise BadQuery(f"unknown query parameter {name[:32]!r} (known: {known})")
+        if name in query:
+            raise BadQuery(f"query parameter {name!r} given twice")
+        query[name] = value
+    return query
+
+
+def _flag(value: str, name: str) -> bool:
+    if value in ("true", "false"):
+        return value == "true"
+    raise BadQuery(f"{name}: {value[:32]!r} is not true or false")
+
+
+def _count(value: str, name: str, most: int) -> int:
+    if value.isascii() and value.isdigit() and 0 < len(value) <= 7 and 1 <= int(value) <= most:
+        return int(value)
+    raise BadQuery(f"{name}: {value[:32]!r} is not a whole number from 1 to {most}")

@@ -1,0 +1,196 @@
+"""The last ``server.admin_recent`` aggregates, as compact records, and each upstream's last
+minute (SPEC §13).
+
+A record keeps what the waterfall draws and nothing a caller sent as data: no body, no header
+or metadata value, no query string, no token. A target's path is its planned path, before any
+``{{...}}`` was rendered (a rendered path would hold values from other targets' bodies).
+Recording runs after the call's status has gone (``AggregatorService._observe``).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from aggregator.admin.rolling import RollingStats
+from aggregator.plan import HttpRequest, Plan, PlannedTarget
+from aggregator.v1 import aggregator_pb2 as pb
+
+# Targets kept over all aggregates: wide for_each aggregates hold the ring to ~15 MB (about
+# 300 bytes a target) by keeping fewer of them.
+MAX_KEPT_TARGETS = 50_000
+MAX_TEXT = 300  # characters of a path or an error sentence kept
+_OUTCOMES = {value: name[len("OUTCOME_") :].lower() for name, value in pb.Outcome.items()}
+_CACHE = {value: name[len("CACHE_STATUS_") :].lower() for name, value in pb.CacheStatus.items()}
+_GRPC_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_NOT_RUN = (pb.OUTCOME_SKIPPED, pb.OUTCOME_UNSPECIFIED)  # never reached an upstream
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
+class TargetRecord:
+    id: str
+    upstream: str
+    method: str  # the HTTP method, or the gRPC method's full name
+    path: str  # HTTP only, without its query string
+    outcome: int
+    status: int | str | None  # the HTTP status, the gRPC code's name, or None (no answer)
+    error: str
+    start_ns: int
+    latency_ns: int
+    attempts: int
+    cache: int
+    from_fallback: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "upstream": self.upstream,
+            "method": self.method,
+            "path": self.path,
+            "outcome": _OUTCOMES.get(self.outcome, "unspecified"),
+            "status": self.status,
+            "error": self.error,
+            "start_offset_ms": self.start_ns / 1e6,
+            "latency_ms": self.latency_ns / 1e6,
+            "attempts": self.attempts,
+            "cache": _CACHE.get(self.cache, "unspecified"),
+            "from_fallback": self.from_fallback,
+        }
+
+
+@dataclass(slots=True)
+class AggregateRecord:
+    seq: int
+    request_id: str
+    aggregate: str  # the named aggregate, or "ad_hoc"
+    status: str  # the call's gRPC code name
+    ended_at: float  # wall clock, seconds since the epoch
+    elapsed_ns: int
+    deadline_ns: int  # the call's budget, from its start
+    requested: int  # targets in the request (for_each may make more results)
+    targets: tuple[TargetRecord, ...]
+
+    @property
+    def failed(self) -> list[str]:
+        return [t.id for t in self.targets if t.outcome != pb.OUTCOME_OK or t.from_fallback]
+
+    def summary(self) -> dict[str, Any]:
+        failed = self.failed
+        return {
+            "seq": self.seq,
+            "request_id": self.request_id,
+            "aggregate": self.aggregate,
+            "status": self.status,
+            "ended_at": self.ended_at,
+            "elapsed_ms": self.elapsed_ns / 1e6,
+            "deadline_ms": self.deadline_ns / 1e6,
+            "requested": self.requested,
+            "targets": len(self.targets),
+            "failed": len(failed),
+            "failed_ids": failed[:20],
+        }
+
+    def detail(self) -> dict[str, Any]:
+        return {**self.summary(), "targets": [t.as_json() for t in self.targets]}
+
+
+class Recent:
+    """A ring of the last ``keep`` aggregates (fewer when they hold more than
+    ``max_targets`` targets together) and every upstream's rolling minute."""
+
+    def __init__(
+        self, keep: int, upstreams: Collection[str], max_targets: int = MAX_KEPT_TARGETS
+    ) -> None:
+        self.records: collections.deque[AggregateRecord] = collections.deque(maxlen=keep)
+        self.upstreams = {name: RollingStats() for name in upstreams}
+        self._seq = 0
+        self._targets = 0  # kept, over all records
+        self._max_targets = max_targets
+
+    def __repr__(self) -> str:
+        return f"<Recent [{len(self.records)}/{self.records.maxlen} aggregates]>"
+
+    def record(
+        self,
+        request_id: str,
+        aggregate: str,
+        status: str,
+        elapsed_ns: int,
+        deadline_ns: int,
+        requested: int,
+        plan: Plan | None,
+        results: Collection[pb.TargetResult],
+    ) -> None:
+        """Keeps one aggregate that ended with ``results`` (reported and cut)."""
+        planned = {t.id: t for t in plan.targets} if plan is not None else {}
+        targets = tuple(_target(result, planned) for result in results)
+        self._seq += 1
+        self._keep(
+            AggregateRecord(
+                self._seq, request_id, aggregate, status, time.time(), elapsed_ns, deadline_ns,
+                requested, targets,
+            )
+        )  # fmt: skip
+        now = int(time.monotonic())
+        for target in targets:
+            stats = self.upstreams.get(target.upstream)
+            if stats is not None and target.outcome not in _NOT_RUN:
+                failed = target.outcome != pb.OUTCOME_OK or target.from_fallback
+                stats.add(now, target.latency_ns, failed, target.cache)
+
+    def _keep(self, record: AggregateRecord) -> None:
+        records = self.records
+        if len(records) == records.maxlen:
+            self._targets -= len(records.popleft().targets)
+        records.append(record)
+        self._targets += len(record.targets)
+        while self._targets > self._max_targets and len(records) > 1:
+            self._targets -= len(records.popleft().targets)
+
+    def find(self, request_id: str) -> AggregateRecord | None:
+        """The newest aggregate with that request id."""
+        for record in reversed(self.records):
+            if record.request_id == request_id:
+                return record
+        return None
+
+    def newest(self, failed: bool = False, slowest: int | None = None) -> list[AggregateRecord]:
+        """Newest first; only failed ones (a status other than OK, or a failed target); or the
+        ``slowest`` N, slowest first."""
+        chosen: Iterator[AggregateRecord] = reversed(self.records)
+        if failed:
+            chosen = (r for r in chosen if r.status != "OK" or r.failed)
+        if slowest is not None:
+            return sorted(chosen, key=lambda r: r.elapsed_ns, reverse=True)[:slowest]
+        return list(chosen)
+
+    def upstream_stats(self, name: str) -> dict[str, Any]:
+        return self.upstreams[name].summary(int(time.monotonic()))
+
+
+def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> TargetRecord:
+    target_id = result.id
+    # An element of a for_each target is "id[index]".
+    target = planned.get(target_id) or planned.get(target_id.rpartition("[")[0])
+    upstream = method = path = ""
+    status: int | str | None = None
+    if target is not None:
+        upstream, request = target.upstream.name, target.request
+        method = request.method
+        if isinstance(request, HttpRequest):
+            path = request.path[:MAX_TEXT]
+            status = result.http_status or None
+        elif result.grpc_code or (result.outcome == pb.OUTCOME_OK and not result.from_fallback):
+            status = _GRPC_NAMES.get(result.grpc_code, str(result.grpc_code))
+    start, latency = result.start_offset, result.latency
+    return TargetRecord(
+        target_id, upstream, method, path, result.outcome, status, result.error[:MAX_TEXT],
+        start.seconds * 1_000_000_000 + start.nanos,
+        latency.seconds * 1_000_000_000 + latency.nanos,
+        result.attempts, result.cache, result.from_fallback,
+    )  # fmt: skip

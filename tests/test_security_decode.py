@@ -429,13 +429,15 @@ async def test_a_caller_that_never_reads_is_cut_at_the_budget(start_server, big)
             await call.initial_metadata()  # the calls are in; none is read
         started = time.perf_counter()
         service = aggregator._service
-        for _ in range(600):
+        for _ in range(1000):  # bounded: 10 s at most
             if not service.inflight:
                 break
             await asyncio.sleep(0.01)
         held = time.perf_counter() - started
         assert service.inflight == 0
-        assert held < 3
+        # Cut at the 1 s budget; without the cut a call is held for as long as its caller
+        # stays. The bound leaves room for a loaded machine.
+        assert held < 6
         for call in calls:
             results, code, details, trailers = await collect(call)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -126,7 +126,7 @@ class OutlierDetection:
     """When an endpoint of an upstream is taken out of its balancing (SPEC §12)."""
 
     consecutive_failures: int = 5
-    base_ejection_time: float = 30.0  # × the times it was ejected, capped at MAX_EJECTION_TIME
+    base_ejection_time: float = 30.0  # times the number of ejections, capped at MAX_EJECTION_TIME
     max_ejection_percent: int = 50  # but one endpoint of two or more may always be ejected
 
 

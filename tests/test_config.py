@@ -532,8 +532,16 @@ FLEET_PROBLEMS = [
         "upstreams.catalog.url",
         "another path",
     ),
-    ({"upstreams__catalog__url": ["http://10.0.0.1", "10.0.0.2:80"]}, "upstreams.catalog.url", "entry 1"),
-    ({"upstreams__pricing__address": ["10.0.0.7:50061", "pod"]}, "upstreams.pricing.address", "entry 1"),
+    (
+        {"upstreams__catalog__url": ["http://10.0.0.1", "10.0.0.2:80"]},
+        "upstreams.catalog.url",
+        "entry 1",
+    ),
+    (
+        {"upstreams__pricing__address": ["10.0.0.7:50061", "pod"]},
+        "upstreams.pricing.address",
+        "entry 1",
+    ),
     ({"upstreams__pricing__address": []}, "upstreams.pricing.address", "empty list"),
     ({"upstreams__catalog__max_concurrency": "lots"}, "upstreams.catalog.max_concurrency", "auto"),
     (
@@ -581,11 +589,15 @@ def test_fleet_keys_parse_with_their_defaults():
     catalog, pricing = config.upstreams["catalog"], config.upstreams["pricing"]
     assert catalog.endpoints == ("http://10.0.0.1:8080/v1", "http://catalog.local:8080/v1")
     assert catalog.url == "http://10.0.0.1:8080/v1"
-    assert catalog.adaptive_concurrency and catalog.adaptive_max == 1000
-    assert catalog.balancer == "least_request" and catalog.resolve_interval == 30.0
+    assert catalog.adaptive_concurrency
+    assert catalog.adaptive_max == 1000
+    assert catalog.balancer == "least_request"
+    assert catalog.resolve_interval == 30.0
     assert catalog.outlier_detection.base_ejection_time == 10.0
     assert catalog.outlier_detection.consecutive_failures == 5
     assert catalog.outlier_detection.max_ejection_percent == 50
     assert pricing.endpoints == ("10.0.0.7:50061", "10.0.0.8:50061")
-    assert pricing.address == "10.0.0.7:50061" and pricing.balancer == "round_robin"
-    assert not pricing.adaptive_concurrency and pricing.max_concurrency == 100
+    assert pricing.address == "10.0.0.7:50061"
+    assert pricing.balancer == "round_robin"
+    assert not pricing.adaptive_concurrency
+    assert pricing.max_concurrency == 100

@@ -827,14 +827,17 @@ def _max_concurrency(value: Any) -> int | Literal["auto"]:
 def _read_fleet(reader: _Reader, section: dict[str, Any], path: str, kind: str) -> dict[str, Any]:
     """The keys of SPEC §12: endpoints, resolution, balancing, ejection, adaptive limit."""
     key, convert = ("url", _base_url) if kind == "http" else ("address", _host_port)
-    endpoints = reader.value(section, key, path, _endpoints(convert), ())
+    none: tuple[str, ...] = ()
+    endpoints = reader.value(section, key, path, _endpoints(convert), none)
     if kind == "http" and len(endpoints) > 1:
         try:
             _same_origin_shape(endpoints)
         except ValueError as exc:
             reader.problems.append(f"{path}.url: {exc}")
     d = UpstreamConfig(name="", kind="http")
-    limit = reader.value(section, "max_concurrency", path, _max_concurrency, d.max_concurrency)
+    limit: int | Literal["auto"] = reader.value(
+        section, "max_concurrency", path, _max_concurrency, d.max_concurrency
+    )
     adaptive_max = reader.value(section, "adaptive_max", path, _int(1), d.adaptive_max)
     outlier = section.get("outlier_detection")
     return {

@@ -50,6 +50,7 @@ from aggregator.timers import Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
 from aggregator.upstreams.descriptors import Descriptors
+from aggregator.upstreams.fleet import Fleet
 from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
@@ -436,7 +437,7 @@ class AggregatorServer:
                 ("grpc.max_receive_message_length", server_config.max_request_bytes),
             )
         )
-        upstreams = open_upstreams(self.config.upstreams)
+        upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams)
         timers = Timers()  # one for all upstreams: attempts that start together share a timer
         self.endpoints = {
             name: Endpoint(
@@ -452,7 +453,7 @@ class AggregatorServer:
         self._service.descriptors = {
             name: upstream.descriptors
             for name, upstream in upstreams.items()
-            if isinstance(upstream, GrpcUpstream)
+            if isinstance(upstream, GrpcUpstream | Fleet) and upstream.descriptors is not None
         }
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -29,9 +29,10 @@ from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
-from aggregator.policies.limits import Bulkhead, TokenBucket
+from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
+from aggregator.upstreams.fleet import Fleet, Member
 from aggregator.v1 import aggregator_pb2 as pb
 
 Result = Reply | TargetFailure
@@ -59,12 +60,14 @@ class _CallerTimeout(TargetFailure):
 
 
 class _Sent:
-    """Attempts of one target that reached the upstream (what TargetResult.attempts counts)."""
+    """Attempts of one target that reached the upstream (what TargetResult.attempts counts),
+    and the endpoints they went to (a fleet's retries and hedges go elsewhere if they can)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "tried")
 
     def __init__(self) -> None:
         self.count = 0
+        self.tried: list[Member] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,19 @@ class Endpoint:
             config.name,
             config.max_concurrency,
             f"{config.name} has {config.max_concurrency} calls in flight (max_concurrency) "
-            "and none finished in time",
+            "and none finished in time"
+            if not config.adaptive_concurrency
+            else f"{config.name} is at its adaptive concurrency limit (max_concurrency: auto) "
+            "and no call finished in time",
         )
+        self.adaptive = (
+            GradientLimit(self.bulkhead, config.adaptive_max, metrics.concurrency_limit.set)
+            if config.adaptive_concurrency
+            else None
+        )
+        if self.adaptive is None:
+            metrics.concurrency_limit.set(config.max_concurrency)
+        self._fleet = upstream if isinstance(upstream, Fleet) else None
         self._all_upstreams = all_upstreams
         self.bucket = (
             TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
@@ -272,7 +286,10 @@ class Endpoint:
                 await self._hold_slots(limit)
             try:
                 sent.count += 1
-                result = await self._timed(request, limit, request_id)
+                if self._fleet is None:
+                    result = await self._timed(self._upstream, request, limit, request_id)
+                else:
+                    result = await self._on_fleet(self._fleet, request, limit, request_id, sent)
             finally:
                 self._all_upstreams.release()
                 self.bulkhead.release()
@@ -280,8 +297,43 @@ class Endpoint:
             result = failure
         finally:
             if self.breaker is not None:
-                self.breaker.record(trial, None if result is None else _breaker_failure(result))
+                self.breaker.record(trial, self._breaker_verdict(result))
         return result
+
+    def _breaker_verdict(self, result: Result | None) -> bool | None:
+        """What the breaker counts: with several endpoints, a failure only when every endpoint
+        taking calls failed its last attempt (one bad endpoint is outlier detection's)."""
+        verdict = None if result is None else _breaker_failure(result)
+        if verdict and self._fleet is not None and not self._fleet.all_failing():
+            return None
+        return verdict
+
+    async def _on_fleet(
+        self,
+        fleet: Fleet,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
+        sent: _Sent,
+    ) -> Reply:
+        """The attempt on one endpoint of the fleet, another than the target's earlier attempts
+        when there is one; a connect refused (nothing sent) moves on to an untried endpoint at
+        once. Each endpoint hears how its attempt went (outlier detection)."""
+        tried = sent.tried
+        while True:
+            member = await fleet.choose(tried, limit.at)
+            tried.append(member)
+            failed: bool | None = None
+            try:
+                reply = await self._timed(member.upstream, request, limit, request_id)
+                failed = _breaker_failure(reply)
+                return reply
+            except TargetFailure as failure:
+                failed = _breaker_failure(failure)
+                if not failure.unsent or not fleet.untried(tried):
+                    raise
+            finally:
+                fleet.done(member, failed)
 
     def _take_slots(self) -> bool:
         """Both slots at once if both are free: the common case, without awaiting."""
@@ -302,7 +354,11 @@ class Endpoint:
             raise
 
     async def _timed(
-        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str
+        self,
+        upstream: Upstream,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
     ) -> Reply:
         """One call under the smaller of the upstream's timeout and the time left."""
         loop = self._loop
@@ -323,7 +379,7 @@ class Endpoint:
             try:
                 expired = False
                 try:
-                    reply = await self._upstream.call(_traced(request), timeout, request_id)
+                    reply = await upstream.call(_traced(request), timeout, request_id)
                 finally:
                     alarm.cancel()
                     expired = alarm.rang and task.uncancel() <= cancelling
@@ -332,6 +388,8 @@ class Endpoint:
                     raise  # the caller's cancellation (or someone's besides ours)
                 failure = self._timeout(alarm.by_caller, limit.reason)
                 _annotate_failure(span, failure)
+                if self.adaptive is not None and not alarm.by_caller:
+                    self.adaptive.sample(own_timeout, self.bulkhead.inflight)
                 raise failure from None
             except TargetFailure as failure:
                 _annotate_failure(span, failure)
@@ -348,6 +406,8 @@ class Endpoint:
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
         self._latency = 0.8 * self._latency + 0.2 * took
+        if self.adaptive is not None:
+            self.adaptive.sample(took, self.bulkhead.inflight)
         return reply
 
     def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:

@@ -342,3 +342,22 @@ async def test_a_grpc_fleet_spreads_over_one_channel_per_endpoint(balancer):
             await server.drain()
         assert len(one.recorder.requests) >= 8
         assert len(two.recorder.requests) >= 8
+
+
+async def test_a_hedge_goes_to_another_endpoint_than_the_slow_attempt(start_server):
+    """One endpoint of two holds every call (its gate stays shut): the hedge, sent after
+    20 ms, goes to the other endpoint and answers; never to the one already holding it."""
+    async with fleet_of(2) as (stuck, quick):
+        quick.recorder.gate.set()
+        _, stub = await start_server(
+            pair={
+                "kind": "http",
+                "url": [stuck.url, quick.url],
+                "hedge": {"delay": "20ms"},
+                "timeout": "1s",
+                "balancer": "round_robin",
+            }
+        )
+        results = await calls(stub, "pair", "/gate/k", 20, width=1)
+        assert [r.outcome for r in results] == [pb.OUTCOME_OK] * 20, [r.error for r in results]
+        assert stuck.recorder.counts.get("k", 0) == 10  # round_robin: every other first attempt

@@ -67,7 +67,7 @@ class _Sent:
 
     def __init__(self) -> None:
         self.count = 0
-        self.tried: list[Member] = []
+        self.tried: list[Member] | None = None  # made on a fleet's first attempt only
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +320,8 @@ class Endpoint:
         when there is one; a connect refused (nothing sent) moves on to an untried endpoint at
         once. Each endpoint hears how its attempt went (outlier detection)."""
         tried = sent.tried
+        if tried is None:
+            tried = sent.tried = []
         while True:
             member = await fleet.choose(tried, limit.at)
             tried.append(member)

@@ -51,6 +51,8 @@ from aggregator.v1 import aggregator_pb2 as pb
 log = logging.getLogger("aggregator.fleet")
 
 MAX_EJECTION_TIME = 600.0  # seconds: base_ejection_time x times ejected never exceeds this
+# Endpoints an upstream keeps, whatever its names resolve to: each costs a pool or a channel.
+MAX_ENDPOINTS = 256
 _RETRY_FIRST_LOOKUP = 1.0  # seconds between lookups while a name has never resolved
 
 # A name and port to the IP addresses it resolves to (tests inject their own).
@@ -247,7 +249,16 @@ class Fleet:
 
     def _update(self, wanted: set[tuple[Entry, str]], kept: list[Entry]) -> None:
         """Opens the endpoints that are new, drains those that left (except a kept name's)."""
-        keys = {(entry.text, address): (entry, address) for entry, address in wanted}
+        keys = {
+            (entry.text, address): (entry, address)
+            for entry, address in sorted(wanted, key=lambda pair: (pair[0].text, pair[1]))
+        }
+        if len(keys) > MAX_ENDPOINTS:
+            log.warning(
+                "upstream %s: its names resolve to %d addresses; the first %d are used",
+                self.name, len(keys), MAX_ENDPOINTS,
+            )  # fmt: skip
+            keys = dict(list(keys.items())[:MAX_ENDPOINTS])
         kept_texts = {entry.text for entry in kept}
         for key, member in list(self._members.items()):
             if key not in keys and key[0] not in kept_texts:

@@ -180,7 +180,7 @@ class Names:
         return answer
 
 
-def _config(url: str, **more: Any) -> UpstreamConfig:
+def _config(url: str | list[str], **more: Any) -> UpstreamConfig:
     document = {"upstreams": {"svc": {"kind": "http", "url": url, **more}}}
     return config_from_mapping(document).upstreams["svc"]
 
@@ -361,3 +361,88 @@ async def test_a_hedge_goes_to_another_endpoint_than_the_slow_attempt(start_serv
         results = await calls(stub, "pair", "/gate/k", 20, width=1)
         assert [r.outcome for r in results] == [pb.OUTCOME_OK] * 20, [r.error for r in results]
         assert stuck.recorder.counts.get("k", 0) == 10  # round_robin: every other first attempt
+
+
+class _Idle:
+    """An endpoint's upstream that is never called (ejection arithmetic only)."""
+
+    name = "idle"
+
+    async def call(self, request: Any, timeout: float, request_id: str) -> Any:
+        raise AssertionError("not called")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _literal_fleet(count: int, **outlier: Any) -> Fleet:
+    urls = [f"http://10.0.0.{i}:80" for i in range(1, count + 1)]
+    config = _config(urls, outlier_detection=outlier) if outlier else _config(urls)
+    return Fleet(config, lambda entry, address: _Idle())
+
+
+def _fail(fleet: Fleet, member: Any, times: int) -> None:
+    for _ in range(times):
+        member.outstanding += 1
+        fleet.done(member, True)
+
+
+async def test_ejection_lasts_longer_each_time_within_ten_minutes_and_is_capped_in_number():
+    fleet = _literal_fleet(4, consecutive_failures=2, base_ejection_time="200s")
+    first, second, third, _ = fleet.members
+    loop = asyncio.get_running_loop()
+    _fail(fleet, first, 2)
+    assert 199 < first.ejected_until - loop.time() <= 200
+    fleet._readmit(first)
+    _fail(fleet, first, 2)
+    assert 399 < first.ejected_until - loop.time() <= 400  # base x 2
+    fleet._readmit(first)
+    _fail(fleet, first, 2)
+    fleet._readmit(first)
+    _fail(fleet, first, 2)
+    assert first.ejections == 4
+    assert first.ejected_until - loop.time() <= 600  # 800 s capped at 10 minutes
+    _fail(fleet, second, 2)
+    _fail(fleet, third, 2)  # 50% of 4: the third is not ejected
+    assert [bool(m.ejected_until) for m in fleet.members] == [True, True, False, False]
+    await fleet.aclose()
+
+
+async def test_one_of_two_may_always_be_ejected():
+    fleet = _literal_fleet(2, consecutive_failures=1, max_ejection_percent=10)
+    first, second = fleet.members
+    _fail(fleet, first, 1)
+    _fail(fleet, second, 1)
+    assert [bool(m.ejected_until) for m in fleet.members] == [True, False]
+    await fleet.aclose()
+
+
+async def test_a_caller_timeout_or_cancellation_never_counts_against_an_endpoint():
+    fleet = _literal_fleet(2, consecutive_failures=1)
+    first, _ = fleet.members
+    for _ in range(5):
+        first.outstanding += 1
+        fleet.done(first, None)  # what a caller's timeout or a cancellation records
+    assert not first.ejected_until
+    assert first.outstanding == 0
+    await fleet.aclose()
+
+
+async def test_a_resized_bulkhead_hands_new_slots_to_waiters_and_keeps_a_smaller_limit():
+    bulkhead = Bulkhead("b", 1, "refused")
+    assert bulkhead.try_acquire()
+    loop = asyncio.get_running_loop()
+    waiters = [asyncio.create_task(bulkhead.acquire(loop.time() + 5)) for _ in range(2)]
+    await asyncio.sleep(0)
+    bulkhead.resize(3)
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert bulkhead.inflight == 3
+    bulkhead.resize(1)
+    late = asyncio.create_task(bulkhead.acquire(loop.time() + 5))
+    await asyncio.sleep(0)
+    bulkhead.release()
+    bulkhead.release()  # 3 -> 1 in flight: over the limit, nothing handed on
+    assert not late.done()
+    bulkhead.release()  # now the slot goes to the waiter
+    await asyncio.wait_for(late, 5)
+    assert bulkhead.inflight == 1

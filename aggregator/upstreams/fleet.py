@@ -108,6 +108,7 @@ class Member:
         "key",
         "outstanding",
         "readmission",
+        "readmitted_at",
         "removed",
         "upstream",
     )
@@ -121,6 +122,7 @@ class Member:
         self.ejections = 0  # times ejected
         self.ejected_until = 0.0  # loop time; 0 when taking calls
         self.readmission: asyncio.TimerHandle | None = None
+        self.readmitted_at = 0.0  # loop time of its last readmission
         self.removed = False  # left DNS: drains, then closes
 
     def __repr__(self) -> str:
@@ -362,9 +364,14 @@ class Fleet:
         allowed = max(1 if count >= 2 else 0, count * self._outlier.max_ejection_percent // 100)
         if ejected >= allowed:
             return
+        now = self._loop.time()
+        base = self._outlier.base_ejection_time
+        if member.ejections:  # one fewer for each base_ejection_time it stayed healthy, as Envoy
+            healthy = int((now - member.readmitted_at) / base)
+            member.ejections = max(0, member.ejections - healthy)
         member.ejections += 1
-        seconds = min(self._outlier.base_ejection_time * member.ejections, MAX_EJECTION_TIME)
-        member.ejected_until = self._loop.time() + seconds
+        seconds = min(base * member.ejections, MAX_EJECTION_TIME)
+        member.ejected_until = now + seconds
         member.failures = 0
         member.readmission = self._loop.call_at(member.ejected_until, self._readmit, member)
         self.metrics.ejection()
@@ -378,6 +385,7 @@ class Fleet:
     def _readmit(self, member: Member) -> None:
         member.readmission = None
         member.ejected_until = 0.0
+        member.readmitted_at = self._loop.time()
         if member.removed:
             return
         self._rebuild()

@@ -446,3 +446,40 @@ async def test_a_resized_bulkhead_hands_new_slots_to_waiters_and_keeps_a_smaller
     bulkhead.release()  # now the slot goes to the waiter
     await asyncio.wait_for(late, 5)
     assert bulkhead.inflight == 1
+
+
+@pytest.mark.parametrize("dead", [False, True])
+async def test_a_grpc_name_resolves_to_every_address_of_localhost(dead):
+    """grpc's own resolver tried every address of a name; a fleet's endpoint per address must
+    do no worse: a connect refused on one (::1, where nothing listens; here a refused port
+    beside the name) moves the call to the next endpoint."""
+    import grpc
+
+    from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+    from tests.conftest import rpc_target
+    from tests.upstreams import grpc_upstream
+
+    async with grpc_upstream() as upstream:
+        document = {
+            "server": {"address": "127.0.0.1:0", "metrics_address": ""},
+            "upstreams": {
+                "rpc": {
+                    "kind": "grpc",
+                    "address": [f"localhost:{upstream.port}"]
+                    + ([f"127.0.0.1:{refused_port()}"] if dead else []),
+                    "balancer": "round_robin",
+                }
+            },
+        }
+        server = AggregatorServer(config_from_mapping(document))
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.AggregatorStub(channel)
+                for _ in range(3):
+                    targets = [rpc_target(f"t{i}", "Echo", b"x") for i in range(5)]
+                    request = pb.AggregateRequest(targets=targets)
+                    results, _, _, _ = await collect(stub.Aggregate(request))
+                    assert all(r.outcome == pb.OUTCOME_OK for r in results), results
+        finally:
+            await server.drain()

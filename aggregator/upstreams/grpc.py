@@ -26,6 +26,7 @@ _CHANNEL_OPTIONS = (
 # How grpc words a response over grpc.max_receive_message_length, made by our side of the
 # channel ("Stream removed (CLIENT: Received message larger than max (2097152 vs. 1048576))").
 _TOO_LARGE = "Received message larger than max"
+_NO_CONNECTION = "failed to connect to all addresses"
 # Method names come from callers: only short ones are kept, within a total size in characters
 # (a longer name is valid, and gets a callable of its own for its call).
 _CACHED_METHOD = 256
@@ -179,6 +180,8 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"{name} is unavailable: {details}",
             grpc_code=code.value[0],
             retry_after=extra.retry_after,
+            # grpc's words when the channel had no connection: the call was never sent.
+            unsent=_NO_CONNECTION in details,
         ) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise TargetFailure(

@@ -179,7 +179,6 @@ class Fleet:
         self._next = 0  # round_robin's turn
         self._closing: set[asyncio.Task[None]] = set()
         self._failing: set[str] = set()  # names whose last lookup failed (logged once)
-        self._closed = False
         self._ready = asyncio.Event()
         # A gRPC fleet's message types, for JSON targets (set by open_upstream).
         self.descriptors: Descriptors | None = None
@@ -236,7 +235,7 @@ class Fleet:
             addresses = await self._resolver(entry.host, entry.port)
             if not addresses:
                 raise OSError(f"{entry.host} has no addresses")
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # gaierror; a name IDNA cannot encode
             if entry.host not in self._failing:
                 self._failing.add(entry.host)
                 log.warning(
@@ -409,7 +408,6 @@ class Fleet:
             self.done(member, result)
 
     async def aclose(self) -> None:
-        self._closed = True
         if self.descriptors is not None:
             await self.descriptors.aclose()
         if self._resolving is not None:

@@ -295,7 +295,10 @@ async def test_auto_limit_falls_under_load_dependent_latency_not_under_flat(star
         assert all(result.outcome == pb.OUTCOME_OK for result in flat_results)
         flat_limit = sample(server, "aggregator_upstream_concurrency_limit", upstream="flat")
         assert flat_limit >= 60  # not throttled: grew to the offered load
-        await _load(stub, "loaded", "/loaded/2", 8, 60)
+        # Light load first: the latency it learns as normal is the unloaded one (a machine
+        # stall then weighs on ten samples, not on the norm).
+        await _load(stub, "loaded", "/loaded/5", 2, 10)
+        await _load(stub, "loaded", "/loaded/5", 8, 60)
         loaded_limit = sample(server, "aggregator_upstream_concurrency_limit", upstream="loaded")
         assert loaded_limit < flat_limit * 0.75, (loaded_limit, flat_limit)
         assert loaded_limit < 60  # below the offered load: calls waited for slots

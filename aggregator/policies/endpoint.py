@@ -4,10 +4,18 @@ limits wrap single attempts, the same way for REST and gRPC upstreams.
 Every attempt (first, retry or hedge) takes a rate-limit token, asks the breaker, holds a
 bulkhead slot, and runs under the smaller of the upstream's ``timeout`` and the time left.
 
-Shared state (the breaker, the retry budget, a coalesced call) answers only to what the
-upstream says: a timeout set by the caller's own limit (its target ``timeout`` or the call's
-deadline) is that caller's alone. It is never counted against the breaker nor retried, and a
-coalesced call runs until the latest of its waiters' deadlines, each waiter leaving at its own.
+An upstream of several endpoints (a Fleet, aggregator/upstreams/fleet.py) has each attempt
+sent to one endpoint it picks, a retry or hedge to another than the target's earlier ones, and
+hears how each went (outlier detection); its breaker then counts a failure only when every
+endpoint taking calls failed its last attempt. ``max_concurrency: auto`` resizes the bulkhead
+with a GradientLimit fed by each answered attempt's latency.
+
+Shared state (the breaker, an endpoint's outlier state, the adaptive limit, the retry budget,
+a coalesced call) answers only to what the upstream says: a timeout set by the caller's own
+limit (its target ``timeout`` or the call's deadline) is that caller's alone. It is never
+counted against the breaker or an endpoint, never sampled by the adaptive limit, never
+retried, and a coalesced call runs until the latest of its waiters' deadlines, each waiter
+leaving at its own.
 """
 
 from __future__ import annotations

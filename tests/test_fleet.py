@@ -486,3 +486,20 @@ async def test_a_grpc_name_resolves_to_every_address_of_localhost(dead):
                     assert all(r.outcome == pb.OUTCOME_OK for r in results), results
         finally:
             await server.drain()
+
+
+async def test_a_name_that_never_resolved_fails_calls_within_their_time_then_serves():
+    from aggregator.errors import TargetFailure
+
+    async with fleet_of(1) as (upstream,):
+        names = Names({"late.test": OSError("Name or service not known")})
+        fleet = open_upstream(_config(f"http://late.test:{upstream.port}"), resolver=names)
+        assert isinstance(fleet, Fleet)
+        try:
+            with pytest.raises(TargetFailure, match=r"has no endpoints yet: late\.test"):
+                await fleet.call(GET, 0.2, "r")
+            names.answers["late.test"] = ["127.0.0.1"]
+            await fleet.resolve()
+            await _spread(fleet, 2)
+        finally:
+            await fleet.aclose()

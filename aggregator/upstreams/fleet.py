@@ -189,7 +189,7 @@ class Fleet:
             self._resolving = asyncio.create_task(
                 self._resolve_forever(), name=f"resolve {self.name}"
             )
-        else:
+        if self._members:  # IP addresses among the entries: calls need not wait for names
             self._ready.set()
 
     def __repr__(self) -> str:

@@ -145,7 +145,12 @@ class Endpoint:
         self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
+        fleet = f" {self._fleet!r}" if self._fleet is not None else ""
+        adaptive = f" {self.adaptive!r}" if self.adaptive is not None else ""
+        return (
+            f"<Endpoint {self.name} {self.bulkhead!r}{adaptive} {self.breaker!r} "
+            f"{self.budget!r}{fleet}>"
+        )
 
     async def call(
         self,

@@ -503,3 +503,22 @@ async def test_a_name_that_never_resolved_fails_calls_within_their_time_then_ser
             await _spread(fleet, 2)
         finally:
             await fleet.aclose()
+
+
+async def test_a_grpc_fleet_serves_json_targets_through_an_endpoints_reflection(start_server):
+    """A gRPC fleet's descriptors come from the reflection of one of its endpoints."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.test_grpc_json import PRODUCT_JSON, as_dict, shop
+    from tests.typed_upstreams import catalog_upstream, compile_descriptor_set
+
+    with tempfile.TemporaryDirectory() as directory:
+        compiled = compile_descriptor_set(Path(directory) / "shop.pb").read_bytes()
+    async with catalog_upstream(compiled) as one, catalog_upstream(compiled) as two:
+        addresses = [f"127.0.0.1:{one.port}", f"127.0.0.1:{two.port}"]
+        _, stub = await start_server(shop={"kind": "grpc", "address": addresses})
+        targets = [shop(f"p{i}", "GetProduct", {"sku": "A-1"}, decode_json=True) for i in range(6)]
+        results, _, _, _ = await collect(stub.Aggregate(pb.AggregateRequest(targets=targets)))
+        assert [r.outcome for r in results] == [pb.OUTCOME_OK] * 6, [r.error for r in results]
+        assert all(as_dict(result.json) == PRODUCT_JSON for result in results)

@@ -124,11 +124,33 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """When an endpoint of an upstream is taken out of its balancing (SPEC §12)."""
+
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0  # times the number of ejections, capped at MAX_EJECTION_TIME
+    max_ejection_percent: int = 50  # but one endpoint of two or more may always be ejected
+
+
+BALANCERS: tuple[Literal["least_request", "round_robin"], ...] = ("least_request", "round_robin")
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     kind: Literal["http", "grpc"]
-    url: str = ""
-    address: str = ""
+    url: str = ""  # http: the first entry of ``url`` (all of them: ``endpoints``)
+    address: str = ""  # grpc: the first entry of ``address``
+    # Every entry of url (http) or address (grpc): each address each one resolves to is an
+    # endpoint of the upstream (SPEC §12). Not a config key: read from url / address.
+    endpoints: tuple[str, ...] = ()
+    resolve_interval: float = 30.0
+    balancer: Literal["least_request", "round_robin"] = "least_request"
+    outlier_detection: OutlierDetection = OutlierDetection()
+    # max_concurrency: auto. Not a config key: the limit adapts, starting at max_concurrency's
+    # default, bounded by 1 and adaptive_max.
+    adaptive_concurrency: bool = False
+    adaptive_max: int = 1000
     timeout: float = 2.0
     connect_timeout: float = 0.5
     max_concurrency: int = 100
@@ -726,7 +748,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
     if not _UPSTREAM_NAME.match(name):
         reader.problems.append(f"{path}: upstream names must match [A-Za-z0-9_.-]{{1,64}}")
     section = reader.section(raw, path)
-    reader.unknown(section, set(UpstreamConfig.__slots__) - {"name"}, path)
+    reader.unknown(
+        section, set(UpstreamConfig.__slots__) - {"name", "endpoints", "adaptive_concurrency"}, path
+    )
     kind = section.get("kind")
     if kind not in ("http", "grpc"):
         reader.problems.append(f"{path}.kind: must be http or grpc, got {kind!r}")
@@ -749,13 +773,11 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
     upstream = UpstreamConfig(
         name=name,
         kind=kind,
-        url=reader.value(section, "url", path, _base_url, "") if kind == "http" else "",
-        address=reader.value(section, "address", path, _host_port, "") if kind == "grpc" else "",
+        **_read_fleet(reader, section, path, kind),
         timeout=reader.value(section, "timeout", path, _positive_duration, d.timeout),
         connect_timeout=reader.value(
             section, "connect_timeout", path, _positive_duration, d.connect_timeout
         ),
-        max_concurrency=reader.value(section, "max_concurrency", path, _int(1), d.max_concurrency),
         forward_headers=reader.value(
             section, "forward_headers", path, _forward_headers, d.forward_headers
         ),
@@ -788,6 +810,96 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
     if upstream.tls is not None and upstream.url.startswith("http://"):
         reader.problems.append(f"{path}.tls: needs an https:// url")
     return upstream
+
+
+def _endpoints(convert: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
+    """A string or a non-empty list of strings, each checked by ``convert``."""
+
+    def read(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            return (convert(value),)
+        if not value:
+            raise ValueError("an empty list (give at least one)")
+        entries = []
+        for i, entry in enumerate(value):
+            try:
+                entries.append(convert(entry))
+            except ValueError as exc:
+                raise ValueError(f"entry {i}: {exc}") from None
+        return tuple(entries)
+
+    return read
+
+
+def _same_origin_shape(urls: tuple[str, ...]) -> None:
+    """The URLs of one upstream differ only in their host and port: one scheme, one path."""
+    first = urlsplit(urls[0])
+    for i, url in enumerate(urls[1:], 1):
+        parts = urlsplit(url)
+        if parts.scheme != first.scheme:
+            raise ValueError(
+                f"entry {i}: {url!r} mixes schemes ({parts.scheme} after {first.scheme})"
+            )
+        if parts.path.rstrip("/") != first.path.rstrip("/"):
+            raise ValueError(f"entry {i}: {url!r} has another path than {urls[0]!r}")
+
+
+def _read_outlier(reader: _Reader, raw: Any, path: str) -> OutlierDetection:
+    section = reader.section(raw, path)
+    reader.unknown(section, set(OutlierDetection.__slots__), path)
+    d = OutlierDetection()
+    return OutlierDetection(
+        consecutive_failures=reader.value(
+            section, "consecutive_failures", path, _int(1), d.consecutive_failures
+        ),
+        base_ejection_time=reader.value(
+            section, "base_ejection_time", path, _positive_duration, d.base_ejection_time
+        ),
+        max_ejection_percent=reader.value(
+            section, "max_ejection_percent", path, _int_between(0, 100), d.max_ejection_percent
+        ),
+    )
+
+
+def _max_concurrency(value: Any) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    try:
+        return _int(1)(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not auto nor an integer of at least 1") from None
+
+
+def _read_fleet(reader: _Reader, section: dict[str, Any], path: str, kind: str) -> dict[str, Any]:
+    """The keys of SPEC §12: endpoints, resolution, balancing, ejection, adaptive limit."""
+    key, convert = ("url", _base_url) if kind == "http" else ("address", _host_port)
+    none: tuple[str, ...] = ()
+    endpoints = reader.value(section, key, path, _endpoints(convert), none)
+    if kind == "http" and len(endpoints) > 1:
+        try:
+            _same_origin_shape(endpoints)
+        except ValueError as exc:
+            reader.problems.append(f"{path}.url: {exc}")
+    d = UpstreamConfig(name="", kind="http")
+    limit: int | Literal["auto"] = reader.value(
+        section, "max_concurrency", path, _max_concurrency, d.max_concurrency
+    )
+    adaptive_max = reader.value(section, "adaptive_max", path, _int(1), d.adaptive_max)
+    outlier = section.get("outlier_detection")
+    return {
+        key: endpoints[0] if endpoints else "",
+        "endpoints": endpoints,
+        "resolve_interval": reader.value(
+            section, "resolve_interval", path, _positive_duration, d.resolve_interval
+        ),
+        "balancer": reader.value(section, "balancer", path, _choice(*BALANCERS), d.balancer),
+        "outlier_detection": _read_outlier(reader, outlier, f"{path}.outlier_detection")
+        if outlier is not None
+        else d.outlier_detection,
+        "max_concurrency": min(d.max_concurrency, adaptive_max) if limit == "auto" else limit,
+        "adaptive_concurrency": limit == "auto",
+        "adaptive_max": adaptive_max,
+    }
 
 
 def _jwt_algorithms(value: Any) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ class TargetFailure(Exception):
         grpc_code: int = 0,
         protocol_error: bool = False,
         retry_after: float | None = None,
+        unsent: bool = False,
     ) -> None:
         super().__init__(sentence)
         self.outcome = outcome
@@ -35,6 +36,9 @@ class TargetFailure(Exception):
         self.protocol_error = protocol_error
         # Seconds the upstream asked us to wait before retrying (a gRPC RetryInfo).
         self.retry_after = retry_after
+        # Nothing reached the upstream (its connect was refused): another endpoint of it may
+        # take the same attempt at once, whatever the method.
+        self.unsent = unsent
 
 
 class CallFailure(Exception):

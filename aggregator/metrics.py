@@ -45,6 +45,11 @@ class UpstreamMetrics:
         self.cache = {
             result: metrics.cache_requests.labels(upstream, result) for result in CACHE_RESULTS
         }
+        # SPEC §12: by upstream and state only, never by address (pod addresses churn).
+        self.endpoints_active = metrics.upstream_endpoints.labels(upstream, "active")
+        self.endpoints_ejected = metrics.upstream_endpoints.labels(upstream, "ejected")
+        self.ejections = metrics.endpoint_ejections.labels(upstream)
+        self.concurrency_limit = metrics.concurrency_limit.labels(upstream)
 
 
 class Metrics:
@@ -100,6 +105,19 @@ class Metrics:
         self.cache_requests = Counter(
             "aggregator_cache_requests", "Response cache look-ups by upstream and result.",
             ["upstream", "result"], registry=registry,
+        )  # fmt: skip
+        self.upstream_endpoints = Gauge(
+            "aggregator_upstream_endpoints", "Endpoints of an upstream by state: active, ejected.",
+            ["upstream", "state"], registry=registry, multiprocess_mode="max",
+        )  # fmt: skip
+        self.endpoint_ejections = Counter(
+            "aggregator_endpoint_ejections", "Endpoints ejected by outlier detection.",
+            ["upstream"], registry=registry,
+        )  # fmt: skip
+        self.concurrency_limit = Gauge(
+            "aggregator_upstream_concurrency_limit",
+            "Attempts an upstream may have in flight (max_concurrency, or its adaptive limit).",
+            ["upstream"], registry=registry, multiprocess_mode="max",
         )  # fmt: skip
         self.inflight = Gauge(
             "aggregator_inflight_calls", "Aggregate and Collect calls in flight.",

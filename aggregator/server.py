@@ -55,6 +55,7 @@ from aggregator.timers import Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
 from aggregator.upstreams.descriptors import Descriptors
+from aggregator.upstreams.fleet import Fleet
 from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
@@ -510,7 +511,7 @@ class AggregatorServer:
                 ("grpc.max_receive_message_length", server_config.max_request_bytes),
             )
         )
-        upstreams = open_upstreams(self.config.upstreams)
+        upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams)
         timers = Timers()  # one for all upstreams: attempts that start together share a timer
         self.endpoints = {
             name: Endpoint(
@@ -526,7 +527,7 @@ class AggregatorServer:
         self._service.descriptors = {
             name: upstream.descriptors
             for name, upstream in upstreams.items()
-            if isinstance(upstream, GrpcUpstream)
+            if isinstance(upstream, GrpcUpstream | Fleet) and upstream.descriptors is not None
         }
         self._service.recent = self.recent
         _add_aggregator(self._service, self._server)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown",
         type=Path,
         metavar="FILE",
-        help="print FILE (a bench-results.json) as docs/performance.md's Markdown table, run nothing",
+        help="print FILE (a bench-results.json) as docs/performance.md's Markdown table",
     )
     args = parser.parse_args(argv)
     if args.markdown is not None:

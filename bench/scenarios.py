@@ -27,7 +27,15 @@ REST_UPSTREAMS = ("u0", "u1", "u2", "u3", "u4")
 GRPC_UPSTREAMS = ("g0", "g1")
 TYPED_UPSTREAM = "quotes"  # bench/quote.py's typed method, on the gRPC upstreams' server
 BULK_UPSTREAM = "bulk"  # batch1000's own pool, warmed by its warm-up request
-HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM)
+# The `fleet` scenarios' upstream: three endpoints (ports of their own), the last one sick:
+# it answers every request after SICK_MS, past the fleet's FLEET_TIMEOUT_MS (a bad pod).
+FLEET_UPSTREAM = "fleet"
+FLEET_ENDPOINTS = ("f0", "f1", "f2")
+SICK_ENDPOINT = "f2"
+SICK_MS = 300.0
+FLEET_TIMEOUT_MS = 150.0
+ROUND_ROBIN_SUFFIX = "-rr"
+HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM, *FLEET_ENDPOINTS)
 # Both sides may hold this many connections to one upstream: the aggregator through each
 # upstream's max_concurrency, the naive peers through limit_per_host of their one session.
 CONNECTIONS_PER_UPSTREAM = 100
@@ -239,6 +247,26 @@ def named_aggregate(scenario: Scenario) -> dict[str, Any]:
     return {"params": {"delay": {"required": True}}, "targets": targets}
 
 
+# SPEC §12: one upstream of three endpoints, one of them sick. `fleet`: least_request with
+# outlier detection (the defaults: ejected after 5 failures in a row, for 30 s); `fleet-rr`:
+# round_robin without it (ejection off). The naive and sequential sides do not balance: they
+# call one healthy endpoint of the three (f0), an upper bound rather than a peer here.
+_FLEET3 = tuple(Call(FLEET_UPSTREAM, 20) for _ in range(3))
+SCENARIOS["fleet"] = Scenario(
+    "fleet",
+    f"three targets on a fleet of three endpoints, one answering after {SICK_MS:g} ms (past "
+    f"its {FLEET_TIMEOUT_MS:g} ms timeout): least_request with outlier detection",
+    _FLEET3,
+    (Point(16),),
+)
+SCENARIOS["fleet-rr"] = Scenario(
+    "fleet-rr",
+    "the same fleet with round_robin and no outlier detection",
+    _FLEET3,
+    (Point(16),),
+    aggregator_suffix=ROUND_ROBIN_SUFFIX,
+)
+
 # Scenarios that cannot run, and why.
 SKIPPED: dict[str, str] = {}
 if HEDGE_DELAY_MS is None:
@@ -267,6 +295,19 @@ def aggregator_config(
             upstreams[name + HEDGED_SUFFIX] = {**upstreams[name], **hedge}
     for name in REST_UPSTREAMS:
         upstreams[name + CACHED_SUFFIX] = {**upstreams[name], "cache": {"ttl": "60s"}}
+    # No breaker: on this shared machine a stall past the 150 ms timeout on every endpoint at
+    # once opens it for 30 s, and the figures would measure that instead of the balancing.
+    fleet = {
+        **{key: value for key, value in http.items() if key != "circuit_breaker"},
+        "url": [http_urls[name] for name in FLEET_ENDPOINTS],
+        "timeout": f"{FLEET_TIMEOUT_MS:g}ms",
+    }
+    upstreams[FLEET_UPSTREAM] = {**fleet, "balancer": "least_request"}
+    upstreams[FLEET_UPSTREAM + ROUND_ROBIN_SUFFIX] = {
+        **fleet,
+        "balancer": "round_robin",
+        "outlier_detection": {"consecutive_failures": 1_000_000_000},  # off, in effect
+    }
     return {
         "server": {
             "address": f"127.0.0.1:{port}",
@@ -291,6 +332,7 @@ def naive_upstreams(
     upstreams: dict[str, Mapping[str, str]] = {
         name: {"kind": "http", "url": http_urls[name]} for name in HTTP_UPSTREAMS
     }
+    upstreams[FLEET_UPSTREAM] = {"kind": "http", "url": http_urls[FLEET_ENDPOINTS[0]]}
     grpc_names = (*GRPC_UPSTREAMS, TYPED_UPSTREAM)
     upstreams.update({name: {"kind": "grpc", "address": grpc_address} for name in grpc_names})
     return upstreams

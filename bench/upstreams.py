@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import signal
@@ -27,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bench import quote
 from bench.procs import run_loop
-from bench.scenarios import DELAY_METHOD, HTTP_UPSTREAMS
+from bench.scenarios import DELAY_METHOD, HTTP_UPSTREAMS, SICK_ENDPOINT, SICK_MS
 
 # A product-sized answer, so bodies are copied as they would be.
 BODY = json.dumps(
@@ -51,8 +52,9 @@ class DelayProtocol(asyncio.Protocol):
     request at a time per connection) and nothing else.
     """
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, sick_ms: float | None = None) -> None:
         self._rng = rng
+        self._sick = None if sick_ms is None else sick_ms / 1000  # every request takes this
         self._loop = asyncio.get_running_loop()
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
@@ -71,6 +73,8 @@ class DelayProtocol(asyncio.Protocol):
             self._loop.call_later(self._delay(target), self._answer)
 
     def _delay(self, target: str) -> float:
+        if self._sick is not None:
+            return self._sick
         parts = urlsplit(target)
         seconds = float(parts.path.removeprefix("/delay/")) / 1000
         if parts.query:
@@ -116,7 +120,12 @@ async def serve(seed: int) -> None:
     loop = asyncio.get_running_loop()
     rng = random.Random(seed)
     http_servers = {
-        name: await loop.create_server(lambda: DelayProtocol(rng), "127.0.0.1", 0, backlog=1024)
+        name: await loop.create_server(
+            functools.partial(DelayProtocol, rng, SICK_MS if name == SICK_ENDPOINT else None),
+            "127.0.0.1",
+            0,
+            backlog=1024,
+        )
         for name in HTTP_UPSTREAMS
     }
     http_ports = {name: s.sockets[0].getsockname()[1] for name, s in http_servers.items()}

@@ -516,3 +516,88 @@ def test_yaml_that_pyyaml_cannot_build_is_one_clean_problem(text):
     (problem,) = raised.value.problems
     assert problem.startswith("bad.yaml: not valid YAML: ")
     assert "\n" not in problem
+
+
+# An upstream is a fleet (SPEC §12) ------------------------------------------------------------
+
+FLEET_PROBLEMS = [
+    ({"upstreams__catalog__url": []}, "upstreams.catalog.url", "empty list"),
+    (
+        {"upstreams__catalog__url": ["http://10.0.0.1:80", "https://10.0.0.2:80"]},
+        "upstreams.catalog.url",
+        "mixes schemes",
+    ),
+    (
+        {"upstreams__catalog__url": ["http://10.0.0.1:80/a", "http://10.0.0.2:80/b"]},
+        "upstreams.catalog.url",
+        "another path",
+    ),
+    (
+        {"upstreams__catalog__url": ["http://10.0.0.1", "10.0.0.2:80"]},
+        "upstreams.catalog.url",
+        "entry 1",
+    ),
+    (
+        {"upstreams__pricing__address": ["10.0.0.7:50061", "pod"]},
+        "upstreams.pricing.address",
+        "entry 1",
+    ),
+    ({"upstreams__pricing__address": []}, "upstreams.pricing.address", "empty list"),
+    ({"upstreams__catalog__max_concurrency": "lots"}, "upstreams.catalog.max_concurrency", "auto"),
+    (
+        {"upstreams__catalog__max_concurrency": "auto", "upstreams__catalog__adaptive_max": 0},
+        "upstreams.catalog.adaptive_max",
+        "at least 1",
+    ),
+    ({"upstreams__catalog__balancer": "random"}, "upstreams.catalog.balancer", "least_request"),
+    ({"upstreams__catalog__resolve_interval": "0s"}, "upstreams.catalog.resolve_interval", "0"),
+    (
+        {"upstreams__catalog__outlier_detection__max_ejection_percent": 101},
+        "upstreams.catalog.outlier_detection.max_ejection_percent",
+        "101",
+    ),
+    (
+        {"upstreams__catalog__outlier_detection__consecutive_failures": 0},
+        "upstreams.catalog.outlier_detection.consecutive_failures",
+        "0",
+    ),
+    (
+        {"upstreams__catalog__outlier_detection__interval": "1s"},
+        "upstreams.catalog.outlier_detection.interval",
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "path", "words"), FLEET_PROBLEMS)
+def test_fleet_keys_name_their_key_path(changes, path, words):
+    problems = problems_of(spoiled(**changes))
+    assert key_paths(problems) == [path], problems
+    assert words in problems[0]
+
+
+def test_fleet_keys_parse_with_their_defaults():
+    config = config_from_mapping(
+        spoiled(
+            upstreams__catalog__url=["http://10.0.0.1:8080/v1", "http://catalog.local:8080/v1/"],
+            upstreams__catalog__max_concurrency="auto",
+            upstreams__catalog__outlier_detection={"base_ejection_time": "10s"},
+            upstreams__pricing__address=["10.0.0.7:50061", "10.0.0.8:50061"],
+            upstreams__pricing__balancer="round_robin",
+        )
+    )
+    catalog, pricing = config.upstreams["catalog"], config.upstreams["pricing"]
+    assert catalog.endpoints == ("http://10.0.0.1:8080/v1", "http://catalog.local:8080/v1")
+    assert catalog.url == "http://10.0.0.1:8080/v1"
+    assert catalog.adaptive_concurrency
+    assert catalog.adaptive_max == 1000
+    assert catalog.balancer == "least_request"
+    assert catalog.resolve_interval == 30.0
+    assert catalog.outlier_detection.base_ejection_time == 10.0
+    assert catalog.outlier_detection.consecutive_failures == 5
+    assert catalog.outlier_detection.max_ejection_percent == 50
+    assert pricing.endpoints == ("10.0.0.7:50061", "10.0.0.8:50061")
+    assert pricing.address == "10.0.0.7:50061"
+    assert pricing.balancer == "round_robin"
+    assert not pricing.adaptive_concurrency
+    assert pricing.max_concurrency == 100

@@ -62,10 +62,11 @@ class Recorder:
 class RestUpstream:
     port: int
     recorder: Recorder
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
 
 @dataclass
@@ -98,6 +99,11 @@ def _rest_app(recorder: Recorder) -> web.Application:
     async def delay(request: web.Request) -> web.Response:
         await asyncio.sleep(int(request.match_info["ms"]) / 1000)
         return web.json_response({"delay_ms": int(request.match_info["ms"])})
+
+    async def loaded(request: web.Request) -> web.Response:
+        """Takes ms for each request in flight here: latency that grows with load."""
+        await asyncio.sleep(int(request.match_info["ms"]) * recorder.inflight / 1000)
+        return web.json_response({"inflight": recorder.inflight})
 
     async def status(request: web.Request) -> web.Response:
         code = int(request.match_info["code"])
@@ -182,6 +188,7 @@ def _rest_app(recorder: Recorder) -> web.Application:
 
     app = web.Application(middlewares=[record])
     app.router.add_route("*", "/delay/{ms}", delay)
+    app.router.add_route("*", "/loaded/{ms}", loaded)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("*", "/flaky/{key}/{n}", flaky)
     app.router.add_route("*", "/json", json_body)
@@ -198,14 +205,15 @@ def _rest_app(recorder: Recorder) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def rest_upstream() -> AsyncIterator[RestUpstream]:
+async def rest_upstream(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[RestUpstream]:
+    """The test REST app on ``host``: a loopback address (127.0.0.2 is one too, on Linux)."""
     recorder = Recorder()
     runner = web.AppRunner(_rest_app(recorder), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     try:
-        yield RestUpstream(port=runner.addresses[0][1], recorder=recorder)
+        yield RestUpstream(port=runner.addresses[0][1], recorder=recorder, host=host)
     finally:
         await runner.cleanup()
 

@@ -4,10 +4,18 @@ limits wrap single attempts, the same way for REST and gRPC upstreams.
 Every attempt (first, retry or hedge) takes a rate-limit token, asks the breaker, holds a
 bulkhead slot, and runs under the smaller of the upstream's ``timeout`` and the time left.
 
-Shared state (the breaker, the retry budget, a coalesced call) answers only to what the
-upstream says: a timeout set by the caller's own limit (its target ``timeout`` or the call's
-deadline) is that caller's alone. It is never counted against the breaker nor retried, and a
-coalesced call runs until the latest of its waiters' deadlines, each waiter leaving at its own.
+An upstream of several endpoints (a Fleet, aggregator/upstreams/fleet.py) has each attempt
+sent to one endpoint it picks, a retry or hedge to another than the target's earlier ones, and
+hears how each went (outlier detection); its breaker then counts a failure only when every
+endpoint taking calls failed its last attempt. ``max_concurrency: auto`` resizes the bulkhead
+with a GradientLimit fed by each answered attempt's latency.
+
+Shared state (the breaker, an endpoint's outlier state, the adaptive limit, the retry budget,
+a coalesced call) answers only to what the upstream says: a timeout set by the caller's own
+limit (its target ``timeout`` or the call's deadline) is that caller's alone. It is never
+counted against the breaker or an endpoint, never sampled by the adaptive limit, never
+retried, and a coalesced call runs until the latest of its waiters' deadlines, each waiter
+leaving at its own.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
-from aggregator.policies.limits import Bulkhead, TokenBucket
+from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
+from aggregator.upstreams.fleet import Fleet, Member
 from aggregator.v1 import aggregator_pb2 as pb
 
 Result = Reply | TargetFailure
@@ -59,12 +68,14 @@ class _CallerTimeout(TargetFailure):
 
 
 class _Sent:
-    """Attempts of one target that reached the upstream (what TargetResult.attempts counts)."""
+    """Attempts of one target that reached the upstream (what TargetResult.attempts counts),
+    and the endpoints they went to (a fleet's retries and hedges go elsewhere if they can)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "tried")
 
     def __init__(self) -> None:
         self.count = 0
+        self.tried: list[Member] | None = None  # made on a fleet's first attempt only
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +112,19 @@ class Endpoint:
             config.name,
             config.max_concurrency,
             f"{config.name} has {config.max_concurrency} calls in flight (max_concurrency) "
-            "and none finished in time",
+            "and none finished in time"
+            if not config.adaptive_concurrency
+            else f"{config.name} is at its adaptive concurrency limit (max_concurrency: auto) "
+            "and no call finished in time",
         )
+        self.adaptive = (
+            GradientLimit(self.bulkhead, config.adaptive_max, metrics.concurrency_limit.set)
+            if config.adaptive_concurrency
+            else None
+        )
+        if self.adaptive is None:
+            metrics.concurrency_limit.set(config.max_concurrency)
+        self._fleet = upstream if isinstance(upstream, Fleet) else None
         self._all_upstreams = all_upstreams
         self.bucket = (
             TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
@@ -123,7 +145,12 @@ class Endpoint:
         self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.name} {self.bulkhead!r} {self.breaker!r} {self.budget!r}>"
+        fleet = f" {self._fleet!r}" if self._fleet is not None else ""
+        adaptive = f" {self.adaptive!r}" if self.adaptive is not None else ""
+        return (
+            f"<Endpoint {self.name} {self.bulkhead!r}{adaptive} {self.breaker!r} "
+            f"{self.budget!r}{fleet}>"
+        )
 
     async def call(
         self,
@@ -272,7 +299,10 @@ class Endpoint:
                 await self._hold_slots(limit)
             try:
                 sent.count += 1
-                result = await self._timed(request, limit, request_id)
+                if self._fleet is None:
+                    result = await self._timed(self._upstream, request, limit, request_id)
+                else:
+                    result = await self._on_fleet(self._fleet, request, limit, request_id, sent)
             finally:
                 self._all_upstreams.release()
                 self.bulkhead.release()
@@ -280,8 +310,45 @@ class Endpoint:
             result = failure
         finally:
             if self.breaker is not None:
-                self.breaker.record(trial, None if result is None else _breaker_failure(result))
+                self.breaker.record(trial, self._breaker_verdict(result))
         return result
+
+    def _breaker_verdict(self, result: Result | None) -> bool | None:
+        """What the breaker counts: with several endpoints, a failure only when every endpoint
+        taking calls failed its last attempt (one bad endpoint is outlier detection's)."""
+        verdict = None if result is None else _breaker_failure(result)
+        if verdict and self._fleet is not None and not self._fleet.all_failing():
+            return None
+        return verdict
+
+    async def _on_fleet(
+        self,
+        fleet: Fleet,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
+        sent: _Sent,
+    ) -> Reply:
+        """The attempt on one endpoint of the fleet, another than the target's earlier attempts
+        when there is one; a connect refused (nothing sent) moves on to an untried endpoint at
+        once. Each endpoint hears how its attempt went (outlier detection)."""
+        tried = sent.tried
+        if tried is None:
+            tried = sent.tried = []
+        while True:
+            member = await fleet.choose(tried, limit.at)
+            tried.append(member)
+            failed: bool | None = None
+            try:
+                reply = await self._timed(member.upstream, request, limit, request_id)
+                failed = _breaker_failure(reply)
+                return reply
+            except TargetFailure as failure:
+                failed = _breaker_failure(failure)
+                if not failure.unsent or not fleet.untried(tried):
+                    raise
+            finally:
+                fleet.done(member, failed)
 
     def _take_slots(self) -> bool:
         """Both slots at once if both are free: the common case, without awaiting."""
@@ -302,7 +369,11 @@ class Endpoint:
             raise
 
     async def _timed(
-        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str
+        self,
+        upstream: Upstream,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
     ) -> Reply:
         """One call under the smaller of the upstream's timeout and the time left."""
         loop = self._loop
@@ -323,7 +394,7 @@ class Endpoint:
             try:
                 expired = False
                 try:
-                    reply = await self._upstream.call(_traced(request), timeout, request_id)
+                    reply = await upstream.call(_traced(request), timeout, request_id)
                 finally:
                     alarm.cancel()
                     expired = alarm.rang and task.uncancel() <= cancelling
@@ -332,6 +403,8 @@ class Endpoint:
                     raise  # the caller's cancellation (or someone's besides ours)
                 failure = self._timeout(alarm.by_caller, limit.reason)
                 _annotate_failure(span, failure)
+                if self.adaptive is not None and not alarm.by_caller:
+                    self.adaptive.sample(own_timeout, self.bulkhead.inflight)
                 raise failure from None
             except TargetFailure as failure:
                 _annotate_failure(span, failure)
@@ -348,6 +421,8 @@ class Endpoint:
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
         self._latency = 0.8 * self._latency + 0.2 * took
+        if self.adaptive is not None:
+            self.adaptive.sample(took, self.bulkhead.inflight)
         return reply
 
     def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:
@@ -386,11 +461,17 @@ class Endpoint:
         return delay
 
     def admin_stats(self) -> dict[str, Any]:
-        """What the admin page shows of this upstream's policies (SPEC §13): one endpoint,
-        and a fixed concurrency limit (max_concurrency), until an upstream is a fleet."""
+        """What the admin page shows of this upstream's policies (SPEC §13): its endpoints
+        (SPEC §12: one, or a fleet's active and ejected ones) and its concurrency limit (fixed,
+        or where the adaptive limit stands)."""
+        endpoints = {"active": 1, "ejected": 0}
+        if self._fleet is not None:
+            members = self._fleet.members
+            ejected = sum(1 for member in members if member.ejected_until)
+            endpoints = {"active": len(members) - ejected, "ejected": ejected}
         return {
             "kind": self._config.kind,
-            "endpoints": {"active": 1, "ejected": 0},
+            "endpoints": endpoints,
             "breaker": self.breaker.state if self.breaker is not None else "none",
             "in_flight": self.bulkhead.inflight,
             "concurrency_limit": self.bulkhead.limit,

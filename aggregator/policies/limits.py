@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 
 from aggregator.errors import TargetFailure
 from aggregator.policies.deadline import Deadline
@@ -93,12 +94,97 @@ class Bulkhead:
             self._waiters.remove(waiter)
 
     def release(self) -> None:
-        while self._waiters:
+        if self.inflight <= self.limit:  # over a limit that shrank: the slot is not handed on
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.inflight -= 1
+
+    def resize(self, limit: int) -> None:
+        """A new limit (an adaptive one's): slots it frees go to the waiters, in order."""
+        self.limit = limit
+        while self._waiters and self.inflight < limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.inflight += 1
                 waiter.set_result(None)
-                return
-        self.inflight -= 1
+
+
+class GradientLimit:
+    """``max_concurrency: auto``: a concurrency limit that follows the upstream's latency.
+
+    Netflix concurrency-limits' Gradient2 (concurrency-limits-core/.../limit/Gradient2Limit.java,
+    and the ideas of Envoy's adaptive concurrency filter): each answered attempt's latency is a
+    short-term sample, compared with a long-term exponential average of them (600 samples, the
+    first 10 a plain mean) that stands for the upstream's latency without queueing::
+
+        gradient = max(0.5, min(1.0, 1.5 * long_rtt / rtt))   # 1.5: the tolerance
+        new = limit * gradient + 4                              # 4: the queue allowance
+        limit = limit * 0.8 + new * 0.2                         # smoothing
+        limit within [1, adaptive_max]
+
+    So the limit grows by up to 0.8 an answer while latency stays within 1.5 times its recent
+    norm, and shrinks (at most halving per step, smoothed) when latency climbs past that under
+    load. It does not grow while fewer than half its slots are used (the caller, not the
+    upstream, limits the rate then), and when the long average is over twice the sample the
+    average is pulled down by 5% (latency back to normal after long overload), as Gradient2
+    does. Starts at Gradient2's initial 20 (or adaptive_max if less).
+    """
+
+    INITIAL = 20
+    _TOLERANCE = 1.5
+    _QUEUE = 4.0
+    _SMOOTHING = 0.2
+    _LONG_WINDOW = 600
+    _WARMUP = 10
+
+    def __init__(self, bulkhead: Bulkhead, maximum: int, on_limit: Callable[[float], None]) -> None:
+        self._bulkhead = bulkhead
+        self._maximum = maximum
+        self._on_limit = on_limit
+        self._estimate = float(min(self.INITIAL, maximum))
+        self._long_rtt = 0.0
+        self._samples = 0
+        bulkhead.resize(int(self._estimate))
+        on_limit(int(self._estimate))
+
+    def __repr__(self) -> str:
+        return (
+            f"<GradientLimit [{self._estimate:.1f} of 1..{self._maximum}, "
+            f"long rtt {self._long_rtt * 1000:.2f}ms over {self._samples} samples]>"
+        )
+
+    @property
+    def limit(self) -> int:
+        return int(self._estimate)
+
+    def sample(self, rtt: float, inflight: int) -> None:
+        """One answered attempt that took ``rtt`` seconds with ``inflight`` attempts out."""
+        rtt = max(rtt, 1e-6)
+        long_rtt = self._average(rtt)
+        if long_rtt / rtt > 2:
+            self._long_rtt *= 0.95
+        estimate = self._estimate
+        if inflight < estimate / 2:
+            return
+        gradient = max(0.5, min(1.0, self._TOLERANCE * long_rtt / rtt))
+        new = estimate * gradient + self._QUEUE
+        new = estimate * (1 - self._SMOOTHING) + new * self._SMOOTHING
+        self._estimate = max(1.0, min(float(self._maximum), new))
+        if int(self._estimate) != int(estimate):
+            self._bulkhead.resize(int(self._estimate))
+            self._on_limit(int(self._estimate))
+
+    def _average(self, rtt: float) -> float:
+        if self._samples < self._WARMUP:
+            self._samples += 1
+            self._long_rtt += (rtt - self._long_rtt) / self._samples
+        else:
+            factor = 2.0 / (self._LONG_WINDOW + 1)
+            self._long_rtt = self._long_rtt * (1 - factor) + rtt * factor
+        return self._long_rtt
 
 
 def _at(deadline: float | Deadline) -> float:

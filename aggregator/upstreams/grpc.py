@@ -26,6 +26,7 @@ _CHANNEL_OPTIONS = (
 # How grpc words a response over grpc.max_receive_message_length, made by our side of the
 # channel ("Stream removed (CLIENT: Received message larger than max (2097152 vs. 1048576))").
 _TOO_LARGE = "Received message larger than max"
+_NO_CONNECTION = "failed to connect to all addresses"
 # Method names come from callers: only short ones are kept, within a total size in characters
 # (a longer name is valid, and gets a callable of its own for its call).
 _CACHED_METHOD = 256
@@ -49,10 +50,22 @@ def _channel_options(config: UpstreamConfig) -> tuple[tuple[str, int], ...]:
 class GrpcUpstream:
     """Passes serialized requests to one configured address and returns raw responses."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, address: str = "", connect_to: str = "") -> None:
+        """``address``: one entry of the upstream's ``address`` (its first by default);
+        ``connect_to``: the one IP address of it this channel connects to (a fleet's endpoint),
+        while TLS and :authority keep the entry's name."""
         self.name = config.name
         self._config = config
-        self._address = config.address
+        self._address = address or config.address
+        self._target = self._address
+        self._named: tuple[tuple[str, str], ...] = ()
+        if connect_to:
+            host, _, port = self._address.rpartition(":")
+            self._target = f"{_bracketed(connect_to)}:{port}"
+            self._named = (
+                ("grpc.default_authority", self._address),
+                ("grpc.ssl_target_name_override", host.strip("[]")),
+            )
         tls = config.tls
         what = f"upstreams.{config.name}.tls"
         self._tls = (
@@ -69,12 +82,12 @@ class GrpcUpstream:
         self._methods_size = 0  # characters of the names in _methods
         self._reflection = REFLECTION
         self.descriptors = (
-            Descriptors(self.name, fetch=self._reflected)
+            Descriptors(self.name, fetch=self.reflected)
             if config.descriptors == "reflection"
             else Descriptors(self.name, schema=load_descriptor_set(config.descriptors))
         )
 
-    async def _reflected(self) -> Schema:
+    async def reflected(self) -> Schema:
         """The upstream's descriptors from its reflection, within its timeout: the package
         that answered last time is asked first (grpcio-reflection serves v1alpha only)."""
         self._rotate_if_changed(self._config.timeout)
@@ -91,12 +104,12 @@ class GrpcUpstream:
         return f"<GrpcUpstream {self.name} {self._address}{tls} {cached}>"
 
     def _open_channel(self) -> grpc.aio.Channel:
-        options = _channel_options(self._config)
+        options = (*_channel_options(self._config), *self._named)
         if self._tls is None:
-            return grpc.aio.insecure_channel(self._address, options=options)
+            return grpc.aio.insecure_channel(self._target, options=options)
         credentials = self._tls.current()
         self._generation = self._tls.generation
-        return grpc.aio.secure_channel(self._address, credentials, options=options)
+        return grpc.aio.secure_channel(self._target, credentials, options=options)
 
     async def call(
         self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
@@ -151,6 +164,10 @@ class GrpcUpstream:
         await self._channel.close(None)
 
 
+def _bracketed(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
 def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
     details = exc.details() or code.name
@@ -163,6 +180,8 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"{name} is unavailable: {details}",
             grpc_code=code.value[0],
             retry_after=extra.retry_after,
+            # grpc's words when the channel had no connection: the call was never sent.
+            unsent=_NO_CONNECTION in details,
         ) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise TargetFailure(

@@ -54,10 +54,12 @@ _DECODERS = {
 class HttpUpstream:
     """Calls one configured base URL; the only host it ever contacts is that URL's host."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, url: str = "", connect_to: str = "") -> None:
+        """``url``: one entry of the upstream's ``url`` (its first by default); ``connect_to``:
+        the one address of it that this instance connects to (an endpoint of a fleet)."""
         self.name = config.name
-        self._base = config.url
-        parts = urlsplit(config.url)
+        self._base = url or config.url
+        parts = urlsplit(self._base)
         secure = parts.scheme == "https"
         self._host_line = (
             f"Host: {_host_header(parts.netloc, parts.hostname or '', parts.port)}\r\n"
@@ -81,6 +83,7 @@ class HttpUpstream:
             config.connect_timeout,
             max_idle=config.max_concurrency,
             ssl_context=self._ssl_context if secure else None,
+            connect_to=connect_to,
         )
 
     def __repr__(self) -> str:
@@ -351,7 +354,7 @@ def _target_failure(exc: Exception, name: str, connect_timeout: float) -> Target
         )
     assert isinstance(exc, OSError)
     return TargetFailure(
-        pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.strerror or exc}"
+        pb.OUTCOME_UNAVAILABLE, f"could not connect to {name}: {exc.strerror or exc}", unsent=True
     )
 
 

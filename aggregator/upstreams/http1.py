@@ -106,10 +106,13 @@ class Pool:
         max_idle: int,
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
         keepalive: float = _KEEPALIVE,
+        connect_to: str = "",
     ) -> None:
+        # ``host`` names the origin (TLS's server name); ``connect_to``, when given, is the IP
+        # address of the one endpoint of it this pool connects to (SPEC §12).
         self._host = host
         self._port = port
-        literal = _literal_info(host, port)
+        literal = _literal_info(connect_to or host, port)
         self._addresses: list[AddressInfo] = [literal] if literal is not None else []
         self._resolved_until = float("inf") if literal is not None else 0.0
         self._connect_timeout = connect_timeout

@@ -344,11 +344,15 @@ def documented_keys() -> dict[str, str]:
     return keys
 
 
+# Fields the parser derives: a mapping entry's key, the list form of url/address, auto's flag.
+_DERIVED = {"name", "endpoints", "adaptive_concurrency"}
+
+
 def code_keys(cls: type, prefix: str) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
     """Every key the config code has under ``prefix``, sub-sections included, with its field."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name == "name":  # the key of a mapping entry, not a key of its own
+        if field.name in _DERIVED:  # not keys of their own
             continue
         key = f"{prefix}.{field.name}"
         inner = _section_type(hints[field.name])
@@ -417,6 +421,14 @@ def test_documented_defaults_are_the_code_defaults(key: str):
         return
     assert has_default, f"{key}: documented with a default, the code requires it"
     stated = documented_default(cell)
+    if isinstance(stated, dict) and dataclasses.is_dataclass(field.default):
+        # A section on by default (outlier_detection): its defaults, written as a mapping.
+        stated = type(field.default)(
+            **{
+                name: parse_duration(value) if isinstance(value, str) else value
+                for name, value in stated.items()
+            }
+        )
     assert stated == field.default, (
         f"{key}: documented {cell}, the code's default {field.default!r}"
     )

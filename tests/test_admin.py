@@ -365,3 +365,30 @@ def test_a_kept_aggregate_costs_bounded_memory(capsys):
     assert len(recent.records) == keep
     assert per_aggregate < 5000  # about 3.4 KiB measured; never the 40 KiB of bodies
     assert refilled < full * 1.05 + 64 * 1024  # replacing them all does not grow it
+
+
+async def test_a_caller_reusing_a_request_id_cannot_take_over_the_link_to_another_aggregate(
+    start_server, session
+):
+    # Request ids come from callers: the overview links by request id and seq, so the victim's
+    # row still opens the victim's aggregate after an attacker sent the same id.
+    server, stub = await start_server(server=ADMIN)
+    await call(stub, "shared-id", http("victim_target", "/status/503"))
+    await recorded(server, "shared-id")
+    _, _, listed = await get(session, server, "/api/aggregates")
+    victim_seq = listed["aggregates"][0]["seq"]
+    await call(stub, "shared-id", http("attacker_target", "/delay/1"))
+    for _ in range(1000):  # recorded right after the call, on this loop
+        if len(server.recent.records) == 2:
+            break
+        await asyncio.sleep(0)
+    assert server.recent.find("shared-id").targets[0].id == "attacker_target"
+    status, _, detail = await get(session, server, f"/api/aggregates/shared-id?seq={victim_seq}")
+    assert status == 200
+    assert [t["id"] for t in detail["targets"]] == ["victim_target"]
+    status, _, _ = await get(session, server, f"/aggregates/shared-id?seq={victim_seq}")
+    assert status == 200
+    status, _, _ = await get(session, server, "/api/aggregates/shared-id?seq=999999")
+    assert status == 404
+    status, _, _ = await get(session, server, "/api/aggregates/shared-id?seq=x")
+    assert status == 400

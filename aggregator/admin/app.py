@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from aggregator.admin.recent import Recent
+from aggregator.admin.recent import AggregateRecord, Recent
 
 log = logging.getLogger("aggregator.admin")
 
@@ -81,10 +81,17 @@ class AdminPages:
         return web.Response(body=body, content_type=kind, charset="utf-8")
 
     async def waterfall(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        if self._recent.find(_request_id(request)) is None:
+        if self._find(request) is None:
             raise web.HTTPNotFound(text="no such aggregate among the recent ones")
         return web.Response(body=self._waterfall, content_type="text/html", charset="utf-8")
+
+    def _find(self, request: web.Request) -> AggregateRecord | None:
+        """The aggregate a detail path names: by request id, and by ``?seq=`` when given (the
+        overview's links carry it, so a caller reusing another's request id cannot take over
+        the link to the other's aggregate)."""
+        query = _query(request, ("seq",))
+        seq = _seq(query["seq"]) if "seq" in query else None
+        return self._recent.find(_request_id(request), seq)
 
     async def api_upstreams(self, request: web.Request) -> web.Response:
         _query(request, ())
@@ -108,8 +115,7 @@ class AdminPages:
         )  # fmt: skip
 
     async def api_aggregate(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        record = self._recent.find(_request_id(request))
+        record = self._find(request)
         if record is None:
             raise web.HTTPNotFound(text="no such aggregate among the recent ones")
         return web.json_response(record.detail())
@@ -177,6 +183,12 @@ def _flag(value: str, name: str) -> bool:
     if value in ("true", "false"):
         return value == "true"
     raise BadQuery(f"{name}: {value[:32]!r} is not true or false")
+
+
+def _seq(value: str) -> int:
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    raise BadQuery(f"seq: {value[:32]!r} is not an aggregate's number")
 
 
 def _count(value: str, name: str, most: int) -> int:

@@ -152,10 +152,11 @@ class Recent:
         while self._targets > self._max_targets and len(records) > 1:
             self._targets -= len(records.popleft().targets)
 
-    def find(self, request_id: str) -> AggregateRecord | None:
-        """The newest aggregate with that request id."""
+    def find(self, request_id: str, seq: int | None = None) -> AggregateRecord | None:
+        """The newest aggregate with that request id, or the one numbered ``seq``: request ids
+        come from callers, so one caller may reuse another's, and the page links by both."""
         for record in reversed(self.records):
-            if record.request_id == request_id:
+            if record.request_id == request_id and (seq is None or record.seq == seq):
                 return record
         return None
 

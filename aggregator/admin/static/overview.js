@@ -58,7 +58,7 @@
       newestSeen = Math.max(newestSeen === null ? 0 : newestSeen, a.seq);
       cell(tr, new Date(a.ended_at * 1000).toLocaleTimeString());
       const link = document.createElement("a");
-      link.href = "/aggregates/" + encodeURIComponent(a.request_id);
+      link.href = "/aggregates/" + encodeURIComponent(a.request_id) + "?seq=" + a.seq;
       link.textContent = a.request_id;
       cell(tr, "").appendChild(link);
       cell(tr, a.aggregate);

@@ -169,7 +169,7 @@
   async function load() {
     document.getElementById("request-id").textContent = requestId;
     legend();
-    const response = await fetch("/api/aggregates/" + encodeURIComponent(requestId),
+    const response = await fetch("/api/aggregates/" + encodeURIComponent(requestId) + location.search,
       { cache: "no-store" });
     if (!response.ok) {
       const problem = document.getElementById("problem");

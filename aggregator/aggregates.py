@@ -16,6 +16,7 @@ lands, a missing required parameter or an undeclared one is INVALID_ARGUMENT, an
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -137,6 +138,8 @@ def _python_value(value: struct_pb2.Value) -> Any:
             raise ValueError(_BRACES)
         return value.string_value
     if kind == "number_value":
+        if not math.isfinite(value.number_value):  # as plan.py refuses them in a caller's JSON
+            raise ValueError("NaN and Infinity are not JSON numbers")
         return value.number_value
     if kind == "bool_value":
         return value.bool_value

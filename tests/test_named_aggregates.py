@@ -156,6 +156,8 @@ async def test_results_come_in_completion_order_with_trailers_as_ad_hoc(
         (named("page", sku="x", color="red"), "params.color: aggregate 'page' declares no such"),
         (named("page", sku="{{product.path}}"), "params.sku: values may not contain {{"),
         (named("page", sku=None), "params.sku: null is not a value"),
+        (named("page", sku=float("nan")), "params.sku: NaN and Infinity are not JSON numbers"),
+        (named("page", sku=float("inf")), "params.sku: NaN and Infinity are not JSON numbers"),
         (named("page", sku=".."), "target 'product': {{params.sku}} is '..': not a path segment"),
         (named("page", sku="a\r\nx-evil: 1"), "target 'product': header"),
         (named("page", sku="x" * 9000), "server.max_path_bytes"),

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from aggregator import tracing
 from aggregator.config import CachePolicy, UpstreamConfig
 from aggregator.plan import GrpcRequest, HttpRequest
-from aggregator.policies.cache import cache_key, namespace
+from aggregator.policies.cache import Coalescer, cache_key, namespace
 from aggregator.policies.deadline import Deadline
 from aggregator.policies.limits import Bulkhead
 from aggregator.v1 import aggregator_pb2 as pb
@@ -290,3 +290,34 @@ async def test_a_bulkhead_wait_follows_a_deadline_that_moves_later():
     bulkhead.release()
     await waiter
     assert repr(bulkhead) == "<Bulkhead b [1/1 in flight, 0 waiting]>"
+
+
+async def test_a_newcomer_never_joins_a_shared_call_being_cancelled():
+    # The last waiter left: the shared call is cancelled and, while it cleans up (closing a
+    # connection yields), an identical request arrives. It must start its own call, not get
+    # a CancelledError it never asked for.
+    coalescer = Coalescer()
+    loop = asyncio.get_running_loop()
+    cleaning = asyncio.Event()
+
+    async def call(deadline: Deadline) -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await asyncio.sleep(0)  # cleanup that yields
+            await asyncio.sleep(0)
+            raise
+        return "never"
+
+    async def answer(deadline: Deadline) -> str:
+        return "fresh"
+
+    first = asyncio.create_task(coalescer.run(b"k", Deadline(loop.time() + 5, "t"), call))
+    await asyncio.sleep(0)
+    first.cancel()
+    await cleaning.wait()
+    result, joined = await coalescer.run(b"k", Deadline(loop.time() + 5, "t"), answer)
+    assert (result, joined) == ("fresh", False)
+    with pytest.raises(asyncio.CancelledError):
+        await first

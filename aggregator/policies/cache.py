@@ -329,6 +329,9 @@ class Coalescer:
         finally:
             shared.waiters -= 1
             if shared.waiters == 0 and not task.done():
+                # Offered no more before it is cancelled: a newcomer joining a call being
+                # cancelled would get a CancelledError it never asked for.
+                self._forget(key, task)
                 task.cancel()
                 await asyncio.wait((task,))
 

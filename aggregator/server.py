@@ -235,9 +235,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     # at budget minus the margin, unless writing a result waits that long: a
                     # caller that does not read its stream holds up grpc's flow control, and
                     # with no deadline of its own would hold the call and its results for ever.
-                    async with asyncio.timeout_at(budget.started + budget.seconds):
+                    budget_cut = asyncio.timeout_at(budget.started + budget.seconds)
+                    async with budget_cut:
                         await aggregation.run(emit)
                 except TimeoutError:
+                    if not budget_cut.expired():
+                        raise
                     raise _unread(budget) from None
                 finally:
                     first_at, failure = aggregation.first_at, aggregation.failure
@@ -265,7 +268,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         fanin = ended - first_at if first_at is not None else None
         self._loop.call_soon(
             self._observe, request_id, label, targets, reported.values(), failure, elapsed,
-            fanin, (), plan, budget,
+            fanin, cut, plan, budget,
         )  # fmt: skip
         if span is not None:
             tracing.annotate(span, _span_attributes(reported.values(), failure, label))
@@ -552,7 +555,8 @@ class AggregatorServer:
 
     def _listening(self) -> str:
         """Every port bound, as a newcomer needs them: ``gRPC on 127.0.0.1:50051 (plaintext),
-        health off, metrics on http://127.0.0.1:9464/metrics``."""
+        health on the gRPC port, metrics on http://127.0.0.1:9464/metrics, admin page on
+        http://127.0.0.1:9465/``."""
         server_config = self.config.server
         security = "TLS" if self._certificates else "plaintext"
         parts = [f"gRPC on {_bound(server_config.address, self.port)} ({security})"]
@@ -566,6 +570,11 @@ class AggregatorServer:
             parts.append(f"metrics on http://{metrics}/metrics")
         else:
             parts.append("metrics off")
+        if self.admin_port:
+            admin = _bound(server_config.admin_address, self.admin_port)
+            parts.append(f"admin page on http://{admin}/")
+        else:
+            parts.append("admin page off")
         return ", ".join(parts)
 
     def _server_options(self) -> tuple[tuple[str, int], ...]:

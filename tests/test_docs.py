@@ -239,7 +239,8 @@ def test_the_example_names_every_port_and_serves_metrics_without_created(example
         .rstrip()
         .endswith(
             f"serving gRPC on {example.address} (plaintext), health on the gRPC port, "
-            f"metrics on http://{example.addresses['127.0.0.1:9464']}/metrics"
+            f"metrics on http://{example.addresses['127.0.0.1:9464']}/metrics, "
+            "admin page on http://127.0.0.1:9465/"
         )
     )
     url = f"http://{example.addresses['127.0.0.1:9464']}/metrics"

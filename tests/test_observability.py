@@ -150,5 +150,5 @@ async def test_the_start_line_names_every_port_bound(start_server, log_lines):
     assert started == [
         f"serving gRPC on 127.0.0.1:{server.port} (plaintext), "
         f"health on 127.0.0.1:{server.health_port} (plaintext, grpc.health.v1 only), "
-        f"metrics on http://127.0.0.1:{server.metrics_port}/metrics"
+        f"metrics on http://127.0.0.1:{server.metrics_port}/metrics, admin page off"
     ]

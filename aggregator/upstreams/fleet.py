@@ -207,7 +207,10 @@ class Fleet:
 
     async def _resolve_forever(self) -> None:
         while True:
-            await self.resolve()
+            try:
+                await self.resolve()
+            except Exception:  # one bad update must not end resolution for good
+                log.exception("upstream %s: resolving its endpoints failed", self.name)
             wait = self._config.resolve_interval
             if not self._members:
                 wait = min(wait, _RETRY_FIRST_LOOKUP)

@@ -168,6 +168,14 @@ def _bracketed(ip: str) -> str:
     return f"[{ip}]" if ":" in ip else ip
 
 
+def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
+    return (
+        (exc.details() or "").startswith(_NO_CONNECTION)
+        and not exc.initial_metadata()
+        and not exc.trailing_metadata()
+    )
+
+
 def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
     details = exc.details() or code.name
@@ -180,8 +188,10 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
             f"{name} is unavailable: {details}",
             grpc_code=code.value[0],
             retry_after=extra.retry_after,
-            # grpc's words when the channel had no connection: the call was never sent.
-            unsent=_NO_CONNECTION in details,
+            # grpc's own words when the channel had no connection: the call was never sent.
+            # Read before the upstream's details are added, and only with nothing from the
+            # upstream: a proxy passing those words on did receive the call.
+            unsent=_never_sent(exc),
         ) from exc
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         raise TargetFailure(

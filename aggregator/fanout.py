@@ -128,6 +128,8 @@ class Aggregation:
         }
         self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
         self._bodies: dict[str, Any] = {}  # dependency id -> its JSON body, parsed once
+        self._unreadable: dict[str, str] = {}  # dependency id -> why its body cannot be read:
+        # "<id> <sentence>" reads as "dependency 'x' did not answer with JSON"
         self._expanded: set[str] = set()  # for_each targets whose elements report instead
         self._expected = len(plan.targets)  # results to report; for_each changes it
         self._tasks: list[asyncio.Task[None]] = []
@@ -302,7 +304,21 @@ class Aggregation:
                 await self._decode_grpc(target, request.schema, result)
         elif target.decode_json and result.body:
             await self._decode(target, result)
+        elif result.body and result.outcome == _OK and target.id in self._finished:
+            await self._parse_for_dependents(target.id, result.body)
         return result
+
+    async def _parse_for_dependents(self, target_id: str, body: bytes) -> None:
+        """The body targets depending on this one read, parsed once here as decode_json's are:
+        off the loop when large, within server.max_decoded_bytes."""
+        try:
+            self._decoder.charge(len(body), target_id)
+            self._bodies[target_id] = await self._decoder.run(len(body), _parsed_json, body)
+        except NotDecoded as refused:
+            reason = refused.sentence  # "did not answer with JSON", or the allowance's words
+            self._unreadable[target_id] = (
+                f"refused: {reason}" if reason.startswith("JSON not decoded") else reason
+            )
 
     async def _decode(self, target: PlannedTarget, result: pb.TargetResult) -> None:
         """Fills ``result.json`` from its body, where it is JSON and the call may still decode
@@ -313,6 +329,8 @@ class Aggregation:
             result.ClearField("json")
             if refused.sentence:
                 result.error = "; ".join(filter(None, (result.error, refused.sentence)))
+            if target.id in self._finished and refused.sentence:  # not parsed again on the loop
+                self._unreadable[target.id] = f"refused: {refused.sentence}"
             return
         if target.id in self._finished and result.outcome == _OK:
             self._bodies[target.id] = document  # what dependents read: parsed once, here
@@ -423,6 +441,8 @@ class Aggregation:
         return value_of
 
     def _body(self, dep: str) -> Any:
+        if dep in self._unreadable:
+            raise TargetFailure(pb.OUTCOME_ERROR, f"dependency {dep!r} {self._unreadable[dep]}")
         if dep not in self._bodies:
             result = self._settled[dep]
             if result.HasField("json"):
@@ -519,3 +539,13 @@ def _with_fallback(target: PlannedTarget, result: pb.TargetResult) -> pb.TargetR
     result.from_fallback = True
     result.json.CopyFrom(target.fallback)
     return result
+
+
+def _parsed_json(body: bytes) -> Any:
+    """A dependency's body as JSON, for _parse_for_dependents (on a thread when large)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise NotDecoded("did not answer with JSON") from None
+    except RecursionError:
+        raise NotDecoded("answered JSON nested too deeply") from None

@@ -152,6 +152,24 @@ async def test_bodies_past_max_decoded_bytes_keep_their_body_and_say_why(
     assert sorted(response.merged.fields) == sorted(set(results) - {late.id})  # SPEC §6
 
 
+async def test_bodies_dependents_read_count_against_max_decoded_bytes(start_server, big):
+    # A body read only by its dependents (no decode_json) is parsed like decode_json's: off the
+    # loop when large, and within the call's allowance; past it the dependent fails saying so.
+    aggregator, _ = await start_server(
+        server={"max_decoded_bytes": 64 * 1024}, big=big_upstream(big)
+    )
+    source = http("source", "/0", upstream="big")
+    reader = http("reader", "/echo/{{source.n}}", depends_on=["source"])
+    async with big_channel(aggregator.port) as channel:
+        stub = pb_grpc.AggregatorStub(channel)
+        response = await stub.Collect(pb.AggregateRequest(targets=[source, reader]), timeout=30)
+    results = {r.id: r for r in response.results}
+    assert results["source"].outcome == pb.OUTCOME_OK
+    assert results["reader"].outcome == pb.OUTCOME_ERROR
+    assert "dependency 'source' refused: JSON not decoded" in results["reader"].error
+    assert "past server.max_decoded_bytes (65536)" in results["reader"].error
+
+
 async def test_json_too_deep_for_protobuf_is_refused_and_the_call_still_answers(start_server):
     deep = ('{"a":' * 40 + "1" + "}" * 40).encode()  # 121 message levels once a Value
     shallow = ('{"a":' * 20 + "1" + "}" * 20).encode()

@@ -89,11 +89,6 @@ class Sources:
         return None
 
 
-def parse_reference(raw: str, sources: Iterable[str]) -> Reference | None:
-    """``Sources(sources).parse(raw)``, for a single reference."""
-    return Sources(sources).parse(raw)
-
-
 def resolve(reference: Reference, value_of: Callable[[str], Any]) -> Any:
     """The value at ``reference`` in ``value_of(source)``; TargetFailure(ERROR) when absent."""
     value = value_of(reference.source)

@@ -694,3 +694,22 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+async def test_a_forwarded_header_is_not_sent_beside_an_underscore_spelling_of_it(
+    start_server, rest
+):
+    # An upstream reading _ as - would see two x-tenant headers; the target's own one wins.
+    _, stub = await start_server(
+        web={"kind": "http", "url": rest.url, "forward_headers": ["x-tenant"]}
+    )
+    target = http("t", "/echo", upstream="web", headers={"x_tenant": "own"})
+    results, code, _, _ = await collect(
+        stub.Aggregate(
+            pb.AggregateRequest(targets=[target]), timeout=5, metadata=(("x-tenant", "fwd"),)
+        )
+    )
+    assert code == grpc.StatusCode.OK
+    sent = {name.lower(): value for name, value in json.loads(results[0].body)["headers"].items()}
+    assert sent.get("x_tenant") == "own"
+    assert "x-tenant" not in sent

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from aggregator.config import AuthConfig, JwtConfig
 from aggregator.errors import CallFailure
-from aggregator.plan import Plan
 from aggregator.security import pem
 from aggregator.security.files import Watched
 
@@ -133,10 +132,6 @@ class Gate:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{caller} may not run aggregate {_shown(aggregate)}",
             )
-
-    def authorize(self, caller: Caller | None, plan: Plan) -> None:
-        """Raises CallFailure PERMISSION_DENIED naming every upstream ``caller`` may not call."""
-        self.authorize_calls(caller, ((target.id, target.upstream.name) for target in plan.targets))
 
     def authorize_calls(self, caller: Caller | None, calls: Iterable[tuple[str, str]]) -> None:
         """``authorize`` on (target id, upstream name) pairs: server.py passes those of the

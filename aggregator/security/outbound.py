@@ -23,7 +23,7 @@ from aggregator.plan import (
     PlannedTarget,
     query_bytes,
 )
-from aggregator.security.fields import header_value_problem, path_problem
+from aggregator.security.fields import canonical_header, header_value_problem, path_problem
 from aggregator.security.fields import path_allowed as path_allowed
 
 _HOP_BY_HOP = UNFORWARDABLE - {"content-type", "user-agent", "x-request-id"}
@@ -57,11 +57,12 @@ def forward_caller_metadata(plan: Plan, metadata: Iterable[tuple[str, Any]]) -> 
 
 def _forwarded(target: PlannedTarget, values: dict[str, str]) -> PlannedTarget:
     request = target.request
-    own = {name.lower() for name, _ in _pairs(request)}
+    # As an upstream reads names: a target's own x_tenant hides a forwarded x-tenant too.
+    own = {canonical_header(name) for name, _ in _pairs(request)}
     extra = tuple(
         (name, values[name])
         for name in target.upstream.forward_headers
-        if name in values and name not in own
+        if name in values and canonical_header(name) not in own
     )
     if not extra:
         return target

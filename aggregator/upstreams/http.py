@@ -12,7 +12,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.plan import BODILESS_METHODS, GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.upstreams import Reply
@@ -35,7 +35,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
 # Methods whose requests have no body in HTTP's semantics: a server may answer without reading
 # one, and then reads it as the next request on the connection (request smuggling). Never sent.
-_NO_BODY = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
+_NO_BODY = BODILESS_METHODS | {"CONNECT"}  # the planner's rule, enforced here again
 # Each gzip member costs a decoder of its own (some 40 KiB and microseconds to make): a body of
 # thousands of empty members is work for nothing. Concatenated gzip files have a few.
 MAX_GZIP_MEMBERS = 64

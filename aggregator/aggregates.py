@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from google.protobuf import json_format, struct_pb2
 
-from aggregator.config import PARAMS, AggregateConfig, Config, ConfigError
+from aggregator.config import AggregateConfig, Config, ConfigError
 from aggregator.errors import InvalidRequest, TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, explained_plan
 from aggregator.security.fields import header_value_problem
@@ -40,6 +40,7 @@ from aggregator.substitution import (
     resolve,
 )
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import PARAMS
 
 _PREFIX = PARAMS + "."
 # A problem as plan.py words it: about one target (by id, or by index when the id is unusable).

@@ -39,7 +39,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from aggregator.config import METADATA_KEY, parse_duration
+from aggregator.config import parse_duration
 from aggregator.timeline import (
     Style,
     Timeline,
@@ -51,6 +51,7 @@ from aggregator.timeline import (
 )
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from aggregator.vocabulary import METADATA_KEY
 
 _TICK = 0.1  # seconds between redraws of a live chart
 _PROTO_DURATION = re.compile(r"^-?[0-9]+(\.[0-9]{1,9})?s\Z")  # the proto3 JSON form of a Duration

@@ -22,7 +22,19 @@ import yaml
 
 from aggregator.schema import load_descriptor_set
 from aggregator.security import pem
-from aggregator.security.fields import FRAMING_HEADERS, canonical_header, steering
+from aggregator.security.fields import canonical_header, steering
+from aggregator.vocabulary import (
+    AD_HOC,
+    CONTROL_OR_SPACE,
+    FRAMING_HEADERS,
+    GRPC_METHOD_PATTERN,
+    HTTP_METHODS,
+    METADATA_KEY,
+    NAME,
+    PARAM_NAME,
+    TOKEN,
+    UNFORWARDABLE,
+)
 
 T = TypeVar("T")
 C = TypeVar("C", bound=str)
@@ -30,25 +42,6 @@ C = TypeVar("C", bound=str)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*\Z")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _LONGEST = 366 * 24 * 3600.0  # no duration here is meant to be longer; "9" * 400 is a typo
-_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
-_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
-# No dots: {{params.a.b}} reads b inside parameter a.
-_PARAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
-# gRPC metadata keys as grpc accepts them (lowercase), shared with plan.py and client.py.
-METADATA_KEY = re.compile(r"^[0-9a-z_.-]+\Z")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+\Z")  # an RFC 9110 token, lowercase
-_GRPC_METHOD_PATTERN = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/(\*|[A-Za-z_][A-Za-z0-9_]*)\Z")
-# The HTTP methods callers may use (plan.py) and upstreams may allow (allowed_methods).
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Caller metadata that must never be copied to an upstream: connection-level (hop-by-hop)
-# headers, framing, routing, and what the aggregator sets itself.
-UNFORWARDABLE = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
-        "content-length", "content-type", "expect", "user-agent", "x-request-id",
-    }
-)  # fmt: skip
 _JWT_ALGORITHMS = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
      "ES256", "ES384", "ES512", "EdDSA"}
@@ -429,7 +422,7 @@ def _listen_address(value: Any) -> str:
 def _base_url(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a URL")
-    if _CONTROL_OR_SPACE.search(value):
+    if CONTROL_OR_SPACE.search(value):
         raise ValueError(f"{value!r} contains whitespace or control characters")
     parts = urlsplit(value)
     parts.port  # noqa: B018 -- reading it validates it (ValueError names the bad port)
@@ -647,7 +640,7 @@ def _read_cache(reader: _Reader, raw: Any, path: str) -> CachePolicy:
 
 
 def _key_prefix(value: Any) -> str:
-    if not isinstance(value, str) or not _UPSTREAM_NAME.match(value):
+    if not isinstance(value, str) or not NAME.match(value):
         raise ValueError(f"{value!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
     return value
 
@@ -686,7 +679,7 @@ def _allowed_headers(value: Any) -> tuple[str, ...]:
     names = tuple(name.lower() for name in _strings(value))
     for name in names:
         canonical = canonical_header(name)
-        if not _HEADER_NAME.match(name):
+        if not TOKEN.match(name) or name != name.lower():
             raise ValueError(f"{name!r} is not a header name")
         if canonical in FRAMING_HEADERS:
             raise ValueError(f"{name!r} is a hop-by-hop or framing header and is never sent")
@@ -709,7 +702,7 @@ def _http_methods(value: Any) -> tuple[str, ...]:
 def _grpc_methods(value: Any) -> tuple[str, ...]:
     methods = _strings(value)
     for method in methods:
-        if not _GRPC_METHOD_PATTERN.match(method):
+        if not GRPC_METHOD_PATTERN.match(method):
             raise ValueError(f"{method!r} is not /package.Service/Method or /package.Service/*")
     return methods
 
@@ -745,7 +738,7 @@ _POLICIES: dict[str, Callable[[_Reader, Any, str], Any]] = {
 
 def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | None:
     path = f"upstreams.{key_label(name)}"
-    if not _UPSTREAM_NAME.match(name):
+    if not NAME.match(name):
         reader.problems.append(f"{path}: upstream names must match [A-Za-z0-9_.-]{{1,64}}")
     section = reader.section(raw, path)
     reader.unknown(
@@ -1063,14 +1056,9 @@ def config_from_mapping(raw: Any) -> Config:
     return replace(config, warnings=warnings) if warnings else config
 
 
-# The parameter source of a named aggregate's references: {{params.NAME}}.
-PARAMS = "params"
-AD_HOC = "ad_hoc"  # the metric label of a call that names no configured aggregate
-
-
 def _read_aggregate(reader: _Reader, name: str, raw: Any) -> AggregateConfig:
     path = f"aggregates.{key_label(name)}"
-    if not _UPSTREAM_NAME.match(name):
+    if not NAME.match(name):
         reader.problems.append(f"{path}: aggregate names must match [A-Za-z0-9_.-]{{1,64}}")
     elif name == AD_HOC:
         reader.problems.append(f"{path}: {AD_HOC!r} is the metric label of ad-hoc calls")
@@ -1107,7 +1095,7 @@ def _description(value: Any) -> str:
 
 
 def _read_param(reader: _Reader, name: str, raw: Any, path: str) -> ParamConfig:
-    if not _PARAM_NAME.match(name):
+    if not PARAM_NAME.match(name):
         reader.problems.append(f"{path}: parameter names must match [A-Za-z0-9_-]{{1,64}}")
     section = reader.section(raw, path)
     reader.unknown(section, {"required", "default"}, path)

@@ -32,9 +32,10 @@ from aggregator.policies.endpoint import Endpoint
 from aggregator.schema import MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
-from aggregator.substitution import ITEM, Substitution, resolve
+from aggregator.substitution import Substitution, resolve
 from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import ITEM
 
 log = logging.getLogger("aggregator")
 Emit = Callable[[pb.TargetResult], Awaitable[None]]

@@ -19,8 +19,8 @@ from prometheus_client import (
     multiprocess,
 )
 
-from aggregator.config import AD_HOC
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import AD_HOC
 
 # From a tenth of a millisecond (the service's own overhead) to the longest deadline.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)

@@ -18,18 +18,16 @@ import collections
 import itertools
 import json
 import math
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from aggregator.config import HTTP_METHODS, METADATA_KEY, Config, UpstreamConfig
+from aggregator.config import Config, UpstreamConfig
 from aggregator.errors import InvalidRequest
 from aggregator.schema import MethodSchema
 from aggregator.security.fields import (
-    FRAMING_HEADERS,
     canonical_header,
     duplicate_names,
     header_name_problem,
@@ -38,7 +36,6 @@ from aggregator.security.fields import (
     steering,
 )
 from aggregator.substitution import (
-    ITEM,
     Reference,
     Sources,
     Substitution,
@@ -46,20 +43,24 @@ from aggregator.substitution import (
     references,
 )
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import (
+    BODILESS_METHODS,
+    CONTROL_OR_SPACE,
+    FRAMING_HEADERS,
+    GRPC_METHOD,
+    HTTP_METHODS,
+    IDEMPOTENT_METHODS,
+    ITEM,
+    METADATA_KEY,
+    NAME,
+    TOKEN,
+    UNFORWARDABLE,
+)
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
-_GRPC_METHOD = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*\Z")
-_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 # Caps per target, so no part of planning or running a target grows with the product of two
 # parts of the request (references x sources, entries x entries).
 MAX_DEPENDS_ON = 64
 MAX_REFERENCES = 256
-# SPEC §15: these methods carry no body; one sent anyway may be read as a second request by an
-# upstream that does not expect it (request smuggling).
-BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-# Metadata keys grpc (or HTTP/2 itself) owns; never set by callers, whatever the config says.
-_RESERVED_METADATA = FRAMING_HEADERS | {"content-type", "user-agent", "x-request-id"}
 
 
 # The plan's classes are built for every target of every call, so they are slots dataclasses but
@@ -78,7 +79,7 @@ class HttpRequest:
     @property
     def idempotent(self) -> bool:
         """Safe to send twice: an idempotent method, or a caller's Idempotency-Key."""
-        if self.method in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"):
+        if self.method in IDEMPOTENT_METHODS:
             return True
         return any(name.lower() == "idempotency-key" for name, _ in self.headers)
 
@@ -179,7 +180,7 @@ def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
     planned = []
     for target in targets:
         target_id = target.id
-        if target_id in seen or target.depends_on or target.for_each or not _ID.match(target_id):
+        if target_id in seen or target.depends_on or target.for_each or not NAME.match(target_id):
             return None
         seen.add(target_id)
         kind = target.WhichOneof("call")
@@ -237,7 +238,7 @@ def _plain_http(call: pb.HttpCall, max_path_bytes: int) -> HttpRequest | None:
             canonical = canonical_header(name)
             if (
                 "{{" in value
-                or not _TOKEN.match(name)
+                or not TOKEN.match(name)
                 or "_" in name
                 or canonical in FRAMING_HEADERS
                 or canonical in folded
@@ -251,7 +252,7 @@ def _plain_http(call: pb.HttpCall, max_path_bytes: int) -> HttpRequest | None:
 
 def _plain_path(path: str, max_path_bytes: int) -> bool:
     """A path _path_problems accepts, without references (conservative: may say no)."""
-    if not path.startswith("/") or path.startswith("//") or _CONTROL.search(path):
+    if not path.startswith("/") or path.startswith("//") or CONTROL_OR_SPACE.search(path):
         return False
     if "\\" in path or "?" in path or "#" in path or "{{" in path or not path.isascii():
         return False
@@ -269,7 +270,7 @@ def _plain_grpc(call: pb.GrpcCall, max_path_bytes: int) -> GrpcRequest | None:
     method = call.method
     if call.metadata or call.HasField("json") or len(method) > max_path_bytes:
         return None
-    if not _GRPC_METHOD.match(method):
+    if not GRPC_METHOD.match(method):
         return None
     return GrpcRequest(method, call.request, ())
 
@@ -313,7 +314,7 @@ def explained_plan(
 def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
     seen: set[str] = set()
     for index, target in enumerate(targets):
-        if not _ID.match(target.id):
+        if not NAME.match(target.id):
             yield f"targets[{index}].id: {target.id!r} must match [A-Za-z0-9_.-]{{1,64}}"
         elif target.id in seen:
             yield f"targets[{index}].id: {target.id!r} is used by more than one target"
@@ -369,7 +370,7 @@ def _http_problems(call: pb.HttpCall, allowed: Sequence[str], max_path_bytes: in
 
 def _header_problems(headers: Mapping[str, str], allowed: Sequence[str]) -> Iterator[str]:
     for name, value in headers.items():
-        problem = None if _TOKEN.match(name) else "is not a valid header name"
+        problem = None if TOKEN.match(name) else "is not a valid header name"
         problem = problem or header_name_problem(name, allowed, FRAMING_HEADERS)
         if problem:
             yield f"http.headers: {name!r} {problem}"
@@ -386,7 +387,7 @@ def _path_problems(path: str, max_path_bytes: int) -> Iterator[str]:
         yield f"http.path: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
     elif not path.startswith("/") or path.startswith("//") or "\\" in path:
         yield f'http.path: {path!r} must be a path starting with "/" (no scheme or host)'
-    elif _CONTROL.search(path) or "?" in path or "#" in path:
+    elif CONTROL_OR_SPACE.search(path) or "?" in path or "#" in path:
         yield f"http.path: {path!r} contains whitespace, control characters, ? or # (use query)"
     else:
         problem = path_problem(path)
@@ -398,13 +399,13 @@ def _grpc_problems(call: pb.GrpcCall, allowed: Sequence[str], max_path_bytes: in
     size = len(call.method.encode())
     if size > max_path_bytes:
         yield f"grpc.method: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
-    elif not _GRPC_METHOD.match(call.method):
+    elif not GRPC_METHOD.match(call.method):
         yield f"grpc.method: {call.method!r} is not a full method name /package.Service/Method"
     for key, value in call.metadata.items():
         if not METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
             yield f"grpc.metadata: {key!r} is not a lowercase ASCII metadata key"
         else:
-            problem = header_name_problem(key, allowed, _RESERVED_METADATA)
+            problem = header_name_problem(key, allowed, UNFORWARDABLE)
             if problem:
                 yield f"grpc.metadata: {key!r} {problem}"
         problem = header_value_problem(value, ascii_only=True)
@@ -439,7 +440,7 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
                 yield f"target {target_id!r}: depends_on names unknown target {dep!r}"
     cycle = _find_cycle(graph)
     if cycle:
-        yield f"depends_on: cycle {' -> '.join(i if _ID.match(i) else repr(i) for i in cycle)}"
+        yield f"depends_on: cycle {' -> '.join(i if NAME.match(i) else repr(i) for i in cycle)}"
 
 
 def _template_problems(

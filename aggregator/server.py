@@ -19,7 +19,6 @@ import asyncio
 import gc
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from aggregator import tracing
 from aggregator.admin.app import make_app
 from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
-from aggregator.config import AD_HOC, Config
+from aggregator.config import Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
@@ -59,12 +58,12 @@ from aggregator.upstreams.fleet import Fleet
 from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
+from aggregator.vocabulary import AD_HOC, REQUEST_ID
 
 log = logging.getLogger("aggregator")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 # A request protobuf cannot parse (it nests JSON values past protobuf's 100 message levels, or
@@ -448,7 +447,7 @@ def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:
 
 def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     for key, value in metadata:
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+        if key == "x-request-id" and isinstance(value, str) and REQUEST_ID.match(value):
             return value
     return os.urandom(16).hex()
 

@@ -28,12 +28,11 @@ from urllib.parse import quote
 from aggregator.errors import TargetFailure
 from aggregator.security.fields import header_value_problem
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import LONGEST_NAME
 
-ITEM = "item"
 _REFERENCE = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
 _WHOLE = re.compile(r"^\{\{\s*([^{}\s]+)\s*\}\}\Z")
 REFERENCE = _REFERENCE  # what a {{...}} reference is, for aggregates.py
-_LONGEST_ID = 64  # target ids match [A-Za-z0-9_.-]{1,64}; "item" is shorter
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +70,7 @@ class Sources:
     def __init__(self, names: Iterable[str]) -> None:
         # A name longer than any id names no target (make_plan reports it): leaving it out
         # keeps every lookup within the first 64 characters of a reference.
-        self._names = frozenset(name for name in names if len(name) <= _LONGEST_ID)
+        self._names = frozenset(name for name in names if len(name) <= LONGEST_NAME)
         self._longest = max(map(len, self._names), default=0)
 
     def __repr__(self) -> str:

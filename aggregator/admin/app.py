@@ -9,7 +9,6 @@ with one sentence: never a stack trace.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any, Protocol
@@ -18,11 +17,11 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from aggregator.admin.recent import AggregateRecord, Recent
+from aggregator.vocabulary import REQUEST_ID
 
 log = logging.getLogger("aggregator.admin")
 
 MAX_QUERY = 256  # bytes of a query string
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")  # as server.py accepts x-request-id
 _HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -154,7 +153,7 @@ def _read(name: str) -> bytes:
 
 def _request_id(request: web.Request) -> str:
     request_id = request.match_info["request_id"]
-    if not _REQUEST_ID.match(request_id):
+    if not REQUEST_ID.match(request_id):
         raise web.HTTPNotFound(text="not a request id")
     return request_id
 

@@ -18,42 +18,7 @@ import unicodedata
 from collections.abc import Collection, Iterator, Sequence
 from urllib.parse import unquote
 
-# Connection-level (hop-by-hop) and framing headers: the aggregator's connection decides them,
-# and no configuration lets a caller set them.
-FRAMING_HEADERS = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host",
-        "content-length", "expect",
-    }
-)  # fmt: skip
-# Headers that ask an upstream (or the proxy in front of it) to use another method or URL than
-# the request line's, or that say who the client is. Refused by default; an upstream's
-# ``allowed_headers`` admits one on purpose.
-STEERING_HEADERS = frozenset(
-    {
-        "x-http-method-override", "x-http-method", "x-method-override",
-        "x-original-url", "x-original-uri", "x-rewrite-url", "x-override-url",
-        "forwarded", "via", "x-real-ip", "x-client-ip", "client-ip", "true-client-ip",
-        "cf-connecting-ip", "fastly-client-ip", "x-cluster-client-ip", "x-originating-ip",
-        "x-remote-ip", "x-remote-addr", "x-remote-user", "x-client-cert",
-    }
-)  # fmt: skip
-STEERING_PREFIXES = (
-    "x-forwarded-",  # -for, -host, -proto, -prefix, -uri, -client-cert (Envoy's XFCC), ...
-    "x-auth-request-",  # oauth2-proxy
-    "x-envoy-",
-    "remote-",  # Authelia/Authentik forward auth: Remote-User, Remote-Groups
-    "x-webauth-",
-    "x-ssl-client-",
-    "ssl-client-",
-    "x-amzn-oidc-",
-    "x-goog-authenticated-user-",
-    "x-ms-client-principal",
-)
-# What the aggregator writes itself: a look-alike name (x_request_id) would reach an upstream
-# that folds "_" into "-" as a second value.
-_OWN_HEADERS = frozenset({"x-request-id", "content-type", "accept", "user-agent"})
+from aggregator.vocabulary import OWN_HEADERS, STEERING_HEADERS, STEERING_PREFIXES
 
 # C0 controls but HTAB, DEL, the C1 controls, and the Unicode line and paragraph separators:
 # header values go out as UTF-8, and a reader that decodes them as Latin-1 and splits lines
@@ -98,7 +63,7 @@ def header_name_problem(name: str, allowed: Collection[str], never: Collection[s
     canonical = folded.replace("_", "-")
     if canonical in never:
         return "is a hop-by-hop, framing or reserved header and is never sent"
-    if "_" in name and canonical in _OWN_HEADERS:
+    if "_" in name and canonical in OWN_HEADERS:
         return f"is read as {canonical!r} (which the aggregator sets) where _ folds into -"
     if steering(canonical) and folded not in allowed:
         return (

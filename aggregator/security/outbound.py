@@ -13,10 +13,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from aggregator.config import UNFORWARDABLE, ServerConfig, UpstreamConfig
+from aggregator.config import ServerConfig, UpstreamConfig
 from aggregator.errors import InvalidRequest
 from aggregator.plan import (
-    BODILESS_METHODS,
     GrpcRequest,
     HttpRequest,
     Plan,
@@ -25,8 +24,8 @@ from aggregator.plan import (
 )
 from aggregator.security.fields import canonical_header, header_value_problem, path_problem
 from aggregator.security.fields import path_allowed as path_allowed
+from aggregator.vocabulary import BODILESS_METHODS, FRAMING_HEADERS
 
-_HOP_BY_HOP = UNFORWARDABLE - {"content-type", "user-agent", "x-request-id"}
 _NONE: frozenset[str] = frozenset()
 MAX_PATH_BYTES = ServerConfig().max_path_bytes
 
@@ -144,7 +143,7 @@ def plainly_allowed(
         return True
     size = 0
     grpc = isinstance(request, GrpcRequest)
-    hop_by_hop = _NONE if grpc else _HOP_BY_HOP
+    hop_by_hop = _NONE if grpc else FRAMING_HEADERS
     for name, value in pairs:
         if name.lower() in hop_by_hop or header_value_problem(value, ascii_only=grpc):
             return False
@@ -184,7 +183,7 @@ def _path_problems(upstream: UpstreamConfig, path: str, max_path_bytes: int) -> 
 
 def _header_problems(headers: Iterable[tuple[str, str]]) -> Iterator[str]:
     for name, value in headers:
-        if name.lower() in _HOP_BY_HOP:
+        if name.lower() in FRAMING_HEADERS:
             yield f"http.headers: {name!r} is a hop-by-hop or framing header and is never sent"
         problem = header_value_problem(value)
         if problem is not None:

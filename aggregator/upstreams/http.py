@@ -12,7 +12,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import BODILESS_METHODS, GrpcRequest, HttpRequest
+from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.upstreams import Reply
@@ -26,6 +26,7 @@ from aggregator.upstreams.http1 import (
     TooLarge,
 )
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import NO_BODY_METHODS
 
 # RFC 3986's pchar and "/", plus "%" so that what the caller (or substitution) escaped stays so.
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
@@ -35,7 +36,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
 # Methods whose requests have no body in HTTP's semantics: a server may answer without reading
 # one, and then reads it as the next request on the connection (request smuggling). Never sent.
-_NO_BODY = BODILESS_METHODS | {"CONNECT"}  # the planner's rule, enforced here again
 # Each gzip member costs a decoder of its own (some 40 KiB and microseconds to make): a body of
 # thousands of empty members is work for nothing. Concatenated gzip files have a few.
 MAX_GZIP_MEMBERS = 64
@@ -123,7 +123,7 @@ class HttpUpstream:
         ``Connection: close`` (a server that does not read it stops there instead of reading it
         as a request); a body on GET, HEAD, OPTIONS, TRACE or CONNECT is refused."""
         body = request.body
-        if body is not None and request.method in _NO_BODY:
+        if body is not None and request.method in NO_BODY_METHODS:
             raise TargetFailure(
                 pb.OUTCOME_ERROR,
                 f"refused: a {request.method} request to {self.name} never carries a body "

@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
-.PHONY: install demo test lint proto proto-check proto-release bench clean redis chromium
+# apt waits up to 5 minutes for a lock another process holds (unattended upgrades) instead of failing.
+.PHONY: screenshots install demo test lint proto proto-check proto-release bench clean redis chromium
 
 install: $(STAMP)
 
@@ -28,16 +29,16 @@ lint: install
 redis:
 	@command -v redis-server >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
+		$$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null && $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q redis-server >/dev/null; }; }
 
 # The admin page's browser tests drive Debian's chromium (through playwright); install it if
 # missing. They skip, saying so, without it.
 chromium:
 	@command -v chromium >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
-		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; } || true
+		$$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null && $$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q chromium >/dev/null; }; } || true
 
 # buf (npm @bufbuild/buf, a static binary) for the interop tests; they skip, saying so, without it.
 BUF := $(VENV)/node/node_modules/.bin/buf
@@ -58,6 +59,11 @@ proto-release: $(BUF)
 
 test: lint proto-check redis chromium $(BUF)
 	$(BIN)/pytest
+
+# The admin page's screenshots in docs/, made by the browser tests (make test writes them to a
+# temporary directory).
+screenshots: install chromium
+	SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q tests/test_admin_browser.py
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=generated \

@@ -1,4 +1,5 @@
-"""Small upstreams for the examples: REST (catalog, users, orders) and gRPC (the health service).
+"""Small upstreams for the examples: REST (catalog, users, orders) and gRPC (the health service,
+with server reflection on, so the aggregator can call it in JSON).
 
     .venv/bin/python examples/upstreams.py examples/config.yaml &
 
@@ -18,7 +19,8 @@ from urllib.parse import urlsplit
 import grpc
 import yaml
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 PRODUCTS = {
     "A-1042": {"sku": "A-1042", "name": "Trail running shoe", "price": "129.00"},
@@ -65,6 +67,11 @@ async def serve(config_path: str) -> None:
         await web.TCPSite(runner, host, port).start()
         servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        services = (
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
         server.add_insecure_port(grpc_address)
         await server.start()
         print(f"example upstreams: REST on {host}:{port}, gRPC on {grpc_address}", flush=True)

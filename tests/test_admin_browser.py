@@ -1,11 +1,12 @@
 """The admin page in a real browser: Debian's chromium driven by playwright (never
 ``playwright install``). A new aggregate appears on ``/`` without a reload; a waterfall's bars
-follow their targets' latencies; no JavaScript error on either page. The screenshots in docs/
-are made here."""
+follow their targets' latencies; no JavaScript error on either page. The screenshots go to a
+temporary directory; `make screenshots` writes them over docs/admin-*.png (SCREENSHOTS=docs)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,6 @@ from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 ADMIN = {"admin_address": "127.0.0.1:0", "max_targets": 1100}
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -69,7 +69,16 @@ def base(server: AggregatorServer) -> str:
     return f"http://127.0.0.1:{server.admin_port}"
 
 
-async def test_a_new_aggregate_appears_on_the_overview_without_a_reload(start_server, browser):
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: a temporary directory, unless SCREENSHOTS names one."""
+    named = os.environ.get("SCREENSHOTS")
+    return Path(named) if named else tmp_path_factory.mktemp("screenshots")
+
+
+async def test_a_new_aggregate_appears_on_the_overview_without_a_reload(
+    start_server, browser, screenshots
+):
     server, stub = await start_server(server=ADMIN)
     await call(stub, "checkout-7f2c", http("cart", "/delay/12"), rpc_target("price", "Echo"))
     page = await open_page(browser, base(server) + "/")
@@ -95,8 +104,7 @@ async def test_a_new_aggregate_appears_on_the_overview_without_a_reload(start_se
     await expect(tab.locator("#aggregates tbody tr")).to_have_count(2, timeout=5000)
     rest_row = await tab.locator("#upstreams tbody tr", has_text="rest").first.inner_text()
     assert "http" in rest_row
-    DOCS.mkdir(exist_ok=True)
-    await tab.screenshot(path=str(DOCS / "admin-overview.png"))
+    await tab.screenshot(path=str(screenshots / "admin-overview.png"))
     phone = await open_page(browser, base(server) + "/", width=390, height=800)
     await phone.page.wait_for_selector('tr[data-request-id="search-91ab"]', timeout=5000)
     # Phone width: the page itself does not scroll sideways (wide tables scroll in their box).
@@ -141,7 +149,7 @@ async def test_the_waterfall_draws_bars_as_wide_as_their_latencies(start_server,
 
 
 async def test_the_waterfall_marks_attempts_cache_hits_fallbacks_and_the_deadline(
-    start_server, browser, rest
+    start_server, browser, rest, screenshots
 ):
     server, stub = await start_server(
         server=ADMIN,
@@ -174,7 +182,7 @@ async def test_the_waterfall_marks_attempts_cache_hits_fallbacks_and_the_deadlin
     assert await tab.locator(".deadline").count() == 1
     await tab.click('.row[data-target="stock"] .bar')
     assert "attempts\n2\n" in await tab.locator("#details").inner_text()
-    await tab.screenshot(path=str(DOCS / "admin-waterfall.png"))
+    await tab.screenshot(path=str(screenshots / "admin-waterfall.png"))
     phone = await open_page(browser, base(server) + "/aggregates/checkout-4c1d", 390, 800)
     await phone.page.wait_for_selector(".row .bar", timeout=5000)
     overflow = await phone.page.evaluate(

@@ -44,7 +44,9 @@ from aggregator.v1 import aggregator_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-EXAMPLE_ADDRESSES = ("127.0.0.1:50051", "127.0.0.1:9464", "127.0.0.1:8081", "127.0.0.1:8082")
+EXAMPLE_ADDRESSES = (
+    "127.0.0.1:50051", "127.0.0.1:9464", "127.0.0.1:9465", "127.0.0.1:8081", "127.0.0.1:8082"
+)  # fmt: skip
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _MARK = re.compile(r"^<!-- docs-test: (.+?) -->$")
 _MARKS = re.compile(r"^(skip \(.+\)|expect [A-Z_]+|starts the example|is examples/\S+)$")
@@ -80,6 +82,7 @@ class Block:
             "upstreams",
             "auth",
             "tracing",
+            "aggregates",
         }:
             return "config"
         return "unknown"
@@ -240,7 +243,7 @@ def test_the_example_names_every_port_and_serves_metrics_without_created(example
         .endswith(
             f"serving gRPC on {example.address} (plaintext), health on the gRPC port, "
             f"metrics on http://{example.addresses['127.0.0.1:9464']}/metrics, "
-            "admin page on http://127.0.0.1:9465/"
+            f"admin page on http://{example.addresses['127.0.0.1:9465']}/"
         )
     )
     url = f"http://{example.addresses['127.0.0.1:9464']}/metrics"

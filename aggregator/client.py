@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -312,6 +313,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """The `call` command: 0 on status OK, 1 on another status, 2 on unusable input."""
     out, err = out or sys.stdout, err or sys.stderr
+    try:
+        return _run(args, out, err)
+    except BrokenPipeError:
+        # `aggregator call ... | head`: the reader left. Say nothing more (Python's own advice:
+        # point stdout at devnull so the flush at exit raises no second error).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 1
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         request = _request(args)
         target = _target(args)

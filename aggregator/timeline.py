@@ -406,10 +406,14 @@ def _glyph(result: pb.TargetResult, glyphs: Glyphs) -> str:
 
 
 def _answer(result: pb.TargetResult, kind: str) -> str:
-    """What the upstream answered: ``HTTP 200``, ``gRPC 14``, or ``-`` when it did not."""
+    """What the upstream answered: ``HTTP 200``, ``gRPC 14``, or ``-`` when it did not.
+
+    ``kind`` is "" when the request's targets are not known (a named aggregate's): an OK
+    answer with no HTTP status and no fallback then came from a gRPC upstream."""
     if result.http_status:
         return f"HTTP {result.http_status}"
-    if result.grpc_code or (kind == "grpc" and result.outcome == pb.OUTCOME_OK):
+    grpc_ok = kind == "grpc" or (not kind and not result.from_fallback)
+    if result.grpc_code or (grpc_ok and result.outcome == pb.OUTCOME_OK):
         return f"gRPC {result.grpc_code}"
     return "-"
 

@@ -506,3 +506,38 @@ async def test_call_runs_a_named_aggregate_with_parameters(start_server, rest):
 def test_bad_aggregate_options_are_refused(capsys, options, problem):
     assert main(["call", "--address", "127.0.0.1:1", *options]) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_a_named_aggregates_grpc_answer_reads_grpc_0():
+    """Issue 22: a named aggregate's targets are known by id only, so the answer column infers
+    the kind: an OK answer without an HTTP status (and no fallback) came from gRPC."""
+    style = Style(width=100, glyphs=ASCII)
+    unknown = Timeline((pb.Target(id="rpc"), pb.Target(id="page"), pb.Target(id="saved")), style)
+    for row in (
+        result("rpc", 0, 5),
+        result("page", 0, 5, http_status=200),
+        result("saved", 0, 5, from_fallback=True),
+    ):
+        unknown.add(row, 0.005)
+    lines = {line.split()[0]: line for line in unknown.chart()[1:] if line.strip()}
+    assert "gRPC 0" in lines["rpc"]
+    assert "HTTP 200" in lines["page"]
+    assert "gRPC" not in lines["saved"]
+
+
+async def test_call_piped_into_a_reader_that_leaves_prints_no_traceback(start_server, tmp_path):
+    """Issue 22: `aggregator call ... | head -1` ends without a BrokenPipeError traceback."""
+    aggregator, _ = await start_server()
+    request = tmp_path / "request.yaml"
+    request.write_text(REQUEST_YAML)
+    command = (
+        f"{sys.executable} -m aggregator call --address 127.0.0.1:{aggregator.port} "
+        f"{request} | head -c 10"
+    )
+    process = await asyncio.create_subprocess_shell(
+        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env()
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert len(out) == 10
+    assert b"Traceback" not in err
+    assert b"BrokenPipeError" not in err

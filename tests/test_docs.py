@@ -49,7 +49,10 @@ EXAMPLE_ADDRESSES = (
 )  # fmt: skip
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _MARK = re.compile(r"^<!-- docs-test: (.+?) -->$")
-_MARKS = re.compile(r"^(skip \(.+\)|expect [A-Z_]+|starts the example|is examples/\S+)$")
+_MARKS = re.compile(
+    r"^(skip \(.+\)|expect [A-Z_]+|starts the example|is examples/\S+"
+    r"|is the output of aggregator demo)$"
+)
 BUF = ".venv/node/node_modules/.bin/buf"
 SHELLS = {"sh", "shell", "bash"}
 RUN = SHELLS | {"yaml", "json", "python"}
@@ -475,3 +478,22 @@ def test_every_link_between_pages_reaches_its_file_and_heading(page: Path):
 def test_the_readme_stays_a_front_door():
     # The reference lives in docs/; the README says what this is, how to run it, and links.
     assert len((ROOT / "README.md").read_bytes()) < 15_000
+
+
+# The demo's output as the README shows it: the same lines, whatever the timings.
+
+_VARYING = re.compile(r"[0-9a-f]{32}|\d+(?:\.\d+)?|[█▓▒░]+| +")
+
+
+def _shape(line: str) -> str:
+    """A line with its numbers, request id, bars and runs of spaces made alike."""
+    return _VARYING.sub(lambda match: " " if match.group().isspace() else "#", line).strip()
+
+
+def test_the_readmes_demo_output_is_what_the_demo_prints():
+    shown = [block for block in ALL if block.mark == "is the output of aggregator demo"]
+    assert len(shown) == 1
+    printed = run([sys.executable, "-m", "aggregator", "demo"]).stdout
+    assert [_shape(line) for line in shown[0].text.splitlines() if line.strip()] == [
+        _shape(line) for line in printed.splitlines() if line.strip()
+    ]

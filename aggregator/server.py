@@ -606,8 +606,11 @@ class AggregatorServer:
 
     async def _serve_admin(self, address: str) -> int:
         assert self.recent is not None
+        hosts = self.config.server.admin_hosts
         self._admin_runner = web.AppRunner(
-            make_app(self.recent, self.endpoints), access_log=None, handler_cancellation=True
+            make_app(self.recent, self.endpoints, (address.rpartition(":")[0], *hosts)),
+            access_log=None,
+            handler_cancellation=True,
         )
         return await self._serve_http(self._admin_runner, address, "server.admin_address")
 

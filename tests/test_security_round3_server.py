@@ -18,6 +18,7 @@ from aggregator.config import ConfigError, config_from_mapping
 from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
+from tests.test_admin import recorded
 
 ADMIN = {"admin_address": "127.0.0.1:0"}
 # Every kind of route: the page, its files, the JSON API, a detail and a path that is none.
@@ -37,11 +38,19 @@ async def _admin_with_one_aggregate(start_server: Any, **server: Any) -> Aggrega
     aggregator, stub = await start_server(server={**ADMIN, **server})
     request = pb.AggregateRequest(targets=[http("secret_named_target", "/delay/1")])
     await collect(stub.Aggregate(request, metadata=(("x-request-id", "host-check"),)))
-    for _ in range(1000):  # recorded right after the call, on this loop
-        if aggregator.recent.find("host-check") is not None:
-            break
-        await asyncio.sleep(0)
+    await recorded(aggregator, "host-check")
     return aggregator
+
+
+async def _detail(
+    session: aiohttp.ClientSession, aggregator: AggregatorServer, request_id: str
+) -> bytes:
+    """/api/aggregates/<request_id> as the page reads it, once the call is recorded."""
+    await recorded(aggregator, request_id)
+    url = f"http://127.0.0.1:{aggregator.admin_port}/api/aggregates/{request_id}"
+    async with session.get(url) as response:
+        assert response.status == 200
+        return await response.read()
 
 
 async def _status(
@@ -145,14 +154,7 @@ async def test_a_target_with_an_8_kib_method_name_is_kept_bounded(start_server, 
         stub.Aggregate(request, metadata=(("x-request-id", "long-method"),))
     )
     assert len(results) == 10
-    for _ in range(1000):  # recorded right after the call, on this loop
-        if aggregator.recent.find("long-method") is not None:
-            break
-        await asyncio.sleep(0)
-    url = f"http://127.0.0.1:{aggregator.admin_port}/api/aggregates/long-method"
-    async with session.get(url) as response:
-        assert response.status == 200
-        body = await response.read()
+    body = await _detail(session, aggregator, "long-method")
     detail = json.loads(body)
     assert sorted(t["id"] for t in detail["targets"]) == [f"long_{n}" for n in range(10)]
     assert all(t["method"].startswith("/test.Upstream/MMM") for t in detail["targets"])
@@ -174,12 +176,6 @@ async def test_a_named_aggregates_path_is_kept_as_configured_not_with_its_params
         stub.Aggregate(request, metadata=(("x-request-id", "named-path"),))
     )
     assert (code, [r.outcome for r in results]) == (grpc.StatusCode.OK, [pb.OUTCOME_OK])
-    for _ in range(1000):  # recorded right after the call, on this loop
-        if aggregator.recent.find("named-path") is not None:
-            break
-        await asyncio.sleep(0)
-    url = f"http://127.0.0.1:{aggregator.admin_port}/api/aggregates/named-path"
-    async with session.get(url) as response:
-        text = await response.text()
+    text = (await _detail(session, aggregator, "named-path")).decode()
     assert json.loads(text)["targets"][0]["path"] == "/echo/users/{{params.user}}"
     assert "alice" not in text

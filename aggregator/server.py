@@ -315,9 +315,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if not request.aggregate:
             raise InvalidRequest(["params: given without aggregate (params fill a named one)"])
         self._gate.authorize_aggregate(caller, request.aggregate)
-        if named is None:
-            shown = repr(request.aggregate[:64]) + (" (cut)" if len(request.aggregate) > 64 else "")
-            raise InvalidRequest([f"aggregate: {shown} is not a configured aggregate"])
+        if named is None:  # the name is the caller's: not repeated (docs/security.md)
+            raise InvalidRequest(
+                ["aggregate: not a configured aggregate (ListAggregates lists them)"]
+            )
         return named.bind(request.params)
 
     def _cancellation(self) -> CallFailure:

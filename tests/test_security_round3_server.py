@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -179,3 +180,23 @@ async def test_a_named_aggregates_path_is_kept_as_configured_not_with_its_params
     text = (await _detail(session, aggregator, "named-path")).decode()
     assert json.loads(text)["targets"][0]["path"] == "/echo/users/{{params.user}}"
     assert "alice" not in text
+
+
+async def test_an_unknown_aggregate_name_is_not_repeated_in_the_status_or_the_log(
+    start_server, session, caplog
+):
+    """#7, the server's own sentence: the name a caller sent is a value like any other."""
+    aggregator, stub = await start_server(server=ADMIN)
+    request = pb.AggregateRequest(aggregate="SEKRET-TOKEN-123")
+    with caplog.at_level(logging.INFO, logger="aggregator"):
+        _, code, details, _ = await collect(
+            stub.Aggregate(request, metadata=(("x-request-id", "unknown-name"),))
+        )
+        text = (await _detail(session, aggregator, "unknown-name")).decode()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "aggregate: not a configured aggregate" in details
+    logged = [r for r in caplog.records if getattr(r, "request_id", "") == "unknown-name"]
+    assert len(logged) == 1
+    assert logged[0].error.startswith("aggregate: not a configured aggregate")
+    for seen in (details, text, caplog.text):
+        assert "SEKRET" not in seen

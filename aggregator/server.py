@@ -16,6 +16,7 @@ unauthorized caller costs no planning), the request itself or the named aggregat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -136,6 +137,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._shed = 0
         self._shed_logged_at = -1.0
         self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
+        self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
         self.recent = recent  # the admin page's record, when it is on
 
     def __repr__(self) -> str:
@@ -255,6 +257,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             finally:
                 self.inflight -= 1
                 self._metrics.inflight.dec()
+                if self._idle is not None and not self.inflight:
+                    self._idle.set()
         except CallFailure as refused:
             call.failure = refused
         except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
@@ -320,6 +324,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 ["aggregate: not a configured aggregate (ListAggregates lists them)"]
             )
         return named.bind(request.params)
+
+    async def drain(self, grace_ends_at: float) -> None:
+        """Refuses every new call with UNAVAILABLE from now on, and returns once no call is in
+        flight or at ``grace_ends_at`` (loop time), whichever comes first.
+
+        grpc's own stop cancels the calls it has received but not yet handed to a handler: were
+        it called first, a call that arrived during the drain would get CANCELLED instead of
+        the UNAVAILABLE a client retries elsewhere (docs/operations.md)."""
+        self.draining = True
+        self.grace_ends_at = grace_ends_at
+        self._idle = asyncio.Event()
+        if not self.inflight:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(grace_ends_at):
+                await self._idle.wait()
 
     def _cancellation(self) -> CallFailure:
         """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
@@ -633,10 +653,12 @@ class AggregatorServer:
         grace = self.config.server.shutdown_grace
         log.info("draining: %d calls in flight, grace %gs", self._service.inflight, grace)
         await self._health.enter_graceful_shutdown()
-        self._service.draining = True
-        self._service.grace_ends_at = asyncio.get_running_loop().time() + grace
+        loop = asyncio.get_running_loop()
+        grace_ends_at = loop.time() + grace
         try:
-            await self._server.stop(grace)
+            await self._service.drain(grace_ends_at)
+            # What is still in flight now is cut when the grace ends (as UNAVAILABLE).
+            await self._server.stop(max(0.0, grace_ends_at - loop.time()))
         finally:
             await self._close_endpoints()
         log.info("stopped")

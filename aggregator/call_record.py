@@ -8,7 +8,7 @@ It holds names, counts, timings and the results already sent, never a value the 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -29,8 +29,9 @@ class CallRecord:
     # The plan as requested or configured, before any value was filled in: a named aggregate's
     # paths stay templates ({{params.user}}), so a record never holds a parameter's value.
     plan: Plan | None = None
-    reported: dict[str, pb.TargetResult] = field(default_factory=dict)  # sent to the caller
-    cut: list[pb.TargetResult] = field(default_factory=list)  # unsent: the call was cancelled
+    # Live views of the fan-out's own collections (nothing copied, nothing made per call).
+    reported: Collection[pb.TargetResult] = ()  # sent to the caller
+    cut: Collection[pb.TargetResult] = ()  # running when the call was cancelled: never sent
     failure: CallFailure | None = None  # why the call did not end OK
     elapsed_ns: int = 0  # from the budget's start to the status
     first_at_ns: int | None = None  # perf_counter_ns of the first result
@@ -52,5 +53,4 @@ class CallRecord:
 
     def results(self) -> Collection[pb.TargetResult]:
         """Every target's result: those sent, then those cut by a cancellation."""
-        reported = self.reported.values()
-        return (*reported, *self.cut) if self.cut else reported
+        return (*self.reported, *self.cut) if self.cut else self.reported

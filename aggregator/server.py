@@ -235,7 +235,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 call.plan = named.plan if named is not None else plan
                 plan = await typed_plan(plan, self.descriptors, budget.stop_at)
                 aggregation = Aggregation(plan, self._endpoints, budget, call.request_id, decoder)
-                call.reported, call.cut = aggregation.reported, aggregation.cut
+                call.reported, call.cut = aggregation.reported.values(), aggregation.cut
                 try:
                     # Cut at the end of the budget (inline: a wrapping coroutine would cost a
                     # frame on every resume of the fan-out). The fan-out ends by itself before,
@@ -271,7 +271,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if call.first_at_ns is not None:
             call.fanin_ns = ended - call.first_at_ns
         context.set_trailing_metadata(
-            trailers(call.reported.values(), budget.seconds, call.elapsed_ns / 1e9)
+            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
         )
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
@@ -418,7 +418,7 @@ def _unread(budget: Budget) -> CallFailure:
 
 
 def _span_attributes(call: CallRecord) -> dict[str, int | str]:
-    results = call.reported.values()
+    results = call.reported
     failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
     return {"rpc.grpc.status_code": call.code.value[0], "aggregator.targets": len(results),
             "aggregator.failed": failed, "aggregator.aggregate": call.aggregate}  # fmt: skip

@@ -329,7 +329,7 @@ def _call(
     """A call that ended OK with ``results``, as the server hands it to the admin record."""
     budget = Budget(seconds=5.0, started=0.0, stop_at=4.75)
     call = CallRecord(request_id, "ad_hoc", requested, budget, elapsed_ns=1, **fields)
-    call.reported = {result.id: result for result in results}
+    call.reported = results
     return call
 
 

@@ -9,6 +9,7 @@ The result is a tree of frozen dataclasses passed explicitly to whatever needs i
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -208,6 +209,10 @@ class ServerConfig:
     # aggregates are kept for it.
     admin_address: str = "127.0.0.1:9465"
     admin_recent: int = 500
+    # Host names the admin page answers besides its address and loopback names (else 421).
+    admin_hosts: tuple[str, ...] = ()
+    # A non-loopback admin_address is refused unless this says it is meant (docs/security.md).
+    admin_allow_remote: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +424,41 @@ def _listen_address(value: Any) -> str:
     return _host_port(value)
 
 
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\Z"
+)
+
+
+def _host_names(value: Any) -> tuple[str, ...]:
+    """Host names (or IP addresses) as a Host header names them, without a port; lower case."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{value!r} is not a list of host names")
+    names = tuple(v.lower().removesuffix(".").strip("[]") for v in value)
+    for name in names:
+        if not _HOST_NAME.match(name) and not _is_ip(name):
+            raise ValueError(f"{name[:64]!r} is not a host name (no port, no scheme)")
+    return names
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a listen address (host:port; "" is off) serves this host only."""
+    host = address.rpartition(":")[0].strip("[]").lower()
+    if not address or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _base_url(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a URL")
@@ -554,7 +594,17 @@ def _read_server(reader: _Reader, raw: Any) -> ServerConfig:
         admin_recent=reader.value(
             section, "admin_recent", "server", _int_between(1, 100_000), d.admin_recent
         ),
+        admin_hosts=reader.value(section, "admin_hosts", "server", _host_names, d.admin_hosts),
+        admin_allow_remote=reader.value(
+            section, "admin_allow_remote", "server", _bool, d.admin_allow_remote
+        ),
     )
+    if not server.admin_allow_remote and not _is_loopback(server.admin_address):
+        reader.problems.append(
+            f"server.admin_address: {server.admin_address!r} is not a loopback address; the "
+            "admin page shows every upstream and recent aggregate without authentication: "
+            "set server.admin_allow_remote: true to serve it beyond this host"
+        )
     if server.default_deadline > server.max_deadline:
         reader.problems.append(
             "server.default_deadline: must not be longer than server.max_deadline"

@@ -19,7 +19,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.outcomes import CACHE_NAMES, OUTCOME_LABELS
 from aggregator.vocabulary import AD_HOC
 
 # From a tenth of a millisecond (the service's own overhead) to the longest deadline.
@@ -28,7 +28,7 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
-CACHE_RESULTS = ("hit", "miss", "stale")
+CACHE_RESULTS = tuple(name for value, name in CACHE_NAMES.items() if value)  # hit, miss, stale
 REJECT_REASONS = ("max_concurrent_calls", "draining", "invalid_argument")
 
 
@@ -37,8 +37,8 @@ class UpstreamMetrics:
 
     def __init__(self, metrics: Metrics, upstream: str) -> None:
         self.targets = {
-            outcome: metrics.targets.labels(upstream, pb.Outcome.Name(outcome))
-            for outcome in pb.Outcome.values()
+            outcome: metrics.targets.labels(upstream, label)
+            for outcome, label in OUTCOME_LABELS.items()
         }
         self.request_duration = metrics.upstream_request_duration.labels(upstream)
         self.circuit_state = metrics.circuit_state.labels(upstream)

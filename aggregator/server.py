@@ -16,6 +16,7 @@ unauthorized caller costs no planning), the request itself or the named aggregat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ from aggregator import tracing
 from aggregator.admin.app import make_app
 from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
+from aggregator.call_record import CallRecord
 from aggregator.config import Config
 from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
 from aggregator.errors import CallFailure, InvalidRequest, status_message
@@ -117,6 +119,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         decoder: JsonDecoder,
         gate: Gate | None = None,
         catalog: Catalog | None = None,
+        descriptors: Mapping[str, Descriptors] | None = None,
+        recent: Recent | None = None,
     ) -> None:
         self._config = config
         # The named aggregates, planned once (config load planned them too, to check them).
@@ -126,14 +130,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._decoder = decoder
         self._gate = gate or Gate(config.auth)
         # The gRPC upstreams' descriptors, for targets in JSON (aggregator/grpc_json.py).
-        self.descriptors: Mapping[str, Descriptors] = {}
+        self.descriptors: Mapping[str, Descriptors] = descriptors or {}
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
         self._shed = 0
         self._shed_logged_at = -1.0
         self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
-        self.recent: Recent | None = None  # the admin page's record, when it is on
+        self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
+        self.recent = recent  # the admin page's record, when it is on
 
     def __repr__(self) -> str:
         state = "draining" if self.draining else "serving"
@@ -168,14 +173,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """The named aggregates the caller may run (all of them when auth is off)."""
         metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
         try:
-            caller = (
-                self._gate.identify(metadata, context.auth_context() or {})
-                if self._gate.enabled
-                else None
-            )
+            caller = self._identify(context, metadata)
         except CallFailure as refused:
             await context.abort(refused.code, refused.message)
         return self._catalog.infos(lambda name: caller is None or caller.may_run(name))
+
+    def _identify(
+        self, context: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, Any]]
+    ) -> Caller | None:
+        """Who is calling (None when auth is off); CallFailure UNAUTHENTICATED if unproven."""
+        if not self._gate.enabled:
+            return None
+        return self._gate.identify(metadata, context.auth_context() or {})
 
     async def _run(
         self,
@@ -185,49 +194,48 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         emit: Emit,
         decoder: CallDecoder,
     ) -> None:
-        budget = Budget.for_call(context.time_remaining(), self._config.server, self._loop.time())
         # (key, value) pairs on the server side, whatever grpc-stubs says.
         metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
-        request_id = _request_id(metadata)
-        with tracing.aggregate_span(method, request_id, metadata) as span:
-            await self._aggregate(
-                request, context, metadata, budget, request_id, span, emit, decoder
-            )
+        named = self._catalog.get(request.aggregate) if request.aggregate else None
+        call = CallRecord(
+            request_id=_request_id(metadata),
+            # The metric label and the log's name: only ever a configured name, or ad_hoc.
+            aggregate=named.name if named is not None else AD_HOC,
+            requested=len(named.plan.targets) if named is not None else len(request.targets),
+            budget=Budget.for_call(
+                context.time_remaining(), self._config.server, self._loop.time()
+            ),
+        )
+        with tracing.aggregate_span(method, call.request_id, metadata) as span:
+            try:
+                await self._aggregate(call, request, named, context, metadata, emit, decoder)
+            finally:
+                if span is not None:
+                    tracing.annotate(span, _span_attributes(call))
 
     async def _aggregate(
         self,
+        call: CallRecord,
         request: pb.AggregateRequest,
+        named: NamedAggregate | None,
         context: grpc.aio.ServicerContext[Any, Any],
         metadata: Sequence[tuple[str, Any]],
-        budget: Budget,
-        request_id: str,
-        span: Any,
         emit: Emit,
         decoder: CallDecoder,
     ) -> None:
-        await context.send_initial_metadata((("x-request-id", request_id),))
-        reported: dict[str, pb.TargetResult] = {}
-        cut: list[pb.TargetResult] = []  # unreported when the call was cancelled
-        failure: CallFailure | None = None
-        first_at: int | None = None
-        named = self._catalog.get(request.aggregate) if request.aggregate else None
-        # The metric label and the log's name: only ever a configured name, or ad_hoc.
-        label = named.name if named is not None else AD_HOC
-        targets = len(named.plan.targets) if named is not None else len(request.targets)
-        plan: Plan | None = None
+        await context.send_initial_metadata((("x-request-id", call.request_id),))
+        budget = call.budget
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
-            caller = (
-                self._gate.identify(metadata, context.auth_context() or {})
-                if self._gate.enabled
-                else None
-            )
+            call.caller = self._identify(context, metadata)
             self._admit()
             try:
-                plan = self._checked_plan(request, named, caller, metadata)
+                plan = self._checked_plan(request, named, call.caller, metadata)
+                # Recorded as configured: a named aggregate's paths before params filled them.
+                call.plan = named.plan if named is not None else plan
                 plan = await typed_plan(plan, self.descriptors, budget.stop_at)
-                aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
-                reported, cut = aggregation.reported, aggregation.cut
+                aggregation = Aggregation(plan, self._endpoints, budget, call.request_id, decoder)
+                call.reported, call.cut = aggregation.reported.values(), aggregation.cut
                 try:
                     # Cut at the end of the budget (inline: a wrapping coroutine would cost a
                     # frame on every resume of the fan-out). The fan-out ends by itself before,
@@ -242,35 +250,33 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                         raise
                     raise _unread(budget) from None
                 finally:
-                    first_at, failure = aggregation.first_at, aggregation.failure
+                    call.first_at_ns, call.failure = aggregation.first_at, aggregation.failure
                     # Only the results written stay with the call: the status of a caller
                     # that does not read waits behind them, and this frame with it.
                     del aggregation
             finally:
                 self.inflight -= 1
                 self._metrics.inflight.dec()
+                if self._idle is not None and not self.inflight:
+                    self._idle.set()
         except CallFailure as refused:
-            failure = refused
+            call.failure = refused
         except asyncio.CancelledError:  # the caller went away, or the shutdown's grace ran out
-            elapsed = time.perf_counter_ns() - budget.started_ns
-            gone = self._cancellation()
-            self._observe(
-                request_id, label, targets, reported.values(), gone, elapsed, None, cut, plan,
-                budget,
-            )  # fmt: skip
+            call.elapsed_ns = time.perf_counter_ns() - budget.started_ns
+            call.failure = self._cancellation()
+            self._observe(call)
             raise
         ended = time.perf_counter_ns()
-        elapsed = ended - budget.started_ns
-        context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed / 1e9))
+        call.elapsed_ns = ended - budget.started_ns
+        if call.first_at_ns is not None:
+            call.fanin_ns = ended - call.first_at_ns
+        context.set_trailing_metadata(
+            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
+        )
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
-        fanin = ended - first_at if first_at is not None else None
-        self._loop.call_soon(
-            self._observe, request_id, label, targets, reported.values(), failure, elapsed,
-            fanin, cut, plan, budget,
-        )  # fmt: skip
-        if span is not None:
-            tracing.annotate(span, _span_attributes(reported.values(), failure, label))
+        self._loop.call_soon(self._observe, call)
+        failure = call.failure
         if failure is not None:
             # InvalidRequest lists its problems within its own, larger cap.
             listed = isinstance(failure, InvalidRequest)
@@ -313,10 +319,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if not request.aggregate:
             raise InvalidRequest(["params: given without aggregate (params fill a named one)"])
         self._gate.authorize_aggregate(caller, request.aggregate)
-        if named is None:
-            shown = repr(request.aggregate[:64]) + (" (cut)" if len(request.aggregate) > 64 else "")
-            raise InvalidRequest([f"aggregate: {shown} is not a configured aggregate"])
+        if named is None:  # the name is the caller's: not repeated (docs/security.md)
+            raise InvalidRequest(
+                ["aggregate: not a configured aggregate (ListAggregates lists them)"]
+            )
         return named.bind(request.params)
+
+    async def drain(self, grace_ends_at: float) -> None:
+        """Refuses every new call with UNAVAILABLE from now on, and returns once no call is in
+        flight or at ``grace_ends_at`` (loop time), whichever comes first.
+
+        grpc's own stop cancels the calls it has received but not yet handed to a handler: were
+        it called first, a call that arrived during the drain would get CANCELLED instead of
+        the UNAVAILABLE a client retries elsewhere (docs/operations.md)."""
+        self.draining = True
+        self.grace_ends_at = grace_ends_at
+        self._idle = asyncio.Event()
+        if not self.inflight:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(grace_ends_at):
+                await self._idle.wait()
 
     def _cancellation(self) -> CallFailure:
         """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
@@ -329,30 +352,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             )
         return CallFailure(grpc.StatusCode.CANCELLED, "the caller cancelled")
 
-    def _observe(
-        self,
-        request_id: str,
-        label: str,
-        requested: int,
-        results: Collection[pb.TargetResult],
-        failure: CallFailure | None,
-        elapsed: int,
-        fanin: int | None,
-        cut: Collection[pb.TargetResult] = (),
-        plan: Plan | None = None,
-        budget: Budget | None = None,
-    ) -> None:
-        """Metrics, the admin page's record and the one log line of an aggregate of
-        ``requested`` targets that sent ``results`` and was cancelled with the ``cut`` ones
-        running; ``elapsed`` and ``fanin`` (first result to last) in nanoseconds."""
+    def _observe(self, call: CallRecord) -> None:
+        """The metrics, the one log line and the admin page's record of a call that ended."""
         metrics = self._metrics
-        code = failure.code if failure is not None else grpc.StatusCode.OK
-        metrics.calls_by_code[label][code].inc()
-        if isinstance(failure, InvalidRequest):
+        code = call.code
+        metrics.calls_by_code[call.aggregate][code].inc()
+        if isinstance(call.failure, InvalidRequest):
             metrics.rejected_by["invalid_argument"].inc()
-        metrics.call_duration_of[label].observe(elapsed / 1e9)
+        elapsed = call.elapsed_ns
+        metrics.call_duration_of[call.aggregate].observe(elapsed / 1e9)
+        results = call.results()
         slowest, longest = None, -1
-        for result in (*results, *cut):
+        for result in results:
             latency = result.latency
             nanos = latency.seconds * 1_000_000_000 + latency.nanos
             if nanos > longest:
@@ -362,32 +373,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         overhead = max(0, elapsed - longest) if slowest is not None else 0
         if slowest is not None:
             metrics.overhead.observe(overhead / 1e9)
-        if fanin is not None:
-            metrics.fanin_wait.observe(fanin / 1e9)
+        if call.fanin_ns is not None:
+            metrics.fanin_wait.observe(call.fanin_ns / 1e9)
         if log.isEnabledFor(logging.INFO):
-            failed = [r.id for r in (*results, *cut) if r.outcome != pb.OUTCOME_OK]
-            log.info(
-                "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
-                request_id, code.name, requested, len(results), len(failed), elapsed / 1e6,
-                extra={
-                    "request_id": request_id,
-                    "aggregate": label,
-                    "code": code.name,
-                    "targets": requested,
-                    "results": len(results),
-                    "failed": ",".join(failed[:20]) + (" ..." if len(failed) > 20 else ""),
-                    "elapsed_ms": round(elapsed / 1e6, 3),
-                    "overhead_ms": round(overhead / 1e6, 3),
-                    "slowest": slowest.id if slowest else "",
-                    "error": failure.message[:200] if failure else "",
-                },
-            )  # fmt: skip
+            _log_call(call, results, overhead, slowest.id if slowest else "")
         if self.recent is not None:
-            deadline = int(budget.seconds * 1e9) if budget is not None else 0
-            self.recent.record(
-                request_id, label, code.name, elapsed, deadline, requested,
-                plan, (*results, *cut) if cut else results,
-            )  # fmt: skip
+            self.recent.record(call)
 
     def _admit(self) -> None:
         """Counts the call in flight, or refuses it (draining, max_concurrent_calls)."""
@@ -426,13 +417,36 @@ def _unread(budget: Budget) -> CallFailure:
     )
 
 
-def _span_attributes(
-    results: Collection[pb.TargetResult], failure: CallFailure | None, label: str
-) -> dict[str, int | str]:
-    code = failure.code if failure is not None else grpc.StatusCode.OK
+def _span_attributes(call: CallRecord) -> dict[str, int | str]:
+    results = call.reported
     failed = sum(r.outcome != pb.OUTCOME_OK for r in results)
-    return {"rpc.grpc.status_code": code.value[0], "aggregator.targets": len(results),
-            "aggregator.failed": failed, "aggregator.aggregate": label}  # fmt: skip
+    return {"rpc.grpc.status_code": call.code.value[0], "aggregator.targets": len(results),
+            "aggregator.failed": failed, "aggregator.aggregate": call.aggregate}  # fmt: skip
+
+
+def _log_call(
+    call: CallRecord, results: Collection[pb.TargetResult], overhead: int, slowest: str
+) -> None:
+    """The call's one log line: names, counts and timings (the failure's sentence names
+    fields, never values: docs/security.md)."""
+    code, elapsed = call.code.name, call.elapsed_ns
+    failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+    log.info(
+        "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
+        call.request_id, code, call.requested, len(call.reported), len(failed), elapsed / 1e6,
+        extra={
+            "request_id": call.request_id,
+            "aggregate": call.aggregate,
+            "code": code,
+            "targets": call.requested,
+            "results": len(call.reported),
+            "failed": ",".join(failed[:20]) + (" ..." if len(failed) > 20 else ""),
+            "elapsed_ms": round(elapsed / 1e6, 3),
+            "overhead_ms": round(overhead / 1e6, 3),
+            "slowest": slowest,
+            "error": call.failure.message[:200] if call.failure else "",
+        },
+    )  # fmt: skip
 
 
 def _named_calls(request: pb.AggregateRequest) -> Iterator[tuple[str, str]]:
@@ -525,13 +539,15 @@ class AggregatorServer:
             )
             for name, upstream in upstreams.items()
         }
-        self._service = AggregatorService(self.config, self.endpoints, self.metrics, self.decoder)
-        self._service.descriptors = {
+        descriptors = {
             name: upstream.descriptors
             for name, upstream in upstreams.items()
             if isinstance(upstream, GrpcUpstream | Fleet) and upstream.descriptors is not None
         }
-        self._service.recent = self.recent
+        self._service = AggregatorService(
+            self.config, self.endpoints, self.metrics, self.decoder,
+            descriptors=descriptors, recent=self.recent,
+        )  # fmt: skip
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -611,8 +627,11 @@ class AggregatorServer:
 
     async def _serve_admin(self, address: str) -> int:
         assert self.recent is not None
+        hosts = self.config.server.admin_hosts
         self._admin_runner = web.AppRunner(
-            make_app(self.recent, self.endpoints), access_log=None, handler_cancellation=True
+            make_app(self.recent, self.endpoints, (address.rpartition(":")[0], *hosts)),
+            access_log=None,
+            handler_cancellation=True,
         )
         return await self._serve_http(self._admin_runner, address, "server.admin_address")
 
@@ -634,10 +653,12 @@ class AggregatorServer:
         grace = self.config.server.shutdown_grace
         log.info("draining: %d calls in flight, grace %gs", self._service.inflight, grace)
         await self._health.enter_graceful_shutdown()
-        self._service.draining = True
-        self._service.grace_ends_at = asyncio.get_running_loop().time() + grace
+        loop = asyncio.get_running_loop()
+        grace_ends_at = loop.time() + grace
         try:
-            await self._server.stop(grace)
+            await self._service.drain(grace_ends_at)
+            # What is still in flight now is cut when the grace ends (as UNAVAILABLE).
+            await self._server.stop(max(0.0, grace_ends_at - loop.time()))
         finally:
             await self._close_endpoints()
         log.info("stopped")

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
+from aggregator.outcomes import CACHE_NAMES, outcome_name
 from aggregator.v1 import aggregator_pb2 as pb
 
 PLAIN_WIDTH = 100
@@ -47,7 +48,6 @@ _COLOURS = {
     pb.OUTCOME_CIRCUIT_OPEN: _MAGENTA,
     pb.OUTCOME_REJECTED: _MAGENTA,
 }
-_CACHE = {pb.CACHE_STATUS_MISS: "miss", pb.CACHE_STATUS_HIT: "hit", pb.CACHE_STATUS_STALE: "stale"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +293,7 @@ class _Layout:
             f"{_fit(result.id, self.id_width):<{self.id_width}} "
             f"{style.paint(f'{_outcome_text(result):<12}', *colour)} "
             f"{_answer(result, kind):<9} {_ms(_latency(result)):>9} "
-            f"{result.attempts:>5} {_CACHE.get(result.cache, '-'):<5}  "
+            f"{result.attempts:>5} {_cache(result.cache):<5}  "
         )
         bar = self._bar(row.start, row.end, _glyph(result, style.glyphs))
         lines = [cells + style.paint(bar, *colour)]
@@ -384,7 +384,11 @@ def _fit(text: str, width: int) -> str:
 def _outcome_text(result: pb.TargetResult) -> str:
     if result.from_fallback:
         return "OK fallback"
-    return pb.Outcome.Name(result.outcome).removeprefix("OUTCOME_")
+    return outcome_name(result.outcome).upper()
+
+
+def _cache(cache: int) -> str:
+    return CACHE_NAMES.get(cache, "-") if cache else "-"
 
 
 def _outcome_colour(result: pb.TargetResult) -> tuple[str, ...]:
@@ -468,7 +472,7 @@ def summary_lines(summary: pb.AggregateSummary) -> list[str]:
     ]
     width = max((len(failure.id) for failure in summary.failures), default=0)
     for failure in summary.failures:
-        outcome = pb.Outcome.Name(failure.outcome).removeprefix("OUTCOME_")
+        outcome = outcome_name(failure.outcome).upper()
         latency = _ms(failure.latency.ToNanoseconds() / 1e9)
         lines.append(f"{failure.id:<{width}}  {outcome:<12} {latency:>9}")
     if summary.failures_omitted:

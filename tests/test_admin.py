@@ -17,7 +17,9 @@ from google.protobuf import struct_pb2
 
 from aggregator.admin.recent import Recent
 from aggregator.admin.rolling import RollingStats
+from aggregator.call_record import CallRecord
 from aggregator.config import ConfigError, config_from_mapping
+from aggregator.fanout import Budget
 from aggregator.plan import make_plan
 from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
@@ -296,9 +298,9 @@ def test_admin_config_defaults_and_key_path_errors():
 def test_wide_aggregates_are_kept_fewer_so_memory_stays_bounded():
     recent = Recent(500, ["rest"], max_targets=25)
     for n in range(4):
-        recent.record(f"wide-{n}", "ad_hoc", "OK", 1, 1, 10, None, _results(10))
+        recent.record(_call(f"wide-{n}", 10, _results(10)))
     assert [r.request_id for r in recent.newest()] == ["wide-3", "wide-2"]
-    recent.record("wider", "ad_hoc", "OK", 1, 1, 40, None, _results(40))
+    recent.record(_call("wider", 40, _results(40)))
     assert [r.request_id for r in recent.newest()] == ["wider"]  # the newest always stays
 
 
@@ -319,6 +321,16 @@ def test_rolling_stats_forget_what_is_older_than_a_minute():
     stats.add(1060, 1_000_000, failed=True, cache=0)  # the slot second 1000 used, reused
     assert stats.summary(1060)["targets"] == 1  # made once a second: pages poll at will
     assert stats.summary(1061)["targets"] == 2
+
+
+def _call(
+    request_id: str, requested: int, results: list[pb.TargetResult], **fields: Any
+) -> CallRecord:
+    """A call that ended OK with ``results``, as the server hands it to the admin record."""
+    budget = Budget(seconds=5.0, started=0.0, stop_at=4.75)
+    call = CallRecord(request_id, "ad_hoc", requested, budget, elapsed_ns=1, **fields)
+    call.reported = results
+    return call
 
 
 def _results(count: int) -> list[pb.TargetResult]:
@@ -348,10 +360,9 @@ def test_a_kept_aggregate_costs_bounded_memory(capsys):
     try:
         for _round in range(2):  # fill the ring, then replace every aggregate in it
             for n in range(keep):
-                recent.record(
-                    f"req-{n:06d}-0123456789abcdef", "ad_hoc", "OK", 30_000_000 + n,
-                    5_000_000_000, 10, make_plan(request, config), results,
-                )  # fmt: skip
+                call = _call(f"req-{n:06d}-0123456789abcdef", 10, results)
+                call.plan, call.elapsed_ns = make_plan(request, config), 30_000_000 + n
+                recent.record(call)
             gc.collect()
             if _round == 0:
                 full = tracemalloc.get_traced_memory()[0]

@@ -151,7 +151,7 @@ async def test_results_come_in_completion_order_with_trailers_as_ad_hoc(
 @pytest.mark.parametrize(
     ("request_", "expected"),
     [
-        (named("nope", sku="x"), "aggregate: 'nope' is not a configured aggregate"),
+        (named("nope", sku="x"), "aggregate: not a configured aggregate"),
         (named("page"), "params.sku: required by aggregate 'page'"),
         (named("page", sku="x", color="red"), "params.color: aggregate 'page' declares no such"),
         (named("page", sku="{{product.path}}"), "params.sku: values may not contain {{"),

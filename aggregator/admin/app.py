@@ -8,13 +8,14 @@ with one sentence: never a stack trace.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from aggregator.admin.recent import AggregateRecord, Recent
 from aggregator.vocabulary import REQUEST_ID
@@ -49,9 +50,13 @@ class BadQuery(Exception):
     """A query string the API does not understand: 400 with this sentence."""
 
 
-def make_app(recent: Recent, upstreams: Mapping[str, UpstreamView]) -> web.Application:
+def make_app(
+    recent: Recent, upstreams: Mapping[str, UpstreamView], hosts: Iterable[str] = ()
+) -> web.Application:
+    """The admin app, answering requests whose Host is a loopback name, the address the
+    connection reached, or one of ``hosts`` (the admin address's host, server.admin_hosts)."""
     pages = AdminPages(recent, upstreams)
-    app = web.Application(middlewares=[_guarded], client_max_size=1024)
+    app = web.Application(middlewares=[_guarded, HostCheck(hosts).middleware], client_max_size=1024)
     for path in _FILES:
         app.router.add_get(path, pages.static, allow_head=False)
     app.router.add_get("/aggregates/{request_id}", pages.waterfall, allow_head=False)
@@ -118,6 +123,77 @@ class AdminPages:
         if record is None:
             raise web.HTTPNotFound(text="no such aggregate among the recent ones")
         return web.json_response(record.detail())
+
+
+class HostCheck:
+    """Which names the admin page answers to (docs/security.md, "The admin page").
+
+    A page on any other origin that makes its own name resolve to this host (DNS rebinding:
+    attacker.example -> 127.0.0.1) would otherwise read the page and its JSON from a browser
+    on this host; its requests carry its own name in Host, and get 421 Misdirected Request.
+    An IP literal cannot be rebound, so the address the connection reached is its own name.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = frozenset(filter(None, map(_bare_host, names)))
+
+    def __repr__(self) -> str:
+        return f"<HostCheck loopback names, the local address, {sorted(self._names)}>"
+
+    def allows(self, request: web.Request) -> bool:
+        host = _host_of(request.headers.get(hdrs.HOST, ""))
+        if not host:
+            return False
+        if host in self._names or host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_loopback or address == _local_address(request)
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not self.allows(request):
+            raise web.HTTPMisdirectedRequest(
+                text="this admin page answers its own address, loopback names and "
+                "server.admin_hosts only"
+            )
+        return await handler(request)
+
+
+def _host_of(header: str) -> str | None:
+    """The host a Host header names: without its port, IPv6 brackets or a final dot, lower
+    case; None when the header is not a host[:port]."""
+    if header.startswith("["):
+        host, bracket, rest = header[1:].partition("]")
+        port = rest.removeprefix(":") if bracket and rest.startswith(":") else rest
+        if not bracket:
+            return None
+    else:
+        host, _, port = header.partition(":")
+    if port and not (port.isascii() and port.isdigit()):
+        return None
+    return _bare_host(host)
+
+
+def _bare_host(name: str) -> str:
+    return name.strip("[]").removesuffix(".").lower()
+
+
+def _local_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address this connection reached (the admin address, when it is not a wildcard)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    try:
+        address = ipaddress.ip_address(sockname[0]) if sockname else None
+    except ValueError:
+        return None
+    # An IPv4 connection to a dual-stack [::] socket reaches ::ffff:10.0.0.5, named 10.0.0.5.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 @web.middleware

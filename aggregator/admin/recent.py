@@ -4,7 +4,8 @@ minute (SPEC §13).
 A record keeps what the waterfall draws and nothing a caller sent as data: no body, no header
 or metadata value, no query string, no token. A target's path is its planned path, before any
 ``{{...}}`` was rendered (a rendered path would hold values from other targets' bodies).
-Recording runs after the call's status has gone (``AggregatorService._observe``).
+Recording runs after the call's status has gone (``AggregatorService._observe``), from the
+call's ``CallRecord``. Every text a record keeps is cut to ``MAX_TEXT`` characters.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from aggregator.admin.rolling import RollingStats
-from aggregator.plan import HttpRequest, Plan, PlannedTarget
+from aggregator.call_record import CallRecord
+from aggregator.outcomes import CODE_NAMES, NOT_RUN, cache_name, outcome_name
+from aggregator.plan import HttpRequest, PlannedTarget
 from aggregator.v1 import aggregator_pb2 as pb
 
 # Targets kept over all aggregates: wide for_each aggregates hold the ring to ~15 MB (about
 # 300 bytes a target) by keeping fewer of them.
 MAX_KEPT_TARGETS = 50_000
-MAX_TEXT = 300  # characters of a path or an error sentence kept
-_OUTCOMES = {value: name[len("OUTCOME_") :].lower() for name, value in pb.Outcome.items()}
-_CACHE = {value: name[len("CACHE_STATUS_") :].lower() for name, value in pb.CacheStatus.items()}
-_GRPC_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-_NOT_RUN = (pb.OUTCOME_SKIPPED, pb.OUTCOME_UNSPECIFIED)  # never reached an upstream
+# Characters kept of any text in a record (ids, names, methods, paths, errors): what makes a
+# target's record bounded, whatever a caller or an upstream made that text.
+MAX_TEXT = 300
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much
@@ -52,13 +51,13 @@ class TargetRecord:
             "upstream": self.upstream,
             "method": self.method,
             "path": self.path,
-            "outcome": _OUTCOMES.get(self.outcome, "unspecified"),
+            "outcome": outcome_name(self.outcome),
             "status": self.status,
             "error": self.error,
             "start_offset_ms": self.start_ns / 1e6,
             "latency_ms": self.latency_ns / 1e6,
             "attempts": self.attempts,
-            "cache": _CACHE.get(self.cache, "unspecified"),
+            "cache": cache_name(self.cache),
             "from_fallback": self.from_fallback,
         }
 
@@ -115,31 +114,21 @@ class Recent:
     def __repr__(self) -> str:
         return f"<Recent [{len(self.records)}/{self.records.maxlen} aggregates]>"
 
-    def record(
-        self,
-        request_id: str,
-        aggregate: str,
-        status: str,
-        elapsed_ns: int,
-        deadline_ns: int,
-        requested: int,
-        plan: Plan | None,
-        results: Collection[pb.TargetResult],
-    ) -> None:
-        """Keeps one aggregate that ended with ``results`` (reported and cut)."""
-        planned = {t.id: t for t in plan.targets} if plan is not None else {}
-        targets = tuple(_target(result, planned) for result in results)
+    def record(self, call: CallRecord) -> None:
+        """Keeps one aggregate: every target it reported, and those its cancellation cut."""
+        planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}
+        targets = tuple(_target(result, planned) for result in call.results())
         self._seq += 1
         self._keep(
             AggregateRecord(
-                self._seq, request_id, aggregate, status, time.time(), elapsed_ns, deadline_ns,
-                requested, targets,
+                self._seq, _kept(call.request_id), _kept(call.aggregate), call.code.name,
+                time.time(), call.elapsed_ns, call.deadline_ns, call.requested, targets,
             )
         )  # fmt: skip
         now = int(time.monotonic())
         for target in targets:
             stats = self.upstreams.get(target.upstream)
-            if stats is not None and target.outcome not in _NOT_RUN:
+            if stats is not None and target.outcome not in NOT_RUN:
                 failed = target.outcome != pb.OUTCOME_OK or target.from_fallback
                 stats.add(now, target.latency_ns, failed, target.cache)
 
@@ -174,6 +163,12 @@ class Recent:
         return self.upstreams[name].summary(int(time.monotonic()))
 
 
+def _kept(text: str) -> str:
+    """``text`` as a record keeps it: at most MAX_TEXT characters (a slice is no copy when
+    shorter)."""
+    return text[:MAX_TEXT]
+
+
 def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> TargetRecord:
     target_id = result.id
     # An element of a for_each target is "id[index]".
@@ -184,13 +179,14 @@ def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> Targe
         upstream, request = target.upstream.name, target.request
         method = request.method
         if isinstance(request, HttpRequest):
-            path = request.path[:MAX_TEXT]
+            path = request.path
             status = result.http_status or None
         elif result.grpc_code or (result.outcome == pb.OUTCOME_OK and not result.from_fallback):
-            status = _GRPC_NAMES.get(result.grpc_code, str(result.grpc_code))
+            status = CODE_NAMES.get(result.grpc_code, str(result.grpc_code))
     start, latency = result.start_offset, result.latency
     return TargetRecord(
-        target_id, upstream, method, path, result.outcome, status, result.error[:MAX_TEXT],
+        _kept(target_id), _kept(upstream), _kept(method), _kept(path), result.outcome, status,
+        _kept(result.error),
         start.seconds * 1_000_000_000 + start.nanos,
         latency.seconds * 1_000_000_000 + latency.nanos,
         result.attempts, result.cache, result.from_fallback,

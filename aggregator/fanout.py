@@ -158,21 +158,15 @@ class Aggregation:
                 if result is _RECOUNT:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
-                    stopped_at = time.perf_counter_ns()
-                    await self._cancel_all()
                     sentence = f"{self._deadline_reason} ran out first"
-                    for late in self._unreported(pb.OUTCOME_TIMEOUT, sentence, stopped_at):
-                        await emit(late)
+                    await self._stop(emit, pb.OUTCOME_TIMEOUT, sentence)
                     return
                 self._report(result)
                 self.first_at = self.first_at or time.perf_counter_ns()
                 await emit(result)
                 if self.failure is not None:
-                    stopped_at = time.perf_counter_ns()
-                    await self._cancel_all()
                     sentence = f"cancelled because required target {result.id!r} failed"
-                    for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence, stopped_at):
-                        await emit(cancelled)
+                    await self._stop(emit, pb.OUTCOME_CANCELLED, sentence)
                     return
         except asyncio.CancelledError:  # the caller went away, or the server's grace ran out
             stopped_at = time.perf_counter_ns()
@@ -186,6 +180,13 @@ class Aggregation:
         finally:
             deadline.cancel()
             await self._cancel_all()
+
+    async def _stop(self, emit: Emit, outcome: pb.Outcome, sentence: str) -> None:
+        """Cancels every target still running, then reports each unreported one as ``outcome``."""
+        stopped_at = time.perf_counter_ns()
+        await self._cancel_all()
+        for result in self._unreported(outcome, sentence, stopped_at):
+            await emit(result)
 
     async def _next(self) -> pb.TargetResult | None:
         result = await self._queue.get()

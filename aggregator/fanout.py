@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 
 from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
-from aggregator.grpc_json import decoded_into, rendered_request
+from aggregator.grpc_json import rendered_request
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
 from aggregator.policies.endpoint import Endpoint
-from aggregator.schema import MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import Substitution, resolve
@@ -128,9 +126,6 @@ class Aggregation:
             dep: asyncio.Event() for target in plan.targets for dep in target.depends_on
         }
         self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
-        self._bodies: dict[str, Any] = {}  # dependency id -> its JSON body, parsed once
-        self._unreadable: dict[str, str] = {}  # dependency id -> why its body cannot be read:
-        # "<id> <sentence>" reads as "dependency 'x' did not answer with JSON"
         self._expanded: set[str] = set()  # for_each targets whose elements report instead
         self._expected = len(plan.targets)  # results to report; for_each changes it
         self._tasks: list[asyncio.Task[None]] = []
@@ -140,7 +135,7 @@ class Aggregation:
         self._began: dict[str, int] = {}  # target id -> when its call began (perf_counter_ns)
         self.first_at: int | None = None  # when the first result was emitted (perf_counter_ns)
         # When the call itself is cancelled: the targets it never reported, as they stood.
-        self.cut: list[pb.TargetResult] = []
+        self.left_unreported: list[pb.TargetResult] = []
 
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
@@ -163,26 +158,21 @@ class Aggregation:
                 if result is _RECOUNT:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
-                    cut = time.perf_counter_ns()
-                    await self._cancel_all()
                     sentence = f"{self._deadline_reason} ran out first"
-                    for late in self._unreported(pb.OUTCOME_TIMEOUT, sentence, cut):
-                        await emit(late)
+                    await self._stop(emit, pb.OUTCOME_TIMEOUT, sentence)
                     return
                 self._report(result)
                 self.first_at = self.first_at or time.perf_counter_ns()
                 await emit(result)
                 if self.failure is not None:
-                    cut = time.perf_counter_ns()
-                    await self._cancel_all()
                     sentence = f"cancelled because required target {result.id!r} failed"
-                    for cancelled in self._unreported(pb.OUTCOME_CANCELLED, sentence, cut):
-                        await emit(cancelled)
+                    await self._stop(emit, pb.OUTCOME_CANCELLED, sentence)
                     return
         except asyncio.CancelledError:  # the caller went away, or the server's grace ran out
-            cut = time.perf_counter_ns()
-            self.cut.extend(
-                self._settled.get(target.id) or self._cut(target.id, _CANCELLED, "cancelled", cut)
+            stopped_at = time.perf_counter_ns()
+            self.left_unreported.extend(
+                self._settled.get(target.id)
+                or self._stopped(target.id, _CANCELLED, "cancelled", stopped_at)
                 for target in list(self._by_id.values())
                 if target.id not in self.reported and target.id not in self._expanded
             )
@@ -190,6 +180,13 @@ class Aggregation:
         finally:
             deadline.cancel()
             await self._cancel_all()
+
+    async def _stop(self, emit: Emit, outcome: pb.Outcome, sentence: str) -> None:
+        """Cancels every target still running, then reports each unreported one as ``outcome``."""
+        stopped_at = time.perf_counter_ns()
+        await self._cancel_all()
+        for result in self._unreported(outcome, sentence, stopped_at):
+            await emit(result)
 
     async def _next(self) -> pb.TargetResult | None:
         result = await self._queue.get()
@@ -201,14 +198,17 @@ class Aggregation:
             self.failure = self._required_failure(result)
         return result
 
-    def _unreported(self, outcome: pb.Outcome, sentence: str, cut: int) -> list[pb.TargetResult]:
-        """Results for the targets still unreported when the call was ``cut`` (perf_counter_ns):
-        one that was running keeps its start, its latency is how long it ran until the cut."""
+    def _unreported(
+        self, outcome: pb.Outcome, sentence: str, stopped_at: int
+    ) -> list[pb.TargetResult]:
+        """Results for the targets still unreported when the call stopped at ``stopped_at``
+        (perf_counter_ns): one that was running keeps its start, its latency is how long it ran
+        until then."""
         results = []
         for target in list(self._by_id.values()):
             if target.id not in self.reported and target.id not in self._expanded:
-                result = self._settled.get(target.id) or self._cut(
-                    target.id, outcome, sentence, cut
+                result = self._settled.get(target.id) or self._stopped(
+                    target.id, outcome, sentence, stopped_at
                 )
                 if outcome == pb.OUTCOME_TIMEOUT:
                     result = _with_fallback(target, result)
@@ -218,10 +218,12 @@ class Aggregation:
                 results.append(result)
         return results
 
-    def _cut(self, target_id: str, outcome: pb.Outcome, sentence: str, cut: int) -> pb.TargetResult:
-        """The result of a target stopped at ``cut``: from its start if it had started."""
-        began = self._began.get(target_id, cut)
-        return _result(target_id, outcome, sentence, self._budget.started_ns, began, cut)
+    def _stopped(
+        self, target_id: str, outcome: pb.Outcome, sentence: str, stopped_at: int
+    ) -> pb.TargetResult:
+        """The result of a target stopped at ``stopped_at``: from its start if it had started."""
+        began = self._began.get(target_id, stopped_at)
+        return _result(target_id, outcome, sentence, self._budget.started_ns, began, stopped_at)
 
     def _report(self, result: pb.TargetResult) -> None:
         self.reported[result.id] = result
@@ -299,66 +301,25 @@ class Aggregation:
         result = _answered(target, answer.result, origin, began, time.perf_counter_ns())
         result.attempts = answer.attempts
         result.cache = answer.cache
-        request = target.request
-        if isinstance(request, GrpcRequest) and request.schema is not None:
-            if result.outcome == _OK:
-                await self._decode_grpc(target, request.schema, result)
-        elif target.decode_json and result.body:
-            await self._decode(target, result)
-        elif result.body and result.outcome == _OK and target.id in self._finished:
-            await self._parse_for_dependents(target.id, result.body)
+        await self._decode(target, result)
         return result
 
-    async def _parse_for_dependents(self, target_id: str, body: bytes) -> None:
-        """The body targets depending on this one read, parsed once here as decode_json's are:
-        off the loop when large, within server.max_decoded_bytes."""
-        try:
-            self._decoder.charge(len(body), target_id)
-            self._bodies[target_id] = await self._decoder.run(len(body), _parsed_json, body)
-        except NotDecoded as refused:
-            reason = refused.sentence  # "did not answer with JSON", or the allowance's words
-            self._unreadable[target_id] = (
-                f"refused: {reason}" if reason.startswith("JSON not decoded") else reason
-            )
-
     async def _decode(self, target: PlannedTarget, result: pb.TargetResult) -> None:
-        """Fills ``result.json`` from its body, where it is JSON and the call may still decode
-        it; a refusal is said in ``error`` and leaves the outcome as the upstream made it."""
+        """Decodes the body once, for decode_json (``result.json``) and for the targets that
+        read it; a refusal is said in ``error`` and leaves the outcome as the upstream made it.
+        A gRPC answer is decoded in its JSON mapping when its method is known (and OK)."""
+        ok = result.outcome == _OK
+        read = ok and target.id in self._finished
+        request = target.request
+        schema = request.schema if isinstance(request, GrpcRequest) else None
+        if not result.body or not (target.decode_json or read) or (schema and not ok):
+            return
+        into = result.json if target.decode_json else None
         try:
-            document = await self._decoder.fill(result.json, result.body, target.id)
+            await self._decoder.decode(result, schema, into, keep=read)
         except NotDecoded as refused:
             result.ClearField("json")
-            if refused.sentence:
-                result.error = "; ".join(filter(None, (result.error, refused.sentence)))
-            if target.id in self._finished and refused.sentence:  # not parsed again on the loop
-                self._unreadable[target.id] = f"refused: {refused.sentence}"
-            return
-        if target.id in self._finished and result.outcome == _OK:
-            self._bodies[target.id] = document  # what dependents read: parsed once, here
-
-    async def _decode_grpc(
-        self, target: PlannedTarget, schema: MethodSchema, result: pb.TargetResult
-    ) -> None:
-        """A gRPC answer in its JSON mapping: for decode_json, and for targets that read it."""
-        if not target.decode_json and target.id not in self._finished:
-            return
-        body = result.body
-        try:
-            self._decoder.charge(len(body), target.id)
-            # Protobuf to JSON costs about 16 times what json.loads does per byte (measured:
-            # 35 ms for a 30 KB message of packed ints): weighed so, large ones go off the loop.
-            decoded = await self._decoder.run(
-                len(body) * 16, decoded_into, result.json, schema, body, target.decode_json
-            )
-        except NotDecoded as refused:
-            self._decoder.undecoded.add(target.id)  # Collect's merge must not try the bytes
-            result.error = "; ".join(filter(None, (result.error, refused.sentence)))
-            return
-        except ValueError:  # not the method's output message: as a REST body that is not JSON
-            self._decoder.undecoded.add(target.id)
-            result.ClearField("json")
-            return
-        self._bodies[target.id] = decoded
+            self._decoder.tell(result, refused)
 
     def _elements(self, target: PlannedTarget) -> list[Any]:
         assert target.for_each is not None
@@ -429,7 +390,8 @@ class Aggregation:
         """A gRPC JSON request left to encode when its target starts (it held references)."""
         # The substituted values come from the dependencies' answers: they bound its size.
         size = request.json_size + sum(len(self._settled[d].body) for d in target.depends_on)
-        encoded = self._checked(target, await rendered_request(request, size))
+        rendered = await rendered_request(request, size, self._decoder.offload)
+        encoded = self._checked(target, rendered)
         assert isinstance(encoded, GrpcRequest)
         return encoded
 
@@ -442,24 +404,12 @@ class Aggregation:
         return value_of
 
     def _body(self, dep: str) -> Any:
-        if dep in self._unreadable:
-            raise TargetFailure(pb.OUTCOME_ERROR, f"dependency {dep!r} {self._unreadable[dep]}")
-        if dep not in self._bodies:
-            result = self._settled[dep]
-            if result.HasField("json"):
-                self._bodies[dep] = json_format.MessageToDict(result.json)
-            else:
-                try:
-                    self._bodies[dep] = json.loads(result.body)
-                except ValueError:
-                    raise TargetFailure(
-                        pb.OUTCOME_ERROR, f"dependency {dep!r} did not answer with JSON"
-                    ) from None
-                except RecursionError:
-                    raise TargetFailure(
-                        pb.OUTCOME_ERROR, f"dependency {dep!r} answered JSON nested too deeply"
-                    ) from None
-        return self._bodies[dep]
+        try:
+            return self._decoder.document(self._settled[dep])
+        except NotDecoded as refused:
+            raise TargetFailure(
+                pb.OUTCOME_ERROR, f"dependency {dep!r} {refused.for_dependents}"
+            ) from None
 
     async def _wait_for_dependencies(self, target: PlannedTarget) -> str | None:
         """Waits for every dependency; returns the first that did not end OK, if any."""
@@ -540,13 +490,3 @@ def _with_fallback(target: PlannedTarget, result: pb.TargetResult) -> pb.TargetR
     result.from_fallback = True
     result.json.CopyFrom(target.fallback)
     return result
-
-
-def _parsed_json(body: bytes) -> Any:
-    """A dependency's body as JSON, for _parse_for_dependents (on a thread when large)."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise NotDecoded("did not answer with JSON") from None
-    except RecursionError:
-        raise NotDecoded("answered JSON nested too deeply") from None

@@ -7,7 +7,8 @@ does not fit its method, or a method the upstream does not have, is INVALID_ARGU
 target, and nothing is sent; an upstream whose descriptors cannot be had fails only the targets
 whose ``json`` needs them (OUTCOME_UNAVAILABLE when they start).
 
-Large JSON and messages are encoded and decoded in a thread, not on the event loop.
+Large JSON requests are encoded off the event loop (aggregator/offload.py); answers are decoded
+with every other body, once each (aggregator/decoding.py).
 """
 
 from __future__ import annotations
@@ -15,26 +16,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
-from google.protobuf import struct_pb2
-
-from aggregator.decoding import check_depth
 from aggregator.errors import InvalidRequest, TargetFailure
+from aggregator.offload import Offload, OffloadBusy
 from aggregator.plan import GrpcRequest, Plan, PlannedTarget
-from aggregator.schema import JsonMismatch, MethodSchema, json_value
+from aggregator.schema import MAPPING_COST, JsonMismatch, MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.upstreams.descriptors import Descriptors, DescriptorsUnavailable, UnknownMethod
 from aggregator.v1 import aggregator_pb2 as pb
 
-# JSON requests (by their size as a Value) and answers (in bytes) larger than this are
-# encoded and decoded in a worker thread: the event loop keeps serving other callers.
-OFF_LOOP_BYTES = 64 * 1024
-
 Lookup = MethodSchema | DescriptorsUnavailable | UnknownMethod
 
 
-async def typed_plan(plan: Plan, descriptors: Mapping[str, Descriptors], stop_at: float) -> Plan:
+async def typed_plan(
+    plan: Plan, descriptors: Mapping[str, Descriptors], stop_at: float, offload: Offload
+) -> Plan:
     """``plan`` with its gRPC targets' schemas and encoded JSON requests; raises
     InvalidRequest listing every request that does not fit and every unknown method."""
     wanted = _wanting_schemas(plan.targets)
@@ -46,7 +42,7 @@ async def typed_plan(plan: Plan, descriptors: Mapping[str, Descriptors], stop_at
     if missing:
         looked_up = await asyncio.gather(
             *(
-                _lookup(wanted[i], descriptors.get(wanted[i].upstream.name), stop_at)
+                _lookup(wanted[i], descriptors.get(wanted[i].upstream.name), stop_at, offload)
                 for i in missing
             )
         )
@@ -57,7 +53,7 @@ async def typed_plan(plan: Plan, descriptors: Mapping[str, Descriptors], stop_at
     for target, known in zip(wanted, found, strict=True):
         assert known is not None
         try:
-            typed[target.id] = await _typed(target, known)
+            typed[target.id] = await _typed(target, known, offload)
         except InvalidRequest as invalid:
             problems.extend(invalid.problems)
     if problems:
@@ -88,18 +84,20 @@ def _cached(target: PlannedTarget, descriptors: Mapping[str, Descriptors]) -> Lo
     return known.cached(target.request.method) if known is not None else None
 
 
-async def _lookup(target: PlannedTarget, descriptors: Descriptors | None, stop_at: float) -> Lookup:
+async def _lookup(
+    target: PlannedTarget, descriptors: Descriptors | None, stop_at: float, offload: Offload
+) -> Lookup:
     assert isinstance(target.request, GrpcRequest)
     if descriptors is None:
         return DescriptorsUnavailable(f"upstream {target.upstream.name!r} has no descriptors")
     wait = min(target.upstream.timeout, stop_at - asyncio.get_running_loop().time())
     try:
-        return await descriptors.method(target.request.method, wait)
+        return await descriptors.method(target.request.method, wait, offload)
     except (DescriptorsUnavailable, UnknownMethod) as failure:
         return failure
 
 
-async def _typed(target: PlannedTarget, lookup: Lookup) -> PlannedTarget:
+async def _typed(target: PlannedTarget, lookup: Lookup, offload: Offload) -> PlannedTarget:
     request = target.request
     assert isinstance(request, GrpcRequest)
     if request.json_body is None:  # only read: without descriptors, the bytes still go
@@ -117,31 +115,30 @@ async def _typed(target: PlannedTarget, lookup: Lookup) -> PlannedTarget:
     if target.templated:  # encoded when it starts, once its references are resolved
         return replace(target, request=request)
     try:
-        request = await encoded(request)
+        request = await encoded(request, offload)
     except JsonMismatch as mismatch:
-        raise InvalidRequest(
-            [f"{label}: grpc.json does not fit {lookup.input_type.full_name}: {mismatch}"]
-        ) from None
+        raise InvalidRequest([f"{label}: {_misfit_sentence(lookup, mismatch)}"]) from None
+    except OffloadBusy as busy:  # said when it starts, as for descriptors that cannot be had
+        return replace(target, request=replace(request, unavailable=str(busy)))
     problems = target_problems(target.upstream, request, target.id)
     if problems:
         raise InvalidRequest(problems)
     return replace(target, request=request)
 
 
-async def encoded(request: GrpcRequest, size: int | None = None) -> GrpcRequest:
-    """``request`` with its JSON encoded as the method's input message (in a thread when
-    large: ``size`` bounds its size, json_size when not given); raises JsonMismatch."""
+async def encoded(request: GrpcRequest, offload: Offload, size: int | None = None) -> GrpcRequest:
+    """``request`` with its JSON encoded as the method's input message (off the loop when
+    large: ``size`` bounds its size, json_size when not given); raises JsonMismatch or
+    OffloadBusy."""
     schema = request.schema
     assert schema is not None
     assert request.json_body is not None
-    if (request.json_size if size is None else size) > OFF_LOOP_BYTES:
-        data = await asyncio.to_thread(schema.encode, request.json_body)
-    else:
-        data = schema.encode(request.json_body)
+    weight = (request.json_size if size is None else size) * MAPPING_COST
+    data = await offload.run(weight, schema.encode, request.json_body)
     return replace(request, request=data, json_body=None)
 
 
-async def rendered_request(request: GrpcRequest, size: int) -> GrpcRequest:
+async def rendered_request(request: GrpcRequest, size: int, offload: Offload) -> GrpcRequest:
     """A substituted JSON request encoded when its target starts (``size``: a bound on its
     JSON's size); TargetFailure(ERROR) when the values it received make it not fit."""
     if request.unavailable:
@@ -151,25 +148,13 @@ async def rendered_request(request: GrpcRequest, size: int) -> GrpcRequest:
     if request.schema is None:
         raise TargetFailure(pb.OUTCOME_UNAVAILABLE, "the upstream's descriptors were not looked up")
     try:
-        return await encoded(request, size)
+        return await encoded(request, offload, size)
     except JsonMismatch as mismatch:
-        raise TargetFailure(
-            pb.OUTCOME_ERROR,
-            f"grpc.json does not fit {request.schema.input_type.full_name}: {mismatch}",
-        ) from None
+        raise TargetFailure(pb.OUTCOME_ERROR, _misfit_sentence(request.schema, mismatch)) from None
+    except OffloadBusy as busy:
+        raise TargetFailure(pb.OUTCOME_UNAVAILABLE, str(busy)) from None
 
 
-def decoded_into(out: struct_pb2.Value, schema: MethodSchema, body: bytes, as_value: bool) -> Any:
-    """The answer as Python values (what dependents read) and, when ``as_value``, in its JSON
-    mapping as a Value written into ``out``. One piece of work for decoding.CallDecoder.run,
-    which runs a large one on a thread, copy included (copying a large Value costs ms).
-
-    Raises ValueError when the body is not the method's output message, NotDecoded when it
-    nests deeper than a Value the caller could parse."""
-    decoded = schema.decode(body)
-    if not as_value:
-        return decoded
-    check_depth(decoded)
-    value = json_value(decoded)
-    out.CopyFrom(value)
-    return decoded
+def _misfit_sentence(schema: MethodSchema, mismatch: JsonMismatch) -> str:
+    """Names the message, the field path and the type expected; never a value (docs/security.md)."""
+    return f"grpc.json does not fit {schema.input_type.full_name}: {mismatch}"

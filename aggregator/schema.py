@@ -15,24 +15,54 @@ Pure protobuf, no I/O: the fetching lives in aggregator/upstreams/descriptors.py
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import (
+    any_pb2,
+    api_pb2,
     descriptor_pb2,
     descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
     json_format,
     message,
     message_factory,
+    source_context_pb2,
     struct_pb2,
+    timestamp_pb2,
+    type_pb2,
+    wrappers_pb2,
 )
+from google.protobuf.descriptor import FieldDescriptor
 
 # Nesting allowed in a JSON request or answer (json_format's own default is 100).
 MAX_DEPTH = 64
 # How much of a library's error text a sentence quotes.
 _QUOTED = 300
+# The proto3 JSON mapping costs about 16 times what json.loads does per byte, both ways
+# (measured: 35 ms for a 30 KB message of packed ints): the weight for the off-loop threshold.
+MAPPING_COST = 16
+# The protobuf runtime's own files: an upstream's copy of one is replaced by it, and no other
+# file may define a google.protobuf package (a redefined Duration broke every JSON mapping).
+_RUNTIME_MODULES = (
+    *(any_pb2, api_pb2, descriptor_pb2, duration_pb2, empty_pb2, field_mask_pb2),
+    *(source_context_pb2, struct_pb2, timestamp_pb2, type_pb2, wrappers_pb2),
+)
+_RUNTIME_PACKAGE = "google.protobuf"
+# Messages whose JSON form is not an object of their fields.
+_WELL_KNOWN = frozenset(
+    f"{_RUNTIME_PACKAGE}.{name}"
+    for name in (
+        *("Any", "Duration", "Timestamp", "FieldMask", "Struct", "Value", "ListValue"),
+        *("DoubleValue", "FloatValue", "Int64Value", "UInt64Value", "Int32Value"),
+        *("UInt32Value", "BoolValue", "StringValue", "BytesValue"),
+    )
+)
 
 
 class JsonMismatch(ValueError):
@@ -65,61 +95,139 @@ class MethodSchema:
         return self._output
 
     def encode(self, value: Any) -> bytes:
-        """The input message's bytes for the JSON ``value``; JsonMismatch when it does not fit."""
+        """The input message's bytes for the JSON ``value``; JsonMismatch when it does not fit,
+        saying where and what was expected there, never quoting a value (a substituted one
+        may be a secret: docs/security.md)."""
         request = self.input_class()()
         try:
             json_format.ParseDict(
                 value, request, descriptor_pool=self.pool, max_recursion_depth=MAX_DEPTH
             )
+        except Exception:  # ParseError, and what ParseDict lets through (TypeError, ...)
+            raise JsonMismatch(
+                _Misfit(self.pool).of(self.input_type, value, "", MAX_DEPTH)
+            ) from None
+        try:
             return request.SerializeToString()
-        except json_format.ParseError as exc:
-            raise JsonMismatch(_quoted(str(exc))) from None
-        # What ParseDict lets through (a bad Timestamp string, ...) or SerializeToString raises
-        # (a proto2 required field left out).
-        except (
-            json_format.Error,
-            message.EncodeError,
-            ValueError,
-            TypeError,
-            RecursionError,
-        ) as exc:
-            raise JsonMismatch(_quoted(f"{type(exc).__name__}: {exc}")) from None
+        except message.EncodeError:  # a proto2 required field left out: its path is no value
+            missing = ", ".join(request.FindInitializationErrors()[:8])  # type: ignore[attr-defined]
+            raise JsonMismatch(f"required fields missing: {missing}") from None
 
     def decode(self, body: bytes) -> Any:
-        """The answer ``body`` in the proto3 JSON mapping; ValueError when it does not parse."""
+        """The answer ``body`` in the proto3 JSON mapping; ValueError when it does not parse or
+        has no JSON form (a Timestamp out of range, ...). Only protobuf runs here, on bytes and
+        descriptors an upstream chose: whatever it raises is that upstream's answer failing."""
         answer = self.output_class()()
         try:
             answer.ParseFromString(body)
             # Python values; a top-level well-known type may give a non-dict.
             return json_format.MessageToDict(answer, descriptor_pool=self.pool)
-        except (message.DecodeError, json_format.Error, ValueError, RecursionError) as exc:
-            # Not the message, or a value with no JSON form (a Timestamp out of range, ...).
-            raise ValueError(f"not a {self.output_type.full_name}: {exc}") from None
-
-    def decode_value(self, body: bytes) -> tuple[Any, struct_pb2.Value]:
-        """decode, and the same as a ``google.protobuf.Value`` (for TargetResult.json)."""
-        decoded = self.decode(body)
-        return decoded, json_value(decoded)
+        except Exception as exc:
+            raise ValueError(f"not a {self.output_type.full_name}: {type(exc).__name__}") from None
 
 
-def json_value(decoded: Any) -> struct_pb2.Value:
-    """What MessageToDict gave, as a Value. Struct.update and ListValue.extend take nested
-    values whole: about 3.5 times faster than json_format.ParseDict (measured: 27 against 91 us
-    on a product-sized message). The nesting is the message's, bounded by protobuf's parser."""
-    value = struct_pb2.Value()
-    if isinstance(decoded, dict):
-        value.struct_value.update(decoded)
-    elif isinstance(decoded, list):
-        value.list_value.extend(decoded)
-    elif isinstance(decoded, str):
-        value.string_value = decoded
-    elif isinstance(decoded, bool):
-        value.bool_value = decoded
-    elif isinstance(decoded, int | float):
-        value.number_value = decoded
-    else:
-        value.null_value = struct_pb2.NULL_VALUE
-    return value
+@dataclass(frozen=True, slots=True)
+class _Misfit:
+    """Where a JSON value does not fit a message and what was expected there: a field path
+    (json names, array indexes) and a type, never a value, nor a key that may be one. Only on
+    the error path: one ParseDict per member at each level walked."""
+
+    pool: descriptor_pool.DescriptorPool
+
+    def of(self, descriptor: Any, value: Any, path: str, depth: int) -> str:
+        at = f"at {path}: " if path else ""
+        if descriptor.full_name in _WELL_KNOWN or depth <= 0 or not isinstance(value, dict):
+            return f"{at}expected {_message_kind(descriptor)}"
+        fields = {f.json_name: f for f in descriptor.fields} | {
+            f.name: f for f in descriptor.fields
+        }
+        for key, member in value.items():
+            field = fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                known = ", ".join(f.json_name for f in descriptor.fields[:16])
+                return f"{at}a field {descriptor.full_name} does not have (it has: {known})"
+            if not self._fits(descriptor, {key: member}):
+                return self._field(field, member, f"{path}.{field.json_name}".lstrip("."), depth)
+        return f"{at}does not fit {descriptor.full_name}"
+
+    def _field(self, field: Any, member: Any, path: str, depth: int) -> str:
+        if _is_map(field):
+            value_field = field.message_type.fields_by_name["value"]
+            entry_type = value_field.message_type
+            if isinstance(member, dict) and entry_type is not None:
+                for entry in member.values():  # keys are data: the path does not name them
+                    if not self._fits(entry_type, entry):
+                        return self._one(value_field, entry, f"{path}{{}}", depth)
+            return f"at {path}: expected an object of {_field_kind(value_field)}"
+        if field.is_repeated:
+            if isinstance(member, list):
+                for index, element in enumerate(member):
+                    if not self._fits(field.containing_type, {field.json_name: [element]}):
+                        return self._one(field, element, f"{path}[{index}]", depth)
+            return f"at {path}: expected an array of {_field_kind(field)}"
+        return self._one(field, member, path, depth)
+
+    def _one(self, field: Any, member: Any, path: str, depth: int) -> str:
+        if field.message_type is not None and field.message_type.full_name not in _WELL_KNOWN:
+            return self.of(field.message_type, member, path, depth - 1)
+        return f"at {path}: expected {_field_kind(field)}"
+
+    def _fits(self, descriptor: Any, value: Any) -> bool:
+        """Whether ``value`` parses as message ``descriptor``."""
+        try:
+            json_format.ParseDict(
+                value,
+                message_factory.GetMessageClass(descriptor)(),
+                descriptor_pool=self.pool,
+                max_recursion_depth=MAX_DEPTH,
+            )
+        except Exception:
+            return False
+        return True
+
+
+def _is_map(field: Any) -> bool:
+    entry = field.message_type
+    return entry is not None and entry.GetOptions().map_entry
+
+
+def _field_kind(field: Any) -> str:
+    if field.enum_type is not None:
+        return f"a name or number of {field.enum_type.full_name}"
+    if field.message_type is not None:
+        return _message_kind(field.message_type)
+    return _SCALAR_KINDS.get(field.type, "a value")
+
+
+def _message_kind(descriptor: Any) -> str:
+    if descriptor.full_name in _WELL_KNOWN:
+        return f"the JSON form of {descriptor.full_name}"
+    return f"an object ({descriptor.full_name})"
+
+
+_INTEGER = "an integer, or one as a string"
+_SCALAR_KINDS = {
+    FieldDescriptor.TYPE_STRING: "a string",
+    FieldDescriptor.TYPE_BYTES: "base64 text",
+    FieldDescriptor.TYPE_BOOL: "true or false",
+    FieldDescriptor.TYPE_FLOAT: "a number",
+    FieldDescriptor.TYPE_DOUBLE: "a number",
+    **{
+        kind: f"{_INTEGER} ({name})"
+        for name, kind in (
+            ("int32", FieldDescriptor.TYPE_INT32),
+            ("int64", FieldDescriptor.TYPE_INT64),
+            ("uint32", FieldDescriptor.TYPE_UINT32),
+            ("uint64", FieldDescriptor.TYPE_UINT64),
+            ("sint32", FieldDescriptor.TYPE_SINT32),
+            ("sint64", FieldDescriptor.TYPE_SINT64),
+            ("fixed32", FieldDescriptor.TYPE_FIXED32),
+            ("fixed64", FieldDescriptor.TYPE_FIXED64),
+            ("sfixed32", FieldDescriptor.TYPE_SFIXED32),
+            ("sfixed64", FieldDescriptor.TYPE_SFIXED64),
+        )
+    },
+}
 
 
 class Schema:
@@ -134,11 +242,14 @@ class Schema:
         files: Iterable[descriptor_pb2.FileDescriptorProto],
         services: Iterable[str] | None = None,
         origin: str = "",
+        digest: str = "",
     ) -> None:
         self.origin = origin  # "its reflection", "descriptors file x.pb"
+        self.digest = digest  # of the files as fetched (upstreams/descriptors.py), if fetched
         self.pool = descriptor_pool.DescriptorPool()
-        by_name = {file.name: file for file in files}
-        failures = _add_files(self.pool, by_name, origin)
+        failures: dict[str, str] = {}
+        by_name = _with_runtime_files(files, failures)
+        _add_files(self.pool, by_name, origin, failures)
         if services is None:  # a file: every service it defines
             services = [
                 f"{file.package}.{service.name}" if file.package else service.name
@@ -181,14 +292,46 @@ class Schema:
         return self.broken.get(method[1:].partition("/")[0])
 
 
+def _with_runtime_files(
+    files: Iterable[descriptor_pb2.FileDescriptorProto], failures: dict[str, str]
+) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    """``files`` by name, each well-known file replaced by the protobuf runtime's copy; a file
+    that otherwise defines a google.protobuf package is refused (in ``failures``), so whatever
+    imports it does not load either."""
+    runtime = _runtime_files()
+    by_name = {}
+    for file in files:
+        package = file.package
+        if file.name in runtime:
+            by_name[file.name] = runtime[file.name]
+            continue
+        if package == _RUNTIME_PACKAGE or package.startswith(f"{_RUNTIME_PACKAGE}."):
+            failures[file.name] = (
+                f"{_quoted(file.name)} defines package {_quoted(package)}, which is the protobuf "
+                "runtime's own"
+            )
+        by_name[file.name] = file
+    return by_name
+
+
+@functools.cache
+def _runtime_files() -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    files = {}
+    for module in _RUNTIME_MODULES:
+        file = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(file)
+        files[file.name] = file
+    return files
+
+
 def _add_files(
     pool: descriptor_pool.DescriptorPool,
     files: Mapping[str, descriptor_pb2.FileDescriptorProto],
     origin: str,
-) -> dict[str, str]:
+    failures: dict[str, str],
+) -> None:
     """Adds every file after its imports (iteratively: a long import chain must not exhaust
-    the stack); returns the files that could not be added, with the reason."""
-    failures: dict[str, str] = {}
+    the stack); ``failures`` gains the files that could not be added, with the reason."""
     added: set[str] = set()
     for root in files:
         stack = [root]
@@ -218,7 +361,6 @@ def _add_files(
                 except Exception as exc:  # upb raises TypeError, python ValueError/KeyError...
                     failures[name] = _quoted(f"{name} does not load: {exc}")
             stack.pop()
-    return failures
 
 
 def _why_missing(

@@ -27,7 +27,6 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -39,11 +38,12 @@ from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
 from aggregator.call_record import CallRecord
 from aggregator.config import Config
-from aggregator.decoding import CallDecoder, JsonDecoder, NotDecoded
+from aggregator.decoding import CallDecoder
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.grpc_json import typed_plan
 from aggregator.metrics import Metrics
+from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
 from aggregator.policies.limits import Bulkhead
@@ -116,7 +116,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         config: Config,
         endpoints: dict[str, Endpoint],
         metrics: Metrics,
-        decoder: JsonDecoder,
+        offload: Offload,
         gate: Gate | None = None,
         catalog: Catalog | None = None,
         descriptors: Mapping[str, Descriptors] | None = None,
@@ -127,7 +127,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._catalog = catalog if catalog is not None else Catalog(config)
         self._endpoints = endpoints
         self._metrics = metrics
-        self._decoder = decoder
+        self._offload = offload
         self._gate = gate or Gate(config.auth)
         # The gRPC upstreams' descriptors, for targets in JSON (aggregator/grpc_json.py).
         self.descriptors: Mapping[str, Descriptors] = descriptors or {}
@@ -149,7 +149,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> None:
         # Results are written as they complete (context.write), not yielded through
         # generators: the stream is the hot path.
-        decoder = self._decoder.for_call(self._config.server.max_decoded_bytes)
+        decoder = CallDecoder(self._offload, self._config.server.max_decoded_bytes)
         await self._run("Aggregate", request, context, context.write, decoder)
 
     async def Collect(
@@ -157,10 +157,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> pb.CollectResponse:
         response = pb.CollectResponse()
         # One allowance for the call: what decode_json and the merge decode, together.
-        decoder = self._decoder.for_call(self._config.server.max_decoded_bytes)
+        decoder = CallDecoder(self._offload, self._config.server.max_decoded_bytes)
 
         async def gather(result: pb.TargetResult) -> None:
-            await _merge(response.merged, result, decoder)
+            await decoder.merge(response.merged, result)
             # A copy: as long as decoding the body was, for a large one.
             await decoder.run(len(result.body), response.results.append, result)
 
@@ -233,9 +233,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 plan = self._checked_plan(request, named, call.caller, metadata)
                 # Recorded as configured: a named aggregate's paths before params filled them.
                 call.plan = named.plan if named is not None else plan
-                plan = await typed_plan(plan, self.descriptors, budget.stop_at)
+                plan = await typed_plan(plan, self.descriptors, budget.stop_at, self._offload)
                 aggregation = Aggregation(plan, self._endpoints, budget, call.request_id, decoder)
-                call.reported, call.cut = aggregation.reported.values(), aggregation.cut
+                call.reported, call.cut = aggregation.reported.values(), aggregation.left_unreported
                 try:
                     # Cut at the end of the budget (inline: a wrapping coroutine would cost a
                     # frame on every resume of the fan-out). The fan-out ends by itself before,
@@ -466,23 +466,6 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
     return os.urandom(16).hex()
 
 
-async def _merge(merged: struct_pb2.Struct, result: pb.TargetResult, decoder: CallDecoder) -> None:
-    """``merged[id]``: the target's JSON (SPEC §6). A body the call may not decode is left out
-    of ``merged`` and says so in the result's ``error``; the outcome stays the upstream's."""
-    if result.outcome != pb.OUTCOME_OK:
-        return
-    if result.HasField("json"):
-        await decoder.run(len(result.body), merged.fields[result.id].CopyFrom, result.json)
-        return
-    if result.body and result.id not in decoder.undecoded:  # decode_json may have tried
-        try:
-            await decoder.fill(merged.fields[result.id], result.body, result.id)
-        except NotDecoded as refused:
-            del merged.fields[result.id]
-            if refused.sentence:
-                result.error = "; ".join(filter(None, (result.error, refused.sentence)))
-
-
 class AggregatorServer:
     """The running service. ``start()`` binds; ``drain()`` shuts down as SPEC §5 says."""
 
@@ -505,7 +488,7 @@ class AggregatorServer:
             "and none finished in time",
         )
         self._service: AggregatorService | None = None
-        self.decoder = JsonDecoder()  # large JSON bodies, off the loop
+        self.offload = Offload()  # CPU-bound work too large for the loop
         self._metrics_runner: web.AppRunner | None = None
         self.admin_port = 0
         self._admin_runner: web.AppRunner | None = None
@@ -545,7 +528,7 @@ class AggregatorServer:
             if isinstance(upstream, GrpcUpstream | Fleet) and upstream.descriptors is not None
         }
         self._service = AggregatorService(
-            self.config, self.endpoints, self.metrics, self.decoder,
+            self.config, self.endpoints, self.metrics, self.offload,
             descriptors=descriptors, recent=self.recent,
         )  # fmt: skip
         _add_aggregator(self._service, self._server)
@@ -667,7 +650,7 @@ class AggregatorServer:
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
             await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
-        self.decoder.close()
+        self.offload.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._admin_runner is not None:

@@ -89,14 +89,14 @@ def _fleet_descriptors(fleet: Fleet, config: UpstreamConfig) -> Descriptors:
     """A gRPC fleet's descriptors: from its file, or the reflection of one of its endpoints."""
     import asyncio
 
-    from aggregator.schema import Schema, load_descriptor_set
-    from aggregator.upstreams.descriptors import Descriptors
+    from aggregator.schema import load_descriptor_set
+    from aggregator.upstreams.descriptors import Descriptors, Reflected
     from aggregator.upstreams.grpc import GrpcUpstream
 
     if config.descriptors != "reflection":
         return Descriptors(config.name, schema=load_descriptor_set(config.descriptors))
 
-    async def reflected() -> Schema:
+    async def reflected() -> Reflected:
         deadline = asyncio.get_running_loop().time() + config.timeout
         member = await fleet.choose((), deadline)
         try:

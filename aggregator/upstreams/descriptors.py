@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import descriptor_pb2, message
 from grpc_reflection.v1alpha import reflection_pb2
 
+from aggregator.offload import Offload, OffloadBusy
 from aggregator.schema import MethodSchema, Schema
 
 MAX_SERVICES = 256
@@ -46,13 +50,40 @@ class UnknownMethod(Exception):
     """The upstream's descriptors have no such method (a request's INVALID_ARGUMENT)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Reflected:
+    """What an upstream's reflection sent: its files, as sent, and the services it lists."""
+
+    files: tuple[bytes, ...]
+    services: tuple[str, ...]
+    origin: str
+
+    def digest(self) -> str:
+        """The same for the same files and services, whatever the order they came in."""
+        digest = hashlib.sha256(self.origin.encode())
+        names = [name.encode() for name in sorted(self.services)]
+        for part in (*names, b"", *sorted(self.files)):  # each prefixed by its length
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        return digest.hexdigest()
+
+    def schema(self, known: Schema | None) -> Schema:
+        """``known`` when it was built from the same files, else a new Schema (CPU in
+        proportion to the files: on a thread)."""
+        digest = self.digest()
+        if known is not None and known.digest == digest:
+            return known
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in self.files]
+        return Schema(files, self.services, self.origin, digest)
+
+
 class Descriptors:
     """One upstream's descriptors, fetched once, cached, refreshed when a method is unknown."""
 
     def __init__(
         self,
         upstream: str,
-        fetch: Callable[[], Awaitable[Schema]] | None = None,
+        fetch: Callable[[], Awaitable[Reflected]] | None = None,
         schema: Schema | None = None,
     ) -> None:
         self.upstream = upstream
@@ -62,26 +93,29 @@ class Descriptors:
         self._refreshed_at = -REFRESH_AT_MOST_EVERY
         self._task: asyncio.Task[Schema] | None = None
         self.fetches = 0
+        self.builds = 0  # schemas built from what was fetched: identical files build none
 
     def __repr__(self) -> str:
         state = "fetching" if self._task is not None else "idle"
-        return f"<Descriptors {self.upstream} {self._schema!r} [{state}, {self.fetches} fetches]>"
+        counts = f"{self.fetches} fetches, {self.builds} builds"
+        return f"<Descriptors {self.upstream} {self._schema!r} [{state}, {counts}]>"
 
     def cached(self, name: str) -> MethodSchema | None:
         """The schema of method ``name`` if the descriptors at hand have it (no fetch)."""
         return self._schema.find(name) if self._schema is not None else None
 
-    async def method(self, name: str, wait: float) -> MethodSchema:
-        """The schema of method ``name``, waiting at most ``wait`` seconds for a fetch.
+    async def method(self, name: str, wait: float, offload: Offload) -> MethodSchema:
+        """The schema of method ``name``, waiting at most ``wait`` seconds for a fetch (its
+        files built into a schema by ``offload``).
 
         Raises DescriptorsUnavailable or UnknownMethod, each with a sentence."""
         loop = asyncio.get_running_loop()
         until = loop.time() + wait
-        schema = self._schema or await self._fetched(until)
+        schema = self._schema or await self._fetched(until, offload)
         found = schema.find(name)
         if found is None and schema.broken_reason(name) is None and self._may_refresh():
             with contextlib.suppress(DescriptorsUnavailable):  # then the old ones answer
-                schema = await self._fetched(until, refresh=True)
+                schema = await self._fetched(until, offload, refresh=True)
             found = schema.find(name)
         if found is not None:
             return found
@@ -101,7 +135,7 @@ class Descriptors:
         self._refreshed_at = now
         return True
 
-    async def _fetched(self, until: float, refresh: bool = False) -> Schema:
+    async def _fetched(self, until: float, offload: Offload, refresh: bool = False) -> Schema:
         if self._fetch is None:
             raise DescriptorsUnavailable(f"upstream {self.upstream!r} has no descriptors")
         if self._task is None:
@@ -110,7 +144,7 @@ class Descriptors:
                 sentence, at = failure
                 if time.monotonic() - at < RETRY_FAILED_AFTER:
                     raise DescriptorsUnavailable(sentence)
-            self._start()
+            self._start(offload)
         task = self._task
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -127,12 +161,17 @@ class Descriptors:
             raise DescriptorsUnavailable(str(error))
         return task.result()
 
-    def _start(self) -> None:
+    def _start(self, offload: Offload) -> None:
         assert self._fetch is not None
         self.fetches += 1
-        fetch = self._fetch
+        fetch, known = self._fetch, self._schema
+
+        async def fetched() -> Schema:
+            reflected = await fetch()
+            return await offload.thread(reflected.schema, known)
+
         self._task = asyncio.create_task(
-            _guarded(self.upstream, fetch), name=f"descriptors {self.upstream}"
+            _guarded(self.upstream, fetched), name=f"descriptors {self.upstream}"
         )
         self._task.add_done_callback(self._finished)
 
@@ -141,10 +180,20 @@ class Descriptors:
         if task.cancelled():
             return
         error = task.exception()  # retrieved here, so never "never retrieved"
-        if error is None:
-            self._schema, self._failure = task.result(), None
-        else:
+        if error is not None:
             self._failure = (str(error), time.monotonic())
+            return
+        schema, replaced = task.result(), self._schema
+        self._schema, self._failure = schema, None
+        if schema is not replaced:
+            self.builds += 1
+            if replaced is not None:
+                del replaced
+                # Its message classes sit in reference cycles, and the server collects the old
+                # generation rarely (server._settle_heap): without this, each replaced pool
+                # (about 20 times its files' size) stays until then. Rare: only when the
+                # upstream's files changed.
+                gc.collect()
 
     async def aclose(self) -> None:
         task = self._task
@@ -173,7 +222,7 @@ async def _guarded(upstream: str, fetch: Callable[[], Awaitable[Schema]]) -> Sch
         ) from None
     except TimeoutError:
         raise DescriptorsUnavailable(f"{what}: its reflection did not answer in time") from None
-    except ReflectionError as exc:
+    except (ReflectionError, OffloadBusy) as exc:
         raise DescriptorsUnavailable(f"{what}: {exc}") from None
     except Exception:  # a bug: logged, and the caller told no more than that
         log.exception("fetching the descriptors of upstream %r failed", upstream)
@@ -186,7 +235,7 @@ class ReflectionError(Exception):
 
 async def fetch_by_reflection(
     channel: grpc.aio.Channel, timeout: float, packages: tuple[str, str] = REFLECTION
-) -> tuple[Schema, str]:
+) -> tuple[Reflected, str]:
     """The upstream's services and their files, by reflection v1 (v1alpha when v1 is
     UNIMPLEMENTED; ``packages`` in the order to ask), within ``timeout`` seconds in all;
     and the reflection package that answered."""
@@ -201,7 +250,7 @@ async def fetch_by_reflection(
         return await _exchange(channel, packages[1], timeout), packages[1]
 
 
-async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> Schema:
+async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> Reflected:
     method = f"/{package}.ServerReflection/ServerReflectionInfo"
     requests: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -223,9 +272,9 @@ async def _exchange(channel: grpc.aio.Channel, package: str, timeout: float) -> 
         while missing := session.missing():
             for name in missing:
                 await session.files("file_by_filename", name)
-        # Building the pool costs CPU in proportion to what was sent: not on the event loop.
-        files = list(session.files_by_name.values())
-        return await asyncio.to_thread(Schema, files, services, f"its reflection ({package})")
+        # Built into a pool by Descriptors, off the loop, unless identical to the last ones.
+        files = tuple(session.raw_by_name.values())
+        return Reflected(files, tuple(services), f"its reflection ({package})")
     finally:
         requests.put_nowait(None)  # ends the iterator, so grpc's task consuming it ends too
         call.cancel()
@@ -240,6 +289,7 @@ class _Session:
         self._call = call
         self._requests = requests
         self.files_by_name: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        self.raw_by_name: dict[str, bytes] = {}  # as sent: hashed, then parsed again off the loop
         self._defined: set[str] = set()
         self._asked: set[str] = set()
         self._bytes = 0
@@ -296,6 +346,7 @@ class _Session:
         if len(self.files_by_name) >= MAX_FILES:
             raise ReflectionError(f"its reflection sent more than {MAX_FILES} files")
         self.files_by_name[file.name] = file
+        self.raw_by_name[file.name] = raw
         prefix = f"{file.package}." if file.package else ""
         self._defined.update(prefix + service.name for service in file.service)
 

@@ -9,12 +9,17 @@ import grpc
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
-from aggregator.schema import Schema, load_descriptor_set
+from aggregator.schema import load_descriptor_set
 from aggregator.security import hops
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
 from aggregator.upstreams import Reply
-from aggregator.upstreams.descriptors import REFLECTION, Descriptors, fetch_by_reflection
+from aggregator.upstreams.descriptors import (
+    REFLECTION,
+    Descriptors,
+    Reflected,
+    fetch_by_reflection,
+)
 from aggregator.upstreams.status_details import read_details
 from aggregator.v1 import aggregator_pb2 as pb
 
@@ -87,16 +92,16 @@ class GrpcUpstream:
             else Descriptors(self.name, schema=load_descriptor_set(config.descriptors))
         )
 
-    async def reflected(self) -> Schema:
+    async def reflected(self) -> Reflected:
         """The upstream's descriptors from its reflection, within its timeout: the package
         that answered last time is asked first (grpcio-reflection serves v1alpha only)."""
         self._rotate_if_changed(self._config.timeout)
-        schema, package = await fetch_by_reflection(
+        reflected, package = await fetch_by_reflection(
             self._channel, self._config.timeout, self._reflection
         )
         if package != self._reflection[0]:
             self._reflection = (self._reflection[1], self._reflection[0])
-        return schema
+        return reflected
 
     def __repr__(self) -> str:
         tls = f" tls {self._tls!r}" if self._tls is not None else ""

@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = "python:3.11-slim-bookworm"
@@ -61,7 +62,7 @@ def say(message: str) -> None:
     print(f"image: {message}", flush=True)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     raise SystemExit(f"image: {message}")
 
 
@@ -72,7 +73,6 @@ def find_engine() -> str:
     if shutil.which("docker") and quiet(["docker", "info"]).returncode == 0:
         return "docker"
     fail("neither podman nor a running docker engine (Debian: apt-get install podman runc)")
-    raise AssertionError  # unreachable: fail raises
 
 
 def quiet(argv: list[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 PROTO := protos/aggregator/v1/aggregator.proto
 
 # apt waits up to 5 minutes for a lock another process holds (unattended upgrades) instead of failing.
-.PHONY: screenshots install demo test lint proto proto-check proto-release bench clean redis chromium
+.PHONY: screenshots install demo test lint proto proto-check proto-release bench clean redis chromium \
+	image image-smoke image-tools
 
 install: $(STAMP)
 
@@ -24,6 +25,8 @@ lint: install
 	$(BIN)/ruff format --check aggregator tests examples
 	$(BIN)/mypy
 	$(BIN)/mypy examples
+	$(BIN)/ruff check deploy/image
+	$(BIN)/mypy --strict deploy/image
 
 # The cache tests run a real redis-server; install it from Debian's packages if missing.
 redis:
@@ -69,6 +72,30 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=generated \
 		--grpc_python_out=generated --pyi_out=generated $(PROTO)
 	touch generated/aggregator/v1/__init__.py
+
+# The container image (docs/operations.md, "Image"): podman (docker where podman is absent),
+# with only the flags this host needs; a base made from Debian's packages (mmdebstrap) when
+# no registry can be reached. COLD=1 remakes the base and uses no layer cache.
+IMAGE ?= localhost/aggregator:0.1.0
+IMAGE_FLAGS = --tag $(IMAGE) $(if $(COLD),--cold)
+image: image-tools
+	$(PYTHON) deploy/image/build.py $(IMAGE_FLAGS)
+
+# Builds the image, runs it on a free loopback port and checks health, one aggregate, /metrics
+# and a drained stop. Not part of `make test`.
+image-smoke: image-tools install
+	$(BIN)/python deploy/image/smoke.py $(IMAGE_FLAGS)
+
+# podman and runc when there is neither podman nor a docker engine, and mmdebstrap (needed only
+# when no base image can be pulled, so its install may fail), from Debian's packages; waits for
+# an apt lock another process holds.
+APT_GET = $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get -o DPkg::Lock::Timeout=300 -q
+APT_INSTALL = { $(APT_GET) install -y $(1) >/dev/null 2>&1 || \
+	{ $(APT_GET) update >/dev/null && $(APT_GET) install -y $(1) >/dev/null; }; }
+image-tools:
+	@{ command -v podman || docker info; } >/dev/null 2>&1 || $(call APT_INSTALL,podman runc)
+	@command -v mmdebstrap >/dev/null || $(call APT_INSTALL,mmdebstrap) || \
+		echo "image-tools: no mmdebstrap (needed only when no base image can be pulled)"
 
 bench: install
 	$(BIN)/python -m bench

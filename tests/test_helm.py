@@ -4,17 +4,27 @@ code, no helm binary, no cluster) and validated against the Kubernetes 1.32 sche
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import posixpath
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import trustme
 import yaml
 
 from aggregator.config import ConfigError, config_from_mapping, parse_duration
+from tests import test_dashboard
+from tests.test_dashboard import TARGET_LABELS, parse
+
+# A real server's /metrics after real calls (the fixture the dashboard's queries are checked on).
+exposition = test_dashboard.exposition
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="validates manifests")
@@ -46,6 +56,16 @@ class Release:
     def container(self) -> dict[str, Any]:
         (container,) = self.pod["spec"]["containers"]
         return container
+
+    @property
+    def init_container(self) -> dict[str, Any]:
+        (container,) = self.pod["spec"]["initContainers"]
+        return container
+
+    @property
+    def test_pod(self) -> dict[str, Any]:
+        (pod,) = [p for p in self.all("Pod") if "helm.sh/hook" in p["metadata"]["annotations"]]
+        return pod
 
     @property
     def config(self) -> dict[str, Any]:
@@ -81,6 +101,17 @@ VARIANTS = {
     "no-metrics": {"metricsPort": 0, "serviceMonitor": {"enabled": True}},
     "min-available": {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None}},
     "two-workers": {"config": {"server": {"workers": 2}}, "resources": {"limits": {"cpu": "2"}}},
+    "alerts": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
+    "network-policy": {
+        "networkPolicy": {
+            "enabled": True,
+            "grpcFrom": [{"podSelector": {"matchLabels": {"role": "frontend"}}}],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}],
+        }
+    },
+    "tls-network-policy": {"tls": TLS, "networkPolicy": {"enabled": True}},
+    "no-checks": {"checkConfig": {"enabled": False}, "helmTest": {"enabled": False}},
 }
 
 
@@ -95,6 +126,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(values):
             continue  # a CRD: no schema here, checked field by field below
         kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
     assert {"ConfigMap", "Deployment", "Service", "ServiceAccount"} <= kinds
+    assert ("NetworkPolicy" in kinds) == ("networkPolicy" in values)
+    assert ("PrometheusRule" in kinds) == ("prometheusRule" in values)
 
 
 @pytest.mark.parametrize("values", VARIANTS.values(), ids=VARIANTS.keys())
@@ -351,3 +384,199 @@ def test_the_chart_lints_clean():
 
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", [{}, {"tls": TLS}], ids=["plaintext", "tls"])
+def test_an_init_container_checks_the_config_the_server_will_read(values):
+    release = render(values)
+    init, server = release.init_container, release.container
+
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert init["command"] == ["aggregator", "check-config", env["AGGREGATOR_CONFIG"]]
+    assert init["image"] == server["image"]
+    assert init["volumeMounts"] == server["volumeMounts"]  # the TLS files it checks, too
+    assert init["securityContext"] == server["securityContext"]
+    assert {"requests", "limits"} <= init["resources"].keys()
+    assert release.one("Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert "initContainers" not in render({"checkConfig": {"enabled": False}}).pod["spec"]
+
+
+def run_init_container(release: Release, tmp_path: Path) -> tuple[int, str]:
+    """Runs the rendered init container's command here: the ConfigMap written where the pod
+    mounts it (under tmp_path), the real `aggregator check-config`."""
+    mount = next(m for m in release.init_container["volumeMounts"] if m["name"] == "config")
+    volume = next(v for v in release.pod["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == release.one("ConfigMap")["metadata"]["name"]
+    local = tmp_path / mount["mountPath"].lstrip("/")
+    local.mkdir(parents=True)
+    for key, text in release.one("ConfigMap")["data"].items():
+        (local / key).write_text(text)
+    program, *args = release.init_container["command"]
+    args = [str(tmp_path / a.lstrip("/")) if a.startswith(mount["mountPath"]) else a for a in args]
+    executable = Path(sys.executable).with_name(program)  # the virtualenv's console script
+    done = subprocess.run([executable, *args], capture_output=True, text=True, check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_helm_template_with_a_bad_config_value_renders_an_init_container_that_refuses_it(tmp_path):
+    good = render()
+    bad = render({"config": {"upstreams": {"catalog": {"kind": "http", "url": "http://c:80",
+                                                        "timout": "1s"}}}})  # fmt: skip
+
+    # Helm cannot know the service's keys: the typo renders, and reaches the ConfigMap...
+    assert bad.config["upstreams"]["catalog"]["timout"] == "1s"
+    # ...and the pod's first container is the check that stops it before the server starts.
+    code, output = run_init_container(bad, tmp_path / "bad")
+    assert code != 0
+    assert "timout" in output
+    assert run_init_container(good, tmp_path / "good")[0] == 0
+
+
+def test_helm_test_hook_asks_the_services_health_check():
+    release = render()
+    pod = release.test_pod
+    service = release.one("Service")
+
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "test"
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == release.container["image"]
+    target, name = container["command"][3:]
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert target == f"{service['metadata']['name']}.checkout.svc:{port}"
+    assert name == "aggregator.v1.Aggregator"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Never one of the release's serving pods: no Service, PDB or spread constraint counts it.
+    labels = pod["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= labels.items()
+    assert not release.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= (
+        labels.items()
+    )
+    assert render({"helmTest": {"enabled": False}}).all("Pod") == []
+
+
+def test_helm_test_hook_with_tls_verifies_the_server_and_presents_a_client_certificate():
+    release = render({"tls": TLS, "helmTest": {"tlsServerName": "aggregator.example"}})
+    (container,) = release.test_pod["spec"]["containers"]
+
+    ca, server_name, cert, key = container["command"][5:]
+    (mount,) = container["volumeMounts"]
+    assert {ca, cert, key} == {
+        f"{mount['mountPath']}/{n}" for n in ("ca.crt", "tls.crt", "tls.key")
+    }
+    assert server_name == "aggregator.example"
+    (volume,) = release.test_pod["spec"]["volumes"]
+    assert volume["secret"]["secretName"] == TLS["secretName"]
+
+
+async def run_test_hook(release: Release, target: str, service: str) -> tuple[int, str]:
+    (container,) = release.test_pod["spec"]["containers"]
+    program, flag, script, *_ = container["command"]
+    assert (program, flag) == ("python", "-c")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, flag, script, target, service,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    return await process.wait(), output.decode()
+
+
+async def test_helm_test_hooks_script_passes_on_serving_and_fails_otherwise(start_server):
+    release = render()
+    server, _ = await start_server()
+    target = f"127.0.0.1:{server.port}"
+
+    code, output = await run_test_hook(release, target, "aggregator.v1.Aggregator")
+    assert (code, output.strip()) == (0, f"{target} aggregator.v1.Aggregator: SERVING")
+    code, output = await run_test_hook(release, target, "no.such.Service")
+    assert code != 0
+    assert grpc.StatusCode.NOT_FOUND.name in output
+
+
+PROMETHEUS_RULE = {"prometheusRule": {"enabled": True}}
+
+
+def alert_exprs() -> list[str]:
+    rule = render(PROMETHEUS_RULE).one("PrometheusRule")
+    return [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_prometheus_rule_is_off_by_default_and_alerts_on_the_four_signals():
+    assert render().all("PrometheusRule") == []
+    values = {"prometheusRule": {"enabled": True, "labels": {"release": "prom"},
+                                 "errorRatio": 0.1, "for": "10m", "severity": "page"}}  # fmt: skip
+    rule = render(values).one("PrometheusRule")
+
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    (group,) = rule["spec"]["groups"]
+    alerts = {r["alert"]: r for r in group["rules"]}
+    assert set(alerts) == {"AggregatorErrorRatioHigh", "AggregatorCircuitOpen",
+                           "AggregatorOverheadHigh", "AggregatorRejectingCalls"}  # fmt: skip
+    for alert in alerts.values():
+        assert set(alert) == {"alert", "expr", "for", "labels", "annotations"}
+        assert alert["labels"] == {"severity": "page"}
+        assert {"summary", "description"} <= alert["annotations"].keys()
+    assert alerts["AggregatorErrorRatioHigh"]["expr"].strip().endswith("> 0.1")
+    assert alerts["AggregatorErrorRatioHigh"]["for"] == "10m"
+    assert "10%" in alerts["AggregatorErrorRatioHigh"]["annotations"]["summary"]
+    assert alerts["AggregatorCircuitOpen"]["for"] == "2m"
+    for expr in alert_exprs():  # this release's series only, as its ServiceMonitor scrapes them
+        for _, matchers in parse(expr)[0]:
+            assert ("namespace", "=", "checkout") in matchers
+            assert ("job", "=", "shop-aggregator") in matchers
+
+
+@pytest.mark.parametrize("expr", alert_exprs())
+async def test_alerts_use_only_series_and_labels_the_server_exposes(expr, exposition):
+    selectors, groupings, bare = parse(expr)
+
+    assert re.sub(r"[\d.]+", "", " ".join(bare)).strip() == "", f"unparsed {bare} in {expr}"
+    for name, matchers in selectors:
+        assert name in exposition, f"{name} is not on /metrics"
+        labels = exposition.labels[name]
+        for label, _, value in matchers:
+            assert label in set(labels) | TARGET_LABELS, f"{name} has no label {label}"
+            if label == "code":  # gRPC status names, whether this run saw them or not
+                assert set(value.split("|")) <= {c.name for c in grpc.StatusCode}
+            elif label not in TARGET_LABELS:
+                assert value in labels[label], f'{name}{{{label}="{value}"}} never seen'
+        kind = exposition.kinds[name]
+        assert (f"rate({name}{{" in expr) == (kind in ("counter", "histogram")), expr
+    assert set(groupings) <= {"le", "upstream"}
+
+
+def test_network_policy_is_off_by_default_and_opens_only_the_services_ports():
+    assert render().all("NetworkPolicy") == []
+    release = render(VARIANTS["network-policy"])
+    policy = release.one("NetworkPolicy")["spec"]
+
+    assert policy["podSelector"]["matchLabels"].items() <= release.pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    ports = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert set(ports) == {p["name"] for p in release.container["ports"]} == {"grpc", "metrics"}
+    grpc_from = ports["grpc"]["from"]
+    assert grpc_from[0] == {"podSelector": {"matchLabels": {"role": "frontend"}}}
+    # the helm test pod may call it too
+    test_labels = release.test_pod["metadata"]["labels"]
+    assert grpc_from[1]["podSelector"]["matchLabels"].items() <= test_labels.items()
+    assert ports["metrics"]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    ]
+    upstreams, dns = policy["egress"]
+    assert upstreams == {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}
+    assert {p["port"] for p in dns["ports"]} == {53}
+
+
+def test_network_policy_leaves_egress_open_unless_it_is_a_list():
+    open_egress = render({"networkPolicy": {"enabled": True}}).one("NetworkPolicy")["spec"]
+    assert open_egress["policyTypes"] == ["Ingress"]
+    assert "egress" not in open_egress
+    assert all("from" not in rule for rule in open_egress["ingress"])  # no peers: anyone
+
+    dns_only = render({"networkPolicy": {"enabled": True, "egress": []}}).one("NetworkPolicy")
+    assert dns_only["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    ((rule,),) = [dns_only["spec"]["egress"]]
+    assert {p["port"] for p in rule["ports"]} == {53}

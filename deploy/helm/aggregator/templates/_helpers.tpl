@@ -124,3 +124,38 @@ calls, then 5 s for the process to exit; an explicit value must leave room for t
 {{- define "aggregator.headlessName" -}}
 {{- printf "%s-headless" (include "aggregator.fullname" . | trunc 54 | trimSuffix "-") }}
 {{- end }}
+
+{{/* The image both containers run. */}}
+{{- define "aggregator.image" -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}
+{{- end }}
+
+{{/* The files the server reads, mounted alike in the check-config init container. */}}
+{{- define "aggregator.volumeMounts" -}}
+- name: config
+  mountPath: {{ include "aggregator.configDir" . }}
+  readOnly: true
+{{- if .Values.tls.enabled }}
+# Whole directories, never subPath: Secret updates (renewed certificates) only
+# reach directory mounts, and the server reloads the files when they change.
+- name: tls
+  mountPath: {{ include "aggregator.tlsDir" . }}
+  readOnly: true
+{{- if .Values.tls.clientCA.enabled }}
+- name: client-ca
+  mountPath: {{ include "aggregator.clientCADir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* The helm test pod's labels: this release's, but never the Services' or the PDB's selector. */}}
+{{- define "aggregator.testLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "aggregator.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

@@ -23,6 +23,7 @@ lint: install
 	$(BIN)/ruff format --check aggregator tests examples
 	$(BIN)/mypy
 	$(BIN)/mypy examples
+	$(BIN)/lint-imports
 
 # The cache tests run a real redis-server; install it from Debian's packages if missing.
 redis:

@@ -27,6 +27,7 @@ lint: install
 	$(BIN)/mypy examples
 	$(BIN)/ruff check deploy/image
 	$(BIN)/mypy --strict deploy/image
+	$(BIN)/lint-imports
 
 # The cache tests run a real redis-server; install it from Debian's packages if missing.
 redis:

@@ -10,7 +10,8 @@ import sys
 
 from aggregator.client import add_arguments as add_call_arguments
 from aggregator.client import run as run_call
-from aggregator.config import ConfigError, load_config
+from aggregator.config import ConfigError
+from aggregator.load import load, load_text
 from aggregator.logs import configure as configure_logging
 
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("demo", help="run built-in upstreams and show an aggregate streaming in")
     check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("path")
+    check.add_argument("path", help="the YAML file, or - to read it from standard input")
     call = commands.add_parser(
         "call",
         help="send a request (JSON or YAML) to a running server and draw its results on a timeline",
@@ -50,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_config(path: str) -> int:
     try:
-        config = load_config(path)
+        loaded = load_text(sys.stdin.read(), source="<stdin>") if path == "-" else load(path)
     except ConfigError as exc:
         print("\n".join(exc.problems))
         return 1
-    for warning in config.warnings:
+    for warning in loaded.config.warnings:
         print(f"warning: {warning}")
     print("ok")
     return 0
@@ -65,10 +66,11 @@ def _serve(path: str | None) -> int:
         print("aggregator serve: --config PATH or AGGREGATOR_CONFIG is required", file=sys.stderr)
         return 2
     try:
-        config = load_config(path)
+        loaded = load(path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
+    config = loaded.config
     configure_logging(config.server.log_format, config.server.log_level)
     for warning in config.warnings:
         logging.getLogger("aggregator").warning("config: %s", warning)

@@ -40,7 +40,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from aggregator.config import parse_duration
+from aggregator.durations import parse_duration
 from aggregator.timeline import (
     Style,
     Timeline,

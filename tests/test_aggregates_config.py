@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from aggregator.aggregates import Catalog
-from aggregator.config import ConfigError, config_from_mapping
+from aggregator.config import ConfigError
+from aggregator.load import load_mapping
 
 PRODUCT_PAGE = """
 upstreams:
@@ -47,12 +48,12 @@ def _document(**changes: Any) -> dict[str, Any]:
 
 def _problems(document: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as refused:
-        config_from_mapping(document)
+        load_mapping(document)
     return refused.value.problems
 
 
 def test_the_spec_example_loads_and_is_planned() -> None:
-    config = config_from_mapping(_document())
+    config = load_mapping(_document()).config
     assert config.warnings == ()
     named = Catalog(config).get("product_page")
     assert named is not None
@@ -156,7 +157,7 @@ def test_parameter_declarations_are_checked() -> None:
 def test_an_unused_parameter_is_a_warning_not_an_error() -> None:
     document = _document()
     document["aggregates"]["product_page"]["params"]["unused"] = {"default": 3}
-    config = config_from_mapping(document)
+    config = load_mapping(document).config
     assert config.warnings == (
         "aggregates.product_page.params.unused: declared but no target uses {{params.unused}}",
     )
@@ -170,7 +171,7 @@ def test_names_and_shape_are_checked() -> None:
     problems = _problems(document)
     assert any(p.startswith("aggregates.ad_hoc: 'ad_hoc' is the metric label") for p in problems)
     assert "aggregates.empty.targets: required (a list of targets)" in problems
-    assert "aggregates.typo.tagets: unknown key" in problems
+    assert "aggregates.typo.tagets: unknown key; did you mean `targets`?" in problems
     assert "aggregates.typo.targets[0]: one of http or grpc is required" in problems
 
 

@@ -24,6 +24,7 @@ from aggregator.config import (
     parse_config,
     parse_duration,
 )
+from aggregator.load import load_mapping
 
 # SPEC §7, verbatim.
 SPEC_EXAMPLE = """\
@@ -601,3 +602,69 @@ def test_fleet_keys_parse_with_their_defaults():
     assert pricing.balancer == "round_robin"
     assert not pricing.adaptive_concurrency
     assert pricing.max_concurrency == 100
+
+
+# check-config's help for a first hour (issue 22) ---------------------------------------------
+
+
+def test_an_unknown_key_names_the_nearest_known_one():
+    problems = problems_of(spoiled(upstreams__catalog__timout="1s", server__wokers=2, zzz=1))
+    assert problems == [
+        "zzz: unknown key",  # nothing near it: no guess
+        "server.wokers: unknown key; did you mean `workers`?",
+        "upstreams.catalog.timout: unknown key; did you mean `timeout`?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1m30s", 90.0), ("1h30m", 5400.0), ("2s500ms", 2.5), ("1h0m5s", 3605.0), ("1.5m", 90.0)],
+)
+def test_compound_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+    assert parse_config(f"server: {{shutdown_grace: {text}}}").server.shutdown_grace == seconds
+
+
+@pytest.mark.parametrize("text", ["30s1m", "1m1m", "1m 30s", "1m30", "m30s", "1ms1s"])
+def test_compound_durations_name_each_unit_once_largest_first(text):
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_a_yaml_syntax_error_names_the_file_in_its_position_too(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("server:\n  workers: [1\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    (problem,) = raised.value.problems
+    assert f'in "{path}", line' in problem
+    assert "<unicode string>" not in problem
+
+
+def test_an_upstream_without_kind_is_one_problem_not_a_cascade():
+    document = {
+        "upstreams": {"catalog": {"url": "http://127.0.0.1:8081"}},
+        "aggregates": {"page": {"targets": [{"id": "p", "http": {"upstream": "catalog"}}]}},
+        "auth": {"callers": {"web": {"token_subject": "web", "upstreams": ["catalog"]}}},
+    }
+    with pytest.raises(ConfigError) as raised:
+        load_mapping(document)
+    assert key_paths(raised.value.problems) == [
+        "upstreams.catalog.kind",
+        "auth.callers.web.token_subject",  # its own problem: no auth.jwt
+    ]
+
+
+def test_check_config_reads_standard_input_for_a_dash():
+    ok = subprocess.run(
+        [sys.executable, "-m", "aggregator", "check-config", "-"],
+        input=SPEC_EXAMPLE, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (ok.returncode, ok.stdout) == (0, "ok\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "aggregator", "check-config", "-"],
+        input="server: [\n", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stdout.startswith("<stdin>: not valid YAML: ")
+    assert 'in "<stdin>", line' in bad.stdout

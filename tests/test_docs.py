@@ -14,7 +14,7 @@ runs to start the example upstreams and server) and ``<!-- docs-test: is example
 block that shows that file). The example's addresses (127.0.0.1:50051, 9464, 8081, 8082) are
 replaced by free ports, so the test never collides with a server someone left running.
 
-The configuration tables are checked against the config code: every key of config.py's
+The configuration tables are checked against the config code: every key of config/schema.py's
 dataclasses is documented, with the default the parser applies.
 """
 
@@ -351,15 +351,11 @@ def documented_keys() -> dict[str, str]:
     return keys
 
 
-# Fields the parser derives: a mapping entry's key, the list form of url/address, auto's flag.
-_DERIVED = {"name", "endpoints", "adaptive_concurrency"}
-
-
 def code_keys(cls: type, prefix: str) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
     """Every key the config code has under ``prefix``, sub-sections included, with its field."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name in _DERIVED:  # not keys of their own
+        if field.metadata.get("derived"):  # filled in by the reader (config/schema.py)
             continue
         key = f"{prefix}.{field.name}"
         inner = _section_type(hints[field.name])

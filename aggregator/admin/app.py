@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 from aiohttp import hdrs, web
 
 from aggregator.admin.recent import AggregateRecord, Recent
+from aggregator.hosts import bare_host, is_loopback
 from aggregator.vocabulary import REQUEST_ID
 
 log = logging.getLogger("aggregator.admin")
@@ -135,7 +136,7 @@ class HostCheck:
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        self._names = frozenset(filter(None, map(_bare_host, names)))
+        self._names = frozenset(filter(None, map(bare_host, names)))
 
     def __repr__(self) -> str:
         return f"<HostCheck loopback names, the local address, {sorted(self._names)}>"
@@ -144,13 +145,13 @@ class HostCheck:
         host = _host_of(request.headers.get(hdrs.HOST, ""))
         if not host:
             return False
-        if host in self._names or host == "localhost" or host.endswith(".localhost"):
+        if host in self._names or is_loopback(host):
             return True
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
-        return address.is_loopback or address == _local_address(request)
+        return address == _local_address(request)
 
     @web.middleware
     async def middleware(
@@ -176,11 +177,7 @@ def _host_of(header: str) -> str | None:
         host, _, port = header.partition(":")
     if port and not (port.isascii() and port.isdigit()):
         return None
-    return _bare_host(host)
-
-
-def _bare_host(name: str) -> str:
-    return name.strip("[]").removesuffix(".").lower()
+    return bare_host(host)
 
 
 def _local_address(request: web.Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

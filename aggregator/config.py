@@ -161,6 +161,9 @@ class UpstreamConfig:
     path_prefixes: tuple[str, ...] = ()  # http: paths must start with one of these. Empty: any.
     max_request_bytes: int = MIB  # a request body (http) or request message (grpc)
     max_response_bytes: int = MIB  # read from a response before giving up
+    # http: the upstream reads every request body, whatever it answers: a request with a body
+    # may keep its connection alive (otherwise it goes with Connection: close).
+    reads_request_bodies: bool = False
     max_headers: int = 64  # request headers or metadata entries, forwarded ones included
     max_header_bytes: int = 16 * 1024  # their names and values together
     # Identity, method-override and URL-rewrite headers (X-Forwarded-For, X-HTTP-Method-Override,
@@ -789,6 +792,9 @@ def _read_upstream(reader: _Reader, name: str, raw: Any) -> UpstreamConfig | Non
             section, "max_response_bytes", path, _int(1), d.max_response_bytes
         ),
         max_headers=reader.value(section, "max_headers", path, _int(0), d.max_headers),
+        reads_request_bodies=reader.value(
+            section, "reads_request_bodies", path, _bool, d.reads_request_bodies
+        ),
         max_header_bytes=reader.value(
             section, "max_header_bytes", path, _int(0), d.max_header_bytes
         ),

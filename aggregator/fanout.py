@@ -28,7 +28,7 @@ from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.grpc_json import decoded_into, rendered_request
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
-from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.schema import MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
@@ -109,7 +109,7 @@ class Aggregation:
     def __init__(
         self,
         plan: Plan,
-        endpoints: Mapping[str, Endpoint],
+        endpoints: Mapping[str, GuardedUpstream],
         budget: Budget,
         request_id: str,
         decoder: CallDecoder,

@@ -471,8 +471,8 @@ class GuardedUpstream:
         return delay
 
     def admin_stats(self) -> dict[str, Any]:
-        """What the admin page shows of this upstream's policies (SPEC §13): its endpoints
-        (SPEC §12: one, or a fleet's active and ejected ones) and its concurrency limit (fixed,
+        """What the admin page shows of this upstream's policies (docs/admin.md): its endpoints
+        (docs/fleet.md: one, or a fleet's active and ejected ones) and its concurrency limit (fixed,
         or where the adaptive limit stands)."""
         active, ejected = self._balancer.counts()
         endpoints = {"active": active, "ejected": ejected}

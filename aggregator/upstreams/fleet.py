@@ -1,4 +1,4 @@
-"""An upstream that is a fleet (SPEC §12): its endpoints, how a call picks one, and when one
+"""An upstream that is a fleet (docs/fleet.md): its endpoints, how a call picks one, and when one
 is taken out.
 
 Every entry of an upstream's ``url`` (http) or ``address`` (grpc) is looked up, and every
@@ -172,7 +172,7 @@ class Single:
 
 
 class FleetMetrics:
-    """What the fleet reports (SPEC §12): set by the fleet, labelled by upstream only."""
+    """What the fleet reports (docs/fleet.md): set by the fleet, labelled by upstream only."""
 
     def __init__(
         self,

@@ -111,7 +111,7 @@ class Pool:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         # ``host`` names the origin (TLS's server name); ``connect_to``, when given, is the IP
-        # address of the one endpoint of it this pool connects to (SPEC §12).
+        # address of the one endpoint of it this pool connects to (docs/fleet.md).
         self._host = host
         self._port = port
         self._clock = clock  # keep-alive expiry and the DNS cache run on it

@@ -53,7 +53,7 @@ _CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
 _DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
 # A timeout whose timer the event loop ran more than this late is this process's, not the
 # upstream's: the answer may have been in, unread (docs/resilience.md).
-LATE_TOLERANCE = 0.050
+LATE_TOLERANCE = 0.100
 # Answered attempts that never feed the adaptive limit: not the upstream's doing.
 _UNSAMPLED = (Blame.CALLER, Blame.OURS)
 

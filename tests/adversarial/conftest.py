@@ -66,6 +66,7 @@ class Answer:
     details: str
     trailers: dict[str, Any]
     span: Span
+    elapsed: float  # seconds from the call to its last byte
 
     def by_id(self) -> dict[str, pb.TargetResult]:
         return {result.id: result for result in self.results}
@@ -92,18 +93,18 @@ class Adversary:
         """Aggregate(request) in a watched span that allows for the request's bytes and
         ``answered_bytes`` (what the test's upstreams answer the call's targets)."""
         async with self.watch.span(request.ByteSize() + answered_bytes) as span:
+            started = time.perf_counter()
             results, code, details, trailers = await collect(
                 self.stub.Aggregate(request, timeout=timeout)
             )
-        return Answer(results, code, details, trailers, span)
+            elapsed = time.perf_counter() - started
+        return Answer(results, code, details, trailers, span, elapsed)
 
     async def timed(self, request: pb.AggregateRequest, answered_bytes: int = 0) -> float:
         """How long the server takes to answer ``request`` (seconds), under the watch."""
-        started = time.perf_counter()
         answer = await self.call(request, answered_bytes)
-        elapsed = time.perf_counter() - started
         assert_clean(request, answer)
-        return elapsed
+        return answer.elapsed
 
 
 def _required_failure(request: pb.AggregateRequest, answer: Answer) -> bool:

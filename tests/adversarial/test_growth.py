@@ -36,7 +36,7 @@ def past_max_targets(n: int) -> pb.AggregateRequest:
 
 def wide_http_json(n: int) -> pb.AggregateRequest:
     body = struct_pb2.Value()
-    body.list_value.extend([{"k": i, "v": "w"} for i in range(n)])
+    body.struct_value.update({"items": [{"k": i, "v": "w"} for i in range(n)]})
     return pb.AggregateRequest(targets=[http("j", "/echo", method="POST", json=body)])
 
 
@@ -103,8 +103,8 @@ async def test_answer_time_grows_at_most_linearly_in_request_bytes(
     make, size = SHAPES[shape]
     requests = [make(size * 2**step) for step in range(DOUBLINGS + 1)]
     sizes = [request.ByteSize() for request in requests]
-    for small, large in itertools.pairwise(sizes):
-        assert 1.7 < large / small < 2.3, sizes
+    for smaller, larger in itertools.pairwise(sizes):
+        assert 1.7 < larger / smaller < 2.3, sizes
     times = await median_times(adversary, requests)
     shown = ", ".join(f"{b} B: {t * 1000:.1f} ms" for b, t in zip(sizes, times, strict=True))
     for small, large in itertools.pairwise(times):

@@ -8,6 +8,7 @@ stalled past LOOP_LAG_BOUND or the process's RSS grew past what the bytes read j
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,14 +33,18 @@ StartServer = Callable[..., Awaitable[tuple[AggregatorServer, pb_grpc.Aggregator
 PUBLIC = "/echo/public/"
 
 
+# As in tests/test_fuzz.py: AGGREGATOR_FUZZ=explore draws ten times as many new examples.
+EXPLORE = os.environ.get("AGGREGATOR_FUZZ") == "explore"
+
+
 def bounded(max_examples: int) -> settings:
     """Hypothesis settings for the harness: few examples, the same ones every run (a red
     build reproduces), no per-example deadline (the watch bounds time, not Hypothesis), and
     no shrinking: against a live server it takes minutes, and the example fails as drawn."""
     return settings(
-        max_examples=max_examples,
+        max_examples=max_examples * (10 if EXPLORE else 1),
         deadline=None,
-        derandomize=True,
+        derandomize=not EXPLORE,
         database=None,
         phases=[Phase.explicit, Phase.generate],
         suppress_health_check=[

@@ -5,8 +5,9 @@ watch (RSS_SLACK + RSS_PER_BYTE x the bytes read), at every size.
 
 The bound is generous: the median time may grow at most GROWTH_PER_DOUBLING times per doubling
 (linear work doubles; quadratic work quadruples). A median under FLOOR counts as FLOOR: below
-it a time is mostly the machine's noise. The sizes keep the largest request within the loop-lag
-bound today; the known findings' sizes are in test_known_findings.py.
+it a time is mostly the machine's noise. A time excludes the loop thread's wait for a CPU (as
+the watch's stalls do). The sizes keep the largest request within the loop-lag bound today;
+the known findings' sizes are in test_known_findings.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.adversarial.conftest import Adversary
 from tests.conftest import http
 
 GROWTH_PER_DOUBLING = 3.0
-FLOOR = 0.005  # seconds
+FLOOR = 0.010  # seconds
 RUNS = 5
 DOUBLINGS = 3  # four sizes
 
@@ -73,9 +74,9 @@ SHAPES: dict[str, tuple[Callable[[int], pb.AggregateRequest], int]] = {
     "past-max-targets": (past_max_targets, 150),
     "wide-http-json": (wide_http_json, 200),
     "wide-grpc-json": (wide_grpc_json, 200),
-    "past-max-headers": (past_max_headers, 250),
-    "past-max-references": (past_max_references, 400),
-    "odd-long-path": (odd_long_path, 1000),
+    "past-max-headers": (past_max_headers, 1000),
+    "past-max-references": (past_max_references, 1000),
+    "odd-long-path": (odd_long_path, 2000),
     "fan-in": (fan_in, 8),
 }
 

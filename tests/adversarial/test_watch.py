@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from aggregator.v1 import aggregator_pb2 as pb
+from tests.adversarial import watch as watch_module
 from tests.adversarial.conftest import Adversary, assert_clean
 from tests.adversarial.watch import (
     LOOP_LAG_BOUND,
@@ -93,3 +94,16 @@ async def test_an_ordinary_call_is_well_inside_the_bounds(adversary: Adversary) 
     assert answer.code == grpc.StatusCode.OK
     assert_clean(request, answer)
     assert answer.span.growth < RSS_SLACK
+
+
+async def test_a_ticker_that_fails_fails_the_span(
+    watch: LoopWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch whose ticker died would see no stall at all: that fails the span instead."""
+
+    def broken() -> float:
+        raise RuntimeError("no schedstat")
+
+    monkeypatch.setattr(watch_module, "queued", broken)
+    with pytest.raises(AssertionError, match="ticker failed"):
+        await stall(watch, busy=False)

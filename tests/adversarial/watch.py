@@ -58,7 +58,7 @@ def resident_bytes() -> int:
     return int(_STATM.read_text().split()[1]) * _PAGE
 
 
-def _queued() -> float:
+def queued() -> float:
     """Seconds this thread has spent runnable but waiting for a CPU (0 where unknown)."""
     try:
         return int(_SCHEDSTAT.read_text().split()[1]) / 1e9
@@ -106,10 +106,10 @@ class Ticker:
 
     async def run(self) -> None:
         while True:
-            wall, queued = time.perf_counter(), _queued()
+            wall, waited = time.perf_counter(), queued()
             await asyncio.sleep(TICK)
             late = time.perf_counter() - wall - TICK
-            self.longest = max(self.longest, late - (_queued() - queued))
+            self.longest = max(self.longest, late - (queued() - waited))
             self.longest_wall = max(self.longest_wall, late)
             self.peak_rss = max(self.peak_rss, resident_bytes())
             self.ticks += 1
@@ -175,6 +175,8 @@ class LoopWatch:
         finally:
             task.cancel()
             await asyncio.wait([task])  # the ticker's own CancelledError stays in it
+            if not task.cancelled() and task.exception() is not None:
+                raise AssertionError("the loop watch's ticker failed") from task.exception()
             span.elapsed = time.perf_counter() - started
             span.stall, span.stall_wall = ticker.longest, ticker.longest_wall
             peak = max(ticker.peak_rss, resident_bytes(), _peak_bytes() if exact_peak else 0)

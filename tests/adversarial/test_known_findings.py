@@ -125,11 +125,6 @@ NOT_JSON = b"[" + b"0," * 500_000 + b"x"  # 1 MB that fails at its last byte
 READERS = 16  # the issue's 99 stalled 3.8 s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoundExceeded,
-    reason="issue 23 #4: a decode_json body that is not JSON is parsed again per dependent",
-)
 async def test_a_body_that_is_not_json_is_parsed_once_for_all_its_dependents(
     adversary: Adversary,
 ) -> None:

@@ -21,7 +21,8 @@ from google.protobuf import struct_pb2
 
 from aggregator.decoding import check_depth
 from aggregator.errors import InvalidRequest, TargetFailure
-from aggregator.plan import GrpcRequest, Plan, PlannedTarget
+from aggregator.plan import Plan, PlannedTarget
+from aggregator.request import GrpcRequest
 from aggregator.schema import JsonMismatch, MethodSchema, json_value
 from aggregator.security.outbound import target_problems
 from aggregator.upstreams.descriptors import Descriptors, DescriptorsUnavailable, UnknownMethod

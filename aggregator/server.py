@@ -261,7 +261,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             raise
         ended = time.perf_counter_ns()
         elapsed = ended - budget.started_ns
-        context.set_trailing_metadata(trailers(reported.values(), budget.seconds, elapsed / 1e9))
+        metadata = trailers(reported.values(), budget.seconds, elapsed / 1e9)
+        if isinstance(failure, InvalidRequest):  # each problem as a BadRequest field violation
+            metadata += (("grpc-status-details-bin", failure.status_details()),)
+        context.set_trailing_metadata(metadata)
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         fanin = ended - first_at if first_at is not None else None

@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from aggregator.config import UpstreamConfig, config_from_mapping
 from aggregator.metrics import Metrics
-from aggregator.plan import HttpRequest
 from aggregator.policies.limits import Bulkhead, GradientLimit
+from aggregator.request import HttpRequest
 from aggregator.server import AggregatorServer
 from aggregator.upstreams import open_upstream
 from aggregator.upstreams.fleet import Fleet

@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 
 from aggregator.admin.rolling import RollingStats
-from aggregator.plan import HttpRequest, Plan, PlannedTarget
+from aggregator.plan import Plan, PlannedTarget
+from aggregator.request import HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
 
 # Targets kept over all aggregates: wide for_each aggregates hold the ring to ~15 MB (about
@@ -184,7 +185,7 @@ def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> Targe
         upstream, request = target.upstream.name, target.request
         method = request.method
         if isinstance(request, HttpRequest):
-            path = request.path[:MAX_TEXT]
+            path = (request.template or request.path)[:MAX_TEXT]
             status = result.http_status or None
         elif result.grpc_code or (result.outcome == pb.OUTCOME_OK and not result.from_fallback):
             status = _GRPC_NAMES.get(result.grpc_code, str(result.grpc_code))

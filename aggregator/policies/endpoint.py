@@ -32,12 +32,12 @@ from aggregator import tracing
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.metrics import UpstreamMetrics
-from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
 from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
 from aggregator.upstreams.fleet import Fleet, Member

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aggregator.config import UpstreamConfig
 from aggregator.metrics import UpstreamMetrics
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 
 if TYPE_CHECKING:
     from aggregator.upstreams.descriptors import Descriptors

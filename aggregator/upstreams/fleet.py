@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.upstreams import Reply, Upstream
 from aggregator.upstreams.descriptors import Descriptors
 from aggregator.v1 import aggregator_pb2 as pb

@@ -8,7 +8,7 @@ import grpc
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.schema import Schema, load_descriptor_set
 from aggregator.security import hops
 from aggregator.security.files import Watched

@@ -224,7 +224,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             )
             self._admit()
             try:
-                plan = self._checked_plan(request, named, caller, metadata)
+                # Planning reads every JSON payload and parameter: a large request is planned
+                # off the loop (docs/security.md).
+                plan = await decoder.run(
+                    request.ByteSize(), self._checked_plan, request, named, caller, metadata
+                )
                 plan = await typed_plan(plan, self.descriptors, budget.stop_at)
                 aggregation = Aggregation(plan, self._endpoints, budget, request_id, decoder)
                 reported, cut = aggregation.reported, aggregation.cut

@@ -20,7 +20,7 @@ import collections
 import itertools
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,6 +58,7 @@ MAX_DEPENDS_ON = 64
 MAX_REFERENCES = 256
 
 Call = pb.HttpCall | pb.GrpcCall
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -132,11 +133,17 @@ def make_plan(
         if target_id in seen or not NAME.match(target_id):
             problems.append(_id_problem(index, target_id, seen))
         seen.add(target_id)
-        depends = depends or bool(target.depends_on)
-        if target.for_each and expanding is None:
+        for_each = target.for_each
+        if for_each and expanding is None:
             expanding = {t.id for t in targets if t.for_each}
-        one = _plan_target(target, index, config, server, params, expanding or set(), problems)
-        if one is not None:
+        one = _plan_target(
+            target, target_id, for_each, index, config.upstreams, server, params,
+            expanding or _NONE, problems,
+        )  # fmt: skip
+        if one is None:
+            depends = depends or bool(target.depends_on)
+        else:
+            depends = depends or bool(one.depends_on)
             planned.append(one)
     if depends:
         problems.extend(_dependency_problems(targets))
@@ -152,21 +159,22 @@ def _id_problem(index: int, target_id: str, seen: set[str]) -> Problem:
     return Problem(None, field, f"{target_id!r} is used by more than one target")
 
 
-def _walk(rules: Rules, problems: list[Problem], target: str, *subject: Any) -> bool:
-    """Whether every rule holds; when one does not, every broken rule's problem is added."""
-    if rules.all_hold(*subject):
-        return True
-    problems.extend(rules.broken(target, *subject))
-    return False
+def _explain(rules: Rules, problems: list[Problem], subject: tuple[Any, ...]) -> bool:
+    """Adds the problem of every rule ``subject`` (a target first) breaks; False if any."""
+    before = len(problems)
+    problems.extend(rules.broken(subject[0].id, *subject))
+    return len(problems) == before
 
 
 def _plan_target(
     target: pb.Target,
+    target_id: str,
+    for_each: str,
     index: int,
-    config: Config,
+    upstreams: Mapping[str, UpstreamConfig],
     server: ServerConfig,
     params: frozenset[str],
-    expanding: set[str],
+    expanding: Collection[str],
     problems: list[Problem],
 ) -> PlannedTarget | None:
     """``target`` planned, or None with its problems added to ``problems``."""
@@ -180,30 +188,40 @@ def _plan_target(
     elif kind == "grpc":
         call = target.grpc
         request = _grpc_request(call)
-    upstream = config.upstreams.get(call.upstream) if call is not None else None
-    target_id = target.id
-    subject = (target, kind, call, upstream, server)
-    if isinstance(request, HttpRequest):
-        ok = _walk(HTTP_TARGET_RULES, found, target_id, *subject)
-        names = _names_ok(request.headers, HEADER_NAME_RULES, "http", upstream, found, target_id)
-    elif request is not None:
-        ok = _walk(GRPC_TARGET_RULES, found, target_id, *subject)
-        names = _names_ok(request.metadata, METADATA_KEY_RULES, "grpc", upstream, found, target_id)
+    upstream = upstreams.get(call.upstream) if call is not None else None
+    if isinstance(request, HttpRequest):  # read from the payload already
+        has_json = request.json_body is _UNREAD
     else:
-        ok = names = _walk(TARGET_RULES, found, target_id, *subject)
-    ok = ok and names
+        has_json = call is not None and call.HasField("json")
+    subject = (target, kind, call, upstream, server, has_json)
+    if isinstance(request, HttpRequest):
+        ok = HTTP_TARGET_RULES.all_hold(*subject) or _explain(HTTP_TARGET_RULES, found, subject)
+        if request.headers:
+            ok = (
+                _names_ok(request.headers, HEADER_NAME_RULES, "http", upstream, found, target_id)
+                and ok
+            )
+    elif request is not None:
+        ok = GRPC_TARGET_RULES.all_hold(*subject) or _explain(GRPC_TARGET_RULES, found, subject)
+        if request.metadata:
+            ok = (
+                _names_ok(request.metadata, METADATA_KEY_RULES, "grpc", upstream, found, target_id)
+                and ok
+            )
+    else:
+        ok = _explain(TARGET_RULES, found, subject)
     if request is not None:
         # The request's own rules, with a stand-in upstream when it names none (the shape of
         # a path is wrong whatever the upstream), so every problem is reported at once.
         checked_by = upstream if ok and upstream is not None else _stand_in(kind, upstream)
-        if ok and call.HasField("json"):  # type: ignore[union-attr]
+        if ok and has_json:
             request = _with_json(request, call.json)  # type: ignore[union-attr]
         if not request_allowed(checked_by, request, server.max_path_bytes):
             found.extend(request_problems(checked_by, request, target_id, server.max_path_bytes))
         if not ok:
             request = None
     templated = request is not None and _templated(request)
-    if templated or target.for_each:
+    if templated or for_each:
         found.extend(
             Problem(target_id, "", problem)
             for problem in _template_problems(target, call if ok else None, expanding, params)
@@ -213,7 +231,18 @@ def _plan_target(
         return None
     assert request is not None
     assert upstream is not None
-    return _planned(target, upstream, request, templated)
+    depends_on = target.depends_on
+    reference = None
+    if for_each:  # a bad for_each was reported: this one is one reference
+        reference = Sources(depends_on).parse(next(references(for_each)))
+    # Positional arguments: keywords cost a dataclass __init__ twice as much (measured).
+    return PlannedTarget(
+        target_id, upstream, request, target.required,
+        target.timeout.ToNanoseconds() / 1e9 if target.HasField("timeout") else None,
+        tuple(depends_on) if depends_on else (),
+        target.fallback if target.HasField("fallback") else None,
+        target.decode_json, templated, reference, None, None, True,
+    )  # fmt: skip
 
 
 def _placed(found: list[Problem], index: int, target_id: str) -> Iterator[Problem]:
@@ -234,12 +263,12 @@ def _names_ok(
     problems: list[Problem],
     target_id: str,
 ) -> bool:
-    if not pairs:
-        return True
     allowed = upstream.allowed_headers if upstream is not None else ()
     ok = True
     for name, _ in pairs:
-        ok = _walk(rules, problems, target_id, name, allowed) and ok
+        if not rules.all_hold(name, allowed):
+            problems.extend(rules.broken(target_id, name, allowed))
+            ok = False
     field = "http.headers" if kind == "http" else "grpc.metadata"
     what = "header" if kind == "http" else "key"
     for first, second in duplicate_names([name for name, _ in pairs]) if len(pairs) > 1 else ():
@@ -261,7 +290,7 @@ def _json_cap(upstream: UpstreamConfig | None, server: ServerConfig) -> tuple[in
 
 
 def _json_size_problem(
-    t: pb.Target, k: str, call: Call, u: UpstreamConfig | None, s: ServerConfig
+    t: pb.Target, k: str, call: Call, u: UpstreamConfig | None, s: ServerConfig, j: bool
 ) -> str:
     limit, key = _json_cap(u, s)
     return f"{call.json.ByteSize()} bytes exceed {key} ({limit})"
@@ -298,7 +327,7 @@ _NAMES: dict[str, Any] = {
 # u: the upstream it names, s: the server's config).
 _TARGET_RULES = (
     Rule("", "c is not None", lambda *_: "one of http or grpc is required"),
-    Rule(_upstream_field, "c is None or c.upstream != ''", lambda *_: "required", "up"),
+    Rule(_upstream_field, "u or c is None or c.upstream != ''", lambda *_: "required", "up"),
     Rule(
         _upstream_field,
         "c is None or u is not None",
@@ -308,7 +337,7 @@ _TARGET_RULES = (
     Rule(
         _upstream_field,
         "u is None or u.kind == k",
-        lambda t, k, c, u, s: f"names a {u.kind} upstream, not {k}",
+        lambda t, k, c, u, *_: f"names a {u.kind} upstream, not {k}",
         "up",
     ),
     Rule(
@@ -322,7 +351,7 @@ _TARGET_RULES = (
         lambda t, *_: f"{len(t.depends_on)} entries exceed {MAX_DEPENDS_ON} per target",
     ),
 )
-TARGET_RULES = Rules("t, k, c, u, s", _TARGET_RULES, _NAMES)
+TARGET_RULES = Rules("t, k, c, u, s, j", _TARGET_RULES, _NAMES)
 
 
 def _json_rules(field: str) -> tuple[Rule, ...]:
@@ -331,13 +360,13 @@ def _json_rules(field: str) -> tuple[Rule, ...]:
     return (
         Rule(
             field,
-            "not c.HasField('json') or c.json.ByteSize() <= _json_cap(u, s)[0]",
+            "not j or c.json.ByteSize() <= _json_cap(u, s)[0]",
             _json_size_problem,
             "json",
         ),
         Rule(
             field,
-            "not c.HasField('json') or _finite_json(c.json)",
+            "not j or _finite_json(c.json)",
             lambda *_: "NaN and Infinity are not JSON numbers",
             "json",
         ),
@@ -346,20 +375,15 @@ def _json_rules(field: str) -> tuple[Rule, ...]:
 
 # ... and with the rules of its kind of call.
 HTTP_TARGET_RULES = Rules(
-    "t, k, c, u, s",
+    "t, k, c, u, s, j",
     (
         *_TARGET_RULES,
-        Rule(
-            "http.method",
-            "(c.method or 'GET') in HTTP_METHODS",
-            lambda *_: f"is not one of {', '.join(sorted(HTTP_METHODS))}",
-        ),
         *_json_rules("http.json"),
     ),
     _NAMES,
 )
 GRPC_TARGET_RULES = Rules(
-    "t, k, c, u, s",
+    "t, k, c, u, s, j",
     (
         *_TARGET_RULES,
         Rule(
@@ -424,8 +448,8 @@ def _http_request(call: pb.HttpCall) -> HttpRequest:
     return HttpRequest(
         method,
         call.path,
-        tuple(sorted(call.query.items())) if call.query else (),
-        tuple(sorted(call.headers.items())) if call.headers else (),
+        _pairs(call.query),
+        _pairs(call.headers),
         body,
         json_body,
     )
@@ -449,8 +473,14 @@ _STAND_INS = {
 
 
 def _grpc_request(call: pb.GrpcCall) -> GrpcRequest:
-    metadata = tuple(sorted(call.metadata.items())) if call.metadata else ()
-    return GrpcRequest(call.method, call.request, metadata)
+    return GrpcRequest(call.method, call.request, _pairs(call.metadata))
+
+
+def _pairs(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A map's entries sorted (read by key: a map's items() walks it in Python)."""
+    if not entries:
+        return ()
+    return tuple(sorted([(key, entries[key]) for key in entries]))
 
 
 def _with_json(
@@ -465,21 +495,6 @@ def _with_json(
         headers = (*headers, ("Content-Type", "application/json"))
     body = json.dumps(json_body, separators=(",", ":")).encode()
     return replace(request, headers=headers, body=body, json_body=json_body)
-
-
-def _planned(
-    target: pb.Target, upstream: UpstreamConfig, request: HttpRequest | GrpcRequest, templated: bool
-) -> PlannedTarget:
-    for_each = None
-    if target.for_each:  # a bad for_each was reported: this one is one reference
-        for_each = Sources(target.depends_on).parse(next(references(target.for_each)))
-    # Positional arguments: keywords cost a dataclass __init__ twice as much (measured).
-    return PlannedTarget(
-        target.id, upstream, request, target.required,
-        target.timeout.ToNanoseconds() / 1e9 if target.HasField("timeout") else None,
-        tuple(target.depends_on), target.fallback if target.HasField("fallback") else None,
-        target.decode_json, templated, for_each, None, None, True,
-    )  # fmt: skip
 
 
 def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[Problem]:
@@ -507,7 +522,10 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[Problem]:
 
 
 def _template_problems(
-    target: pb.Target, call: Call | None, expanding: set[str], params: frozenset[str] = frozenset()
+    target: pb.Target,
+    call: Call | None,
+    expanding: Collection[str],
+    params: frozenset[str] = frozenset(),
 ) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
     if len(target.depends_on) > MAX_DEPENDS_ON:

@@ -31,6 +31,7 @@ from aggregator.vocabulary import (
     CONTROL_OR_SPACE,
     FRAMING_HEADERS,
     GRPC_METHOD,
+    HTTP_METHODS,
     IDEMPOTENT_METHODS,
 )
 
@@ -141,7 +142,14 @@ def utf8_size(text: str) -> int:
 
 def query_bytes(query: Iterable[tuple[str, str]]) -> int:
     """The size that server.max_path_bytes caps: names and values, UTF-8, with = and &."""
-    return sum(utf8_size(name) + utf8_size(value) + 2 for name, value in query)
+    size = 0
+    for name, value in query:
+        size += (
+            len(name) + len(value) + 2
+            if value.isascii()
+            else len(name.encode()) + len(value.encode()) + 2
+        )
+    return size
 
 
 def pairs_bytes(pairs: Pairs) -> int:
@@ -179,6 +187,7 @@ _NAMES: dict[str, Any] = {
     "CONTROL_OR_SPACE": CONTROL_OR_SPACE,
     "FRAMING_HEADERS": FRAMING_HEADERS,
     "GRPC_METHOD": GRPC_METHOD,
+    "HTTP_METHODS": HTTP_METHODS,
     "canonical_header": canonical_header,
     "grpc_method_allowed": grpc_method_allowed,
     "header_value_problem": header_value_problem,
@@ -191,28 +200,39 @@ _NAMES: dict[str, Any] = {
     "utf8_size": utf8_size,
 }
 
+
 # The rules, over (r: the request, u: its upstream, m: server.max_path_bytes). The path's are
 # one chain (group "path"): reported at the first that fails.
-_PAIR_RULES = (
-    Rule(
-        _pairs_field,
-        "len(pairs_of(r)) <= u.max_headers",
-        lambda r, u, m: (
-            f"{len(pairs_of(r))} entries exceed {_key(u, 'max_headers')} ({u.max_headers})"
+def _pair_rules(pairs: str) -> tuple[Rule, ...]:
+    """The count and size of headers (``pairs`` = "r.headers") or metadata ("r.metadata")."""
+    return (
+        Rule(
+            _pairs_field,
+            f"len({pairs}) <= u.max_headers",
+            lambda r, u, m: (
+                f"{len(pairs_of(r))} entries exceed {_key(u, 'max_headers')} ({u.max_headers})"
+            ),
         ),
-    ),
-    Rule(
-        _pairs_field,
-        "not pairs_of(r) or pairs_bytes(pairs_of(r)) <= u.max_header_bytes",
-        lambda r, u, m: (
-            f"{pairs_bytes(pairs_of(r))} bytes of names and values exceed "
-            f"{_key(u, 'max_header_bytes')} ({u.max_header_bytes})"
+        Rule(
+            _pairs_field,
+            f"not {pairs} or pairs_bytes({pairs}) <= u.max_header_bytes",
+            lambda r, u, m: (
+                f"{pairs_bytes(pairs_of(r))} bytes of names and values exceed "
+                f"{_key(u, 'max_header_bytes')} ({u.max_header_bytes})"
+            ),
         ),
-    ),
-)
+    )
+
+
 HTTP_RULES = Rules(
     "r, u, m",
     (
+        Rule(
+            "http.method",
+            "r.method in HTTP_METHODS",
+            lambda r, u, m: f"is not one of {', '.join(sorted(HTTP_METHODS))}",
+            "method",
+        ),
         Rule(
             "http.method",
             "not u.allowed_methods or r.method in u.allowed_methods",
@@ -220,6 +240,7 @@ HTTP_RULES = Rules(
                 f"{r.method} is not in {_key(u, 'allowed_methods')} "
                 f"({', '.join(u.allowed_methods)})"
             ),
+            "method",
         ),
         Rule(
             _body_field,
@@ -249,7 +270,8 @@ HTTP_RULES = Rules(
         ),
         Rule(
             "http.path",
-            "plain_path(r.path) or path_problem(r.path) is None",
+            "('.' not in r.path and '%' not in r.path and ';' not in r.path and r.path.isascii())"
+            " or path_problem(r.path) is None",
             lambda r, u, m: path_problem(r.path) or "",
             "path",
         ),
@@ -275,7 +297,7 @@ HTTP_RULES = Rules(
                 f"({u.max_request_bytes})"
             ),
         ),
-        *_PAIR_RULES,
+        *_pair_rules("r.headers"),
     ),
     _NAMES,
 )
@@ -310,7 +332,7 @@ GRPC_RULES = Rules(
                 f"({u.max_request_bytes})"
             ),
         ),
-        *_PAIR_RULES,
+        *_pair_rules("r.metadata"),
     ),
     _NAMES,
 )
@@ -320,7 +342,7 @@ HEADER_RULES = Rules(
     (
         Rule(
             "http.headers",
-            "canonical_header(name) not in FRAMING_HEADERS",
+            "name.lower().replace('_', '-') not in FRAMING_HEADERS",  # as canonical_header
             lambda name, value: f"{name!r} is a hop-by-hop or framing header and is never sent",
         ),
         Rule(

@@ -158,6 +158,11 @@ def path_allowed(path: str, prefixes: Sequence[str]) -> bool:
     """Whether every reading of ``path`` lies under one of ``prefixes`` (so ``%2F`` or a
     fullwidth solidus cannot take it out). A prefix without a trailing / matches whole
     segments only. A path path_problem refuses is not allowed."""
+    if "%" not in path and path.isascii():  # one reading (loops: this is the hot path)
+        for prefix in prefixes:  # noqa: SIM110
+            if _under(path, prefix):
+                return True
+        return False
     try:
         forms = path_forms(path)
     except ValueError:

@@ -25,6 +25,10 @@ BIG = 1_000_000  # characters of the dependency's string
 # The loop's longest stall allowed: generous, as the 1 MB answer itself is read, relayed to the
 # caller and read by the test's client on this same loop (the unfixed stalls are seconds long).
 MAX_STALL = 0.25
+# ... and beside a request planned on the decoder's thread: the loop then waits for the GIL at
+# each hand-over (5 ms each, more on a loaded machine; decoding.py measured 56-87 ms beside
+# 1 MiB decodes). Unfixed, this request stalled the loop 1.8 s here.
+MAX_STALL_BESIDE_THREAD = 0.5
 
 
 class LoopWatch:
@@ -153,7 +157,9 @@ async def test_a_large_json_payload_does_not_stall_the_loop(start_server: Any, b
         results, code, _, _ = await _run(stub, target)
     assert code == grpc.StatusCode.OK
     assert results[0].outcome == pb.OUTCOME_OK
-    assert watch.worst_lag < MAX_STALL, f"the loop stalled {watch.worst_lag * 1000:.0f} ms"
+    assert watch.worst_lag < MAX_STALL_BESIDE_THREAD, (
+        f"the loop stalled {watch.worst_lag * 1000:.0f} ms"
+    )
 
 
 async def test_a_json_payload_over_the_upstreams_cap_is_refused_unread(

@@ -17,25 +17,25 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 from google.protobuf import json_format, struct_pb2
 
 from aggregator.config import AggregateConfig, Config, ConfigError
-from aggregator.errors import InvalidRequest, TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, explained_plan
-from aggregator.security.fields import header_value_problem
+from aggregator.errors import InvalidRequest, Problem, TargetFailure
+from aggregator.plan import Plan, PlannedTarget, make_plan, template_fields
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.outbound import plan_problems
 from aggregator.substitution import (
     REFERENCE,
+    Cap,
     Reference,
     Substitution,
     as_text,
     json_strings,
+    path_segment,
     references,
     resolve,
 )
@@ -43,14 +43,6 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import PARAMS
 
 _PREFIX = PARAMS + "."
-# A problem as plan.py words it: about one target (by id, or by index when the id is unusable).
-_LABELLED = re.compile(r"^(?:target '([^']*)'|targets\[(\d+)\]): (.*)\Z", re.DOTALL)
-# ... and the field it is about, if it starts with one: "http.path: ...", "http.headers['x'] ...".
-_FIELD = re.compile(
-    r"^((?:http|grpc|timeout|depends_on|for_each|fallback|id)(?:[.A-Za-z0-9_]*)"
-    r"(?:\[[^\]]*\])?):?\s(.*)\Z",
-    re.DOTALL,
-)
 
 
 def _is_param(raw: str) -> bool:
@@ -68,6 +60,7 @@ class NamedAggregate:
     required: frozenset[str]
     # Per target of the plan: how to fill its {{params...}} (None: it holds none).
     binders: tuple[_Binder | None, ...]
+    max_params_bytes: int = 1024 * 1024
 
     def __repr__(self) -> str:
         return f"<NamedAggregate {self.name} [{len(self.plan.targets)} targets]>"
@@ -86,18 +79,25 @@ class NamedAggregate:
 
     def bind(self, params: struct_pb2.Struct) -> Plan:
         """The plan of a call with ``params``; raises InvalidRequest naming each problem."""
+        # Sized before anything reads them: no parameter may be larger than the largest
+        # request of this aggregate's upstreams.
+        size = params.ByteSize()
+        if size > self.max_params_bytes:
+            raise InvalidRequest(
+                [Problem(None, "params", f"{size} bytes exceed the {self.max_params_bytes} that "
+                         "the aggregate's upstreams accept (their max_request_bytes)")]
+            )  # fmt: skip
         values = self._values(params)
         if not any(self.binders):
             return self.plan
-        size = params.ByteSize()
-        problems: list[str] = []
+        problems: list[Problem] = []
         targets = []
         for target, binder in zip(self.plan.targets, self.binders, strict=True):
             if binder is not None:
                 try:
                     target = binder.bind(target, values, size)
                 except TargetFailure as failure:
-                    problems.append(f"target {target.id!r}: {failure.sentence}")
+                    problems.append(Problem(target.id, "", failure.sentence))
                     continue
             targets.append(target)
         if problems:
@@ -200,17 +200,8 @@ class _Template:
 
 
 def _segment(value: Any, raw: str) -> str:
-    """A value in a path: one whole segment, percent-encoded (as substitution.py does)."""
-    text = value if type(value) is str else as_text(value)
-    if _UNRESERVED.match(text):  # quote would leave it as it is
-        return text
-    if text in (".", ".."):
-        raise TargetFailure(pb.OUTCOME_ERROR, f"{{{{{raw}}}}} is {text!r}: not a path segment")
-    return quote(text, safe="")
-
-
-# Text that percent-encoding leaves as it is and that is not . or .. (which have a dot).
-_UNRESERVED = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z|\.[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z")
+    """A value in a path: one whole segment, as substitution.py encodes a dependency's."""
+    return path_segment(value if type(value) is str else as_text(value), raw)
 
 
 def _text(value: Any, raw: str) -> str:
@@ -236,6 +227,7 @@ class _Binder:
         "_headers",
         "_json",
         "_path",
+        "_path_template",
         "_query",
         "_query_params",
         "templated",
@@ -246,6 +238,8 @@ class _Binder:
         self._path: Field = request.path if isinstance(request, HttpRequest) else ""
         if isinstance(self._path, str):
             self._path = _field(self._path)
+        # The admin page shows a bound path as configured: parameters are the caller's values.
+        self._path_template = self._path.source if isinstance(self._path, _Template) else ""
         pairs = request.query if isinstance(request, HttpRequest) else ()
         self._query = tuple((name, _field(value)) for name, value in pairs)
         pairs = request.headers if isinstance(request, HttpRequest) else request.metadata
@@ -278,11 +272,13 @@ class _Binder:
                 path = self._path
                 if not isinstance(path, str):
                     path = path.fill(values, _segment)
-                bound = HttpRequest(request.method, path, query, headers, body, json_body)
+                bound = HttpRequest(
+                    request.method, path, query, headers, body, json_body, self._path_template
+                )
             else:
                 metadata = request.metadata
                 if self._header_params:
-                    metadata = tuple((name, _metadata(v, values)) for name, v in self._headers)
+                    metadata = tuple((name, _header(v, values)) for name, v in self._headers)
                 bound = GrpcRequest(
                     request.method,
                     request.request,
@@ -302,24 +298,8 @@ class _Binder:
 
 
 def _header(field: Field, values: Mapping[str, Any]) -> str:
-    if isinstance(field, str):
-        return field
-    text = field.fill(values, _text)
-    problem = header_value_problem(text)
-    if problem is not None:
-        raise TargetFailure(pb.OUTCOME_ERROR, f"header {field.source}: {problem}")
-    return text
-
-
-def _metadata(field: Field, values: Mapping[str, Any]) -> str:
-    if isinstance(field, str):
-        return field
-    text = field.fill(values, _text)
-    if any(not " " <= ch <= "~" for ch in text):
-        raise TargetFailure(
-            pb.OUTCOME_ERROR, f"{field.source} gives a metadata value that is not printable ASCII"
-        )
-    return text
+    """A header or metadata value (its characters are checked with the bound request)."""
+    return field if isinstance(field, str) else field.fill(values, _text)
 
 
 class ParamSubstitution(Substitution):
@@ -330,10 +310,10 @@ class ParamSubstitution(Substitution):
         super().__init__((PARAMS,), lambda _: values)
         self._values = values
 
-    def text(self, template: str) -> str:
+    def text(self, template: str, cap: Cap | None = None) -> str:
         return _Template(template).fill(self._values, _text) if "{{" in template else template
 
-    def json(self, value: Any) -> Any:
+    def json(self, value: Any, cap: Cap | None = None) -> Any:
         if isinstance(value, str):
             whole = REFERENCE.fullmatch(value)
             if whole is not None and _is_param(whole.group(1)):
@@ -402,9 +382,9 @@ def _planned(
                     own.extend(_param_reference_problems(found, declared, f"{where}.{key}", used))
     request = pb.AggregateRequest(targets=targets)
     try:
-        plan = explained_plan(request, config, params=frozenset({PARAMS}))
+        plan = make_plan(request, config, params=frozenset({PARAMS}))
     except InvalidRequest as invalid:
-        own.extend(_at_key_paths(invalid.problems, targets, path))
+        own.extend(_at_key_paths(invalid.details, targets, path))
         plan = None
     if plan is not None:
         own.extend(_at_key_paths(plan_problems(plan), targets, path))
@@ -427,6 +407,9 @@ def _planned(
         defaults={p.name: p.default for p in aggregate.params.values() if not p.required},
         required=frozenset(p.name for p in aggregate.params.values() if p.required),
         binders=binders,
+        max_params_bytes=max(
+            config.server.max_path_bytes, *(t.upstream.max_request_bytes for t in plan.targets)
+        ),
     )
 
 
@@ -455,52 +438,36 @@ def _holds_params(target: pb.Target) -> bool:
 
 
 def _template_fields(target: pb.Target) -> Iterator[tuple[str, str]]:
-    """(key path, text) of every field of ``target`` where a reference may stand."""
+    """(key path, text) of every field of ``target`` where a reference may stand (the
+    planner's own walk, plus for_each)."""
     kind = target.WhichOneof("call")
-    if kind == "http":
-        call = target.http
-        yield "http.path", call.path
-        yield from ((f"http.query.{k}", v) for k, v in call.query.items())
-        yield from ((f"http.headers.{k}", v) for k, v in call.headers.items())
-        if call.WhichOneof("payload") == "json":
-            yield from (("http.json", v) for v in _strings_of(call.json))
-    elif kind == "grpc":
-        yield from ((f"grpc.metadata.{k}", v) for k, v in target.grpc.metadata.items())
-        if target.grpc.HasField("json"):
-            yield from (("grpc.json", v) for v in _strings_of(target.grpc.json))
+    if kind is not None:
+        yield from template_fields(target.http if kind == "http" else target.grpc)
     if target.for_each:
         yield "for_each", target.for_each
 
 
-def _strings_of(value: struct_pb2.Value) -> Iterable[str]:
-    try:
-        return list(json_strings(json_format.MessageToDict(value)))
-    except ValueError:  # NaN or Infinity: plan.py says so
-        return []
-
-
-def _at_key_paths(problems: Iterable[str], targets: list[pb.Target], path: str) -> Iterator[str]:
-    """plan.py's and outbound.py's sentences, each led by its key path in the config."""
+def _at_key_paths(
+    problems: Iterable[Problem], targets: list[pb.Target], path: str
+) -> Iterator[str]:
+    """Each problem led by its key path in the config (its target by index, then its field)."""
     index_of: dict[str, int] = {}
     for index, target in enumerate(targets):
         index_of.setdefault(target.id, index)
     for problem in problems:
-        labelled = _LABELLED.match(problem)
-        if labelled is None:
-            field = problem.split(":", 1)[0]
-            if field.startswith("targets"):
+        if problem.target is None:  # about the request as a whole, or a target by index
+            if problem.field.startswith("targets"):
                 yield f"{path}.{problem}"
             else:
                 yield f"{path}.targets: {problem}"
             continue
-        target_id, number, rest = labelled.groups()
-        index = int(number) if number is not None else index_of.get(target_id or "", -1)
+        index = index_of.get(problem.target, -1)
         where = f"{path}.targets[{index}]" if index >= 0 else f"{path}.targets"
-        field_match = _FIELD.match(rest)
-        if field_match is not None:
-            yield f"{where}.{field_match.group(1)}: {field_match.group(2)}"
-        else:
-            yield f"{where}: {rest}"
+        yield (
+            f"{where}.{problem.field}: {problem.message}"
+            if problem.field
+            else (f"{where}: {problem.message}")
+        )
 
 
 def _info(aggregate: AggregateConfig, targets: list[pb.Target]) -> pb.AggregateInfo:

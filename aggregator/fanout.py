@@ -26,8 +26,9 @@ from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.grpc_json import rendered_request
-from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
+from aggregator.plan import Plan, PlannedTarget
 from aggregator.policies.endpoint import GuardedUpstream
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import Substitution, resolve
@@ -370,7 +371,11 @@ class Aggregation:
         if not target.templated:
             return request
         try:
-            rendered = request.rendered(Substitution(target.sources, self._values(target)))
+            rendered = request.rendered(
+                Substitution(target.sources, self._values(target)),
+                target.upstream,
+                self._plan.max_path_bytes,
+            )
         except RecursionError:  # a value from a dependency nested too deeply to write as JSON
             raise TargetFailure(
                 pb.OUTCOME_ERROR, "a substituted value is JSON nested too deeply to send"
@@ -383,7 +388,7 @@ class Aggregation:
         # Substituted values may lengthen the request or leave the allowed paths: check again.
         problems = target_problems(target.upstream, rendered, target.id, self._plan.max_path_bytes)
         if problems:
-            raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(problems))
+            raise TargetFailure(pb.OUTCOME_ERROR, "; ".join(map(str, problems)))
         return rendered
 
     async def _encoded(self, target: PlannedTarget, request: GrpcRequest) -> GrpcRequest:

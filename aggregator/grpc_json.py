@@ -19,7 +19,8 @@ from dataclasses import replace
 
 from aggregator.errors import InvalidRequest, TargetFailure
 from aggregator.offload import Offload, OffloadBusy
-from aggregator.plan import GrpcRequest, Plan, PlannedTarget
+from aggregator.plan import Plan, PlannedTarget
+from aggregator.request import GrpcRequest
 from aggregator.schema import MAPPING_COST, JsonMismatch, MethodSchema
 from aggregator.security.outbound import target_problems
 from aggregator.upstreams.descriptors import Descriptors, DescriptorsUnavailable, UnknownMethod

@@ -1,15 +1,17 @@
 """From an AggregateRequest to a Plan: every check happens here, before anything is sent.
 
 ``make_plan`` either returns a Plan whose every target is ready to call, or raises
-InvalidRequest naming each problem with its target, e.g.::
+InvalidRequest listing each problem (a ``Problem``: target, field, message), e.g.::
 
-    target "price": http.path "https://evil.example/x" must be a path starting with "/"
+    target 'price': http.path: must be a path starting with "/" (no scheme or host)
 
-Every check costs time linear in the size of the request, and what can multiply is capped per
-target: ``MAX_DEPENDS_ON`` entries in ``depends_on`` (each named once) and ``MAX_REFERENCES``
-``{{...}}`` references; paths, queries and gRPC method names are capped at
-``server.max_path_bytes``. server.py asks whether the caller may call the upstreams a request
-names before it plans, so an unauthorized caller costs one pass over the upstream names.
+The rules are tables of (predicate, problem): ``CALL_RULES`` and friends here, about what a
+caller wrote; the request's own (request.py) about what an upstream gets. Each table is walked
+with short-circuit first (the fast path: every predicate holds) and whole only when one fails,
+to list the problems. Every check costs time linear in the size of the request: the number of
+targets is checked before anything else, a JSON payload's size before it is read, and what can
+multiply is capped per target: ``MAX_DEPENDS_ON`` entries in ``depends_on`` and
+``MAX_REFERENCES`` ``{{...}}`` references.
 """
 
 from __future__ import annotations
@@ -18,38 +20,31 @@ import collections
 import itertools
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from aggregator.config import Config, UpstreamConfig
-from aggregator.errors import InvalidRequest
-from aggregator.schema import MethodSchema
-from aggregator.security.fields import (
-    canonical_header,
-    duplicate_names,
-    header_name_problem,
-    header_value_problem,
-    path_problem,
-    steering,
+from aggregator.config import Config, ServerConfig, UpstreamConfig
+from aggregator.errors import InvalidRequest, Problem, Rule, Rules
+from aggregator.request import (
+    GrpcRequest,
+    HttpRequest,
+    request_allowed,
+    request_problems,
 )
+from aggregator.security.fields import duplicate_names, header_name_problem
 from aggregator.substitution import (
     Reference,
     Sources,
-    Substitution,
     json_strings,
     references,
 )
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import (
     BODILESS_METHODS,
-    CONTROL_OR_SPACE,
-    FRAMING_HEADERS,
-    GRPC_METHOD,
     HTTP_METHODS,
-    IDEMPOTENT_METHODS,
     ITEM,
     METADATA_KEY,
     NAME,
@@ -62,60 +57,8 @@ from aggregator.vocabulary import (
 MAX_DEPENDS_ON = 64
 MAX_REFERENCES = 256
 
-
-# The plan's classes are built for every target of every call, so they are slots dataclasses but
-# not frozen: a frozen __init__ sets each field through object.__setattr__, which cost a third of
-# make_plan (measured in instructions). They are read-only by convention: changed copies are
-# made with dataclasses.replace, never by assignment.
-@dataclass(slots=True)
-class HttpRequest:
-    method: str
-    path: str
-    query: tuple[tuple[str, str], ...]
-    headers: tuple[tuple[str, str], ...]
-    body: bytes | None
-    json_body: Any = None  # the JSON body as Python values, kept for substitution
-
-    @property
-    def idempotent(self) -> bool:
-        """Safe to send twice: an idempotent method, or a caller's Idempotency-Key."""
-        if self.method in IDEMPOTENT_METHODS:
-            return True
-        return any(name.lower() == "idempotency-key" for name, _ in self.headers)
-
-    def rendered(self, substitution: Substitution) -> HttpRequest:
-        """This request with every {{...}} reference replaced."""
-        body = self.body
-        if self.json_body is not None:
-            body = json.dumps(substitution.json(self.json_body), separators=(",", ":")).encode()
-        return replace(
-            self,
-            path=substitution.path(self.path),
-            query=tuple((name, substitution.text(value)) for name, value in self.query),
-            headers=tuple((name, substitution.header(value)) for name, value in self.headers),
-            body=body,
-        )
-
-
-@dataclass(slots=True)
-class GrpcRequest:
-    method: str
-    request: bytes
-    metadata: tuple[tuple[str, str], ...]
-    # GrpcCall.json as Python values (None: request bytes), encoded once the method's
-    # schema is known (aggregator/grpc_json.py); json_size is GrpcCall.json's size in bytes.
-    json_body: Any = None
-    json_size: int = 0
-    schema: MethodSchema | None = None
-    unavailable: str = ""  # why the upstream's descriptors could not be had, when needed
-
-    def rendered(self, substitution: Substitution) -> GrpcRequest:
-        """This request with every {{...}} reference in its JSON and metadata replaced."""
-        return replace(
-            self,
-            json_body=substitution.json(self.json_body) if self.json_body is not None else None,
-            metadata=tuple((key, substitution.metadata(value)) for key, value in self.metadata),
-        )
+Call = pb.HttpCall | pb.GrpcCall
+_NONE: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -134,6 +77,9 @@ class PlannedTarget:
     # Set on the targets a for_each expansion makes: which element, and the element itself.
     index: int | None = None
     item: Any = None
+    # Whether the request was checked against its upstream's rules as it is (request.py):
+    # a changed copy (forwarded metadata, bound parameters) is made with checked=False.
+    checked: bool = False
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -156,271 +102,402 @@ class Plan:
         return f"<Plan [{len(self.targets)} targets]>"
 
 
-def make_plan(request: pb.AggregateRequest, config: Config) -> Plan:
-    """Validates ``request`` against ``config``; raises InvalidRequest listing every problem."""
-    return plain_plan(request, config) or explained_plan(request, config)
-
-
-def plain_plan(request: pb.AggregateRequest, config: Config) -> Plan | None:
-    """The plan of a request whose every target is plain (no references, for_each,
-    depends_on, JSON payload or gRPC metadata) and passes every check; else None.
-
-    The hot path: one pass, no generators and no sentences. It accepts only what
-    ``explained_plan`` accepts, with the same plan (tests/test_fuzz.py checks both on
-    generated requests); anything unusual or wrong goes to ``explained_plan``, which says
-    what is wrong.
-    """
-    targets = request.targets
-    limit = config.server.max_targets
-    if not 0 < len(targets) <= limit:
-        return None
-    upstreams = config.upstreams
-    max_path_bytes = config.server.max_path_bytes
-    seen: set[str] = set()
-    planned = []
-    for target in targets:
-        target_id = target.id
-        if target_id in seen or target.depends_on or target.for_each or not NAME.match(target_id):
-            return None
-        seen.add(target_id)
-        kind = target.WhichOneof("call")
-        call: pb.HttpCall | pb.GrpcCall
-        planned_request: HttpRequest | GrpcRequest | None
-        if kind == "http":
-            call = target.http
-            planned_request = _plain_http(call, max_path_bytes)
-        elif kind == "grpc":
-            call = target.grpc
-            planned_request = _plain_grpc(call, max_path_bytes)
-        else:
-            return None
-        upstream = upstreams.get(call.upstream)
-        if planned_request is None or upstream is None or upstream.kind != kind:
-            return None
-        timeout = None
-        if target.HasField("timeout"):
-            nanos = target.timeout.ToNanoseconds()
-            if nanos <= 0:
-                return None
-            timeout = nanos / 1e9
-        fallback = target.fallback if target.HasField("fallback") else None
-        # Positional arguments: keywords cost a dataclass __init__ twice as much (measured).
-        planned.append(
-            PlannedTarget(
-                target_id, upstream, planned_request, target.required, timeout, (), fallback,
-                target.decode_json,
-            )
-        )  # fmt: skip
-    return Plan(targets=tuple(planned), max_targets=limit, max_path_bytes=max_path_bytes)
-
-
-def _plain_http(call: pb.HttpCall, max_path_bytes: int) -> HttpRequest | None:
-    method = call.method or "GET"
-    path = call.path
-    payload = call.WhichOneof("payload")
-    if method not in HTTP_METHODS or payload == "json" or not _plain_path(path, max_path_bytes):
-        return None
-    body = call.body if payload == "body" else None
-    if method in BODILESS_METHODS and body is not None:
-        if body:
-            return None
-        body = None  # an empty body is no body
-    query: tuple[tuple[str, str], ...] = ()
-    if call.query:
-        query = tuple(sorted(call.query.items()))
-        if any("{{" in value for _, value in query) or query_bytes(query) > max_path_bytes:
-            return None
-    headers: tuple[tuple[str, str], ...] = ()
-    if call.headers:
-        headers = tuple(sorted(call.headers.items()))
-        folded = set()
-        for name, value in headers:
-            canonical = canonical_header(name)
-            if (
-                "{{" in value
-                or not TOKEN.match(name)
-                or "_" in name
-                or canonical in FRAMING_HEADERS
-                or canonical in folded
-                or steering(canonical)
-                or header_value_problem(value) is not None
-            ):
-                return None
-            folded.add(canonical)
-    return HttpRequest(method, path, query, headers, body)
-
-
-def _plain_path(path: str, max_path_bytes: int) -> bool:
-    """A path _path_problems accepts, without references (conservative: may say no)."""
-    if not path.startswith("/") or path.startswith("//") or CONTROL_OR_SPACE.search(path):
-        return False
-    if "\\" in path or "?" in path or "#" in path or "{{" in path or not path.isascii():
-        return False
-    if len(path) > max_path_bytes:
-        return False
-    return ("." not in path and "%" not in path and ";" not in path) or path_problem(path) is None
-
-
-def query_bytes(query: Iterable[tuple[str, str]]) -> int:
-    """The size that server.max_path_bytes caps: names and values, UTF-8, with = and &."""
-    return sum(len(name.encode()) + len(value.encode()) + 2 for name, value in query)
-
-
-def _plain_grpc(call: pb.GrpcCall, max_path_bytes: int) -> GrpcRequest | None:
-    method = call.method
-    if call.metadata or call.HasField("json") or len(method) > max_path_bytes:
-        return None
-    if not GRPC_METHOD.match(method):
-        return None
-    return GrpcRequest(method, call.request, ())
-
-
-def explained_plan(
+def make_plan(
     request: pb.AggregateRequest, config: Config, params: frozenset[str] = frozenset()
 ) -> Plan:
-    """make_plan for any request: every check, each problem in a sentence. References may
-    also name the sources in ``params`` (a named aggregate's {{params.NAME}}, which
-    aggregates.py checks and substitutes before the plan runs)."""
-    problems: list[str] = []
-    limit = config.server.max_targets
-    max_path_bytes = config.server.max_path_bytes
-    if not request.targets:
-        problems.append("targets: at least one target is required")
-    elif len(request.targets) > limit:
-        problems.append(
-            f"targets: {len(request.targets)} targets exceed server.max_targets ({limit})"
+    """Validates ``request`` against ``config``; raises InvalidRequest listing every problem.
+    References may also name the sources in ``params`` (a named aggregate's
+    {{params.NAME}}, which aggregates.py checks and substitutes before the plan runs)."""
+    targets = request.targets
+    server = config.server
+    # Counted before anything is read: a request of many targets costs no more than this.
+    if not targets:
+        raise InvalidRequest([Problem(None, "targets", "at least one target is required")])
+    if len(targets) > server.max_targets:
+        raise InvalidRequest(
+            [
+                Problem(
+                    None,
+                    "targets",
+                    f"{len(targets)} targets exceed server.max_targets ({server.max_targets})",
+                )
+            ]
         )
-    problems.extend(_id_problems(request.targets))
-    expanding = {target.id for target in request.targets if target.for_each}
+    problems: list[Problem] = []
     planned = []
-    for index, target in enumerate(request.targets):
-        # An id too long to be one is not repeated in every problem of its target.
-        label = f"target {target.id!r}" if 0 < len(target.id) <= 64 else f"targets[{index}]"
-        target_problems = list(_target_problems(target, config.upstreams, max_path_bytes))
-        problems.extend(f"{label}: {problem}" for problem in target_problems)
-        # Most targets have no {{...}}: look for references only where braces are.
-        templated = any("{{" in text for text in _template_texts(target))
-        if templated or target.for_each:
-            problems.extend(f"{label}: {p}" for p in _template_problems(target, expanding, params))
-        if not target_problems:
-            planned.append(_plan_target(target, config.upstreams, templated))
-    if any(target.depends_on for target in request.targets):
-        problems.extend(_dependency_problems(request.targets))
+    seen: set[str] = set()
+    expanding: set[str] | None = None
+    depends = False
+    for index, target in enumerate(targets):
+        target_id = target.id
+        if target_id in seen or not NAME.match(target_id):
+            problems.append(_id_problem(index, target_id, seen))
+        seen.add(target_id)
+        for_each = target.for_each
+        if for_each and expanding is None:
+            expanding = {t.id for t in targets if t.for_each}
+        one = _plan_target(
+            target, target_id, for_each, index, config.upstreams, server, params,
+            expanding or _NONE, problems,
+        )  # fmt: skip
+        if one is None:
+            depends = depends or bool(target.depends_on)
+        else:
+            depends = depends or bool(one.depends_on)
+            planned.append(one)
+    if depends:
+        problems.extend(_dependency_problems(targets))
     if problems:
         raise InvalidRequest(problems)
-    return Plan(targets=tuple(planned), max_targets=limit, max_path_bytes=max_path_bytes)
+    return Plan(tuple(planned), server.max_targets, server.max_path_bytes)
 
 
-def _id_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
-    seen: set[str] = set()
-    for index, target in enumerate(targets):
-        if not NAME.match(target.id):
-            yield f"targets[{index}].id: {target.id!r} must match [A-Za-z0-9_.-]{{1,64}}"
-        elif target.id in seen:
-            yield f"targets[{index}].id: {target.id!r} is used by more than one target"
-        seen.add(target.id)
+def _id_problem(index: int, target_id: str, seen: set[str]) -> Problem:
+    field = f"targets[{index}].id"
+    if not NAME.match(target_id):
+        return Problem(None, field, "must match [A-Za-z0-9_.-]{1,64}")
+    return Problem(None, field, f"{target_id!r} is used by more than one target")
 
 
-def _target_problems(
-    target: pb.Target, upstreams: Mapping[str, UpstreamConfig], max_path_bytes: int
-) -> Iterator[str]:
+def _explain(rules: Rules, problems: list[Problem], subject: tuple[Any, ...]) -> bool:
+    """Adds the problem of every rule ``subject`` (a target first) breaks; False if any."""
+    before = len(problems)
+    problems.extend(rules.broken(subject[0].id, *subject))
+    return len(problems) == before
+
+
+def _plan_target(
+    target: pb.Target,
+    target_id: str,
+    for_each: str,
+    index: int,
+    upstreams: Mapping[str, UpstreamConfig],
+    server: ServerConfig,
+    params: frozenset[str],
+    expanding: Collection[str],
+    problems: list[Problem],
+) -> PlannedTarget | None:
+    """``target`` planned, or None with its problems added to ``problems``."""
+    found: list[Problem] = []
     kind = target.WhichOneof("call")
-    if kind is None:
-        yield "one of http or grpc is required"
-        return
-    call = target.http if kind == "http" else target.grpc
-    upstream = upstreams.get(call.upstream)
-    if not call.upstream:
-        yield f"{kind}.upstream: required"
-    elif upstream is None:
-        yield f"{kind}.upstream: {call.upstream!r} is not a configured upstream"
-    elif upstream.kind != kind:
-        yield f"{kind}.upstream: {call.upstream!r} is a {upstream.kind} upstream, not {kind}"
-    allowed = upstream.allowed_headers if upstream is not None else ()
+    call: Call | None = None
+    request: HttpRequest | GrpcRequest | None = None
     if kind == "http":
-        yield from _http_problems(target.http, allowed, max_path_bytes)
+        call = target.http
+        request = _http_request(call)
+    elif kind == "grpc":
+        call = target.grpc
+        request = _grpc_request(call)
+    upstream = upstreams.get(call.upstream) if call is not None else None
+    if isinstance(request, HttpRequest):  # read from the payload already
+        has_json = request.json_body is _UNREAD
     else:
-        yield from _grpc_problems(target.grpc, allowed, max_path_bytes)
-    if target.HasField("timeout") and target.timeout.ToNanoseconds() <= 0:
-        yield "timeout: must be longer than 0"
-    if len(target.depends_on) > MAX_DEPENDS_ON:
-        yield (f"depends_on: {len(target.depends_on)} entries exceed {MAX_DEPENDS_ON} per target")
+        has_json = call is not None and call.HasField("json")
+    subject = (target, kind, call, upstream, server, has_json)
+    if isinstance(request, HttpRequest):
+        ok = HTTP_TARGET_RULES.all_hold(*subject) or _explain(HTTP_TARGET_RULES, found, subject)
+        if request.headers:
+            ok = (
+                _names_ok(request.headers, HEADER_NAME_RULES, "http", upstream, found, target_id)
+                and ok
+            )
+    elif request is not None:
+        ok = GRPC_TARGET_RULES.all_hold(*subject) or _explain(GRPC_TARGET_RULES, found, subject)
+        if request.metadata:
+            ok = (
+                _names_ok(request.metadata, METADATA_KEY_RULES, "grpc", upstream, found, target_id)
+                and ok
+            )
+    else:
+        ok = _explain(TARGET_RULES, found, subject)
+    if request is not None:
+        # The request's own rules, with a stand-in upstream when it names none (the shape of
+        # a path is wrong whatever the upstream), so every problem is reported at once.
+        checked_by = upstream if ok and upstream is not None else _stand_in(kind, upstream)
+        if ok and has_json:
+            request = _with_json(request, call.json)  # type: ignore[union-attr]
+        if not request_allowed(checked_by, request, server.max_path_bytes):
+            found.extend(request_problems(checked_by, request, target_id, server.max_path_bytes))
+        if not ok:
+            request = None
+    templated = request is not None and _templated(request)
+    if templated or for_each:
+        found.extend(
+            Problem(target_id, "", problem)
+            for problem in _template_problems(target, call if ok else None, expanding, params)
+        )
+    if found:
+        problems.extend(_placed(found, index, target_id))
+        return None
+    assert request is not None
+    assert upstream is not None
+    depends_on = target.depends_on
+    reference = None
+    if for_each:  # a bad for_each was reported: this one is one reference
+        reference = Sources(depends_on).parse(next(references(for_each)))
+    # Positional arguments: keywords cost a dataclass __init__ twice as much (measured).
+    return PlannedTarget(
+        target_id, upstream, request, target.required,
+        target.timeout.ToNanoseconds() / 1e9 if target.HasField("timeout") else None,
+        tuple(depends_on) if depends_on else (),
+        target.fallback if target.HasField("fallback") else None,
+        target.decode_json, templated, reference, None, None, True,
+    )  # fmt: skip
 
 
-def _http_problems(call: pb.HttpCall, allowed: Sequence[str], max_path_bytes: int) -> Iterator[str]:
+def _placed(found: list[Problem], index: int, target_id: str) -> Iterator[Problem]:
+    """An id too long to be one is not repeated in every problem: its index stands instead."""
+    if 0 < len(target_id) <= 64:
+        yield from found
+        return
+    for problem in found:
+        field = f"targets[{index}]" + (f".{problem.field}" if problem.field else "")
+        yield Problem(None, field, problem.message)
+
+
+def _names_ok(
+    pairs: tuple[tuple[str, str], ...],
+    rules: Rules,
+    kind: str,
+    upstream: UpstreamConfig | None,
+    problems: list[Problem],
+    target_id: str,
+) -> bool:
+    allowed = upstream.allowed_headers if upstream is not None else ()
+    ok = True
+    for name, _ in pairs:
+        if not rules.all_hold(name, allowed):
+            problems.extend(rules.broken(target_id, name, allowed))
+            ok = False
+    field = "http.headers" if kind == "http" else "grpc.metadata"
+    what = "header" if kind == "http" else "key"
+    for first, second in duplicate_names([name for name, _ in pairs]) if len(pairs) > 1 else ():
+        problems.append(
+            Problem(target_id, field, f"{first!r} and {second!r} are one {what} to an upstream")
+        )
+        ok = False
+    return ok
+
+
+def _upstream_field(t: pb.Target, kind: str | None, *_: Any) -> str:
+    return f"{kind}.upstream"
+
+
+def _json_cap(upstream: UpstreamConfig | None, server: ServerConfig) -> tuple[int, str]:
+    if upstream is None:
+        return server.max_request_bytes, "server.max_request_bytes"
+    return upstream.max_request_bytes, f"upstreams.{upstream.name}.max_request_bytes"
+
+
+def _json_size_problem(
+    t: pb.Target, k: str, call: Call, u: UpstreamConfig | None, s: ServerConfig, j: bool
+) -> str:
+    limit, key = _json_cap(u, s)
+    return f"{call.json.ByteSize()} bytes exceed {key} ({limit})"
+
+
+def _finite_json(value: struct_pb2.Value) -> bool:
+    """Whether ``value`` holds no NaN or Infinity, which JSON cannot carry."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = item.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(item.number_value):
+            return False
+        if kind == "list_value":
+            stack.extend(item.list_value.values)
+        elif kind == "struct_value":
+            stack.extend(item.struct_value.fields.values())
+    return True
+
+
+# What the rules' predicates read.
+_NAMES: dict[str, Any] = {
+    "HTTP_METHODS": HTTP_METHODS,
+    "MAX_DEPENDS_ON": MAX_DEPENDS_ON,
+    "METADATA_KEY": METADATA_KEY,
+    "TOKEN": TOKEN,
+    "UNFORWARDABLE": UNFORWARDABLE,
+    "header_name_problem": header_name_problem,
+    "_finite_json": _finite_json,
+    "_json_cap": _json_cap,
+}
+
+# Rules about a target as a caller wrote it, over (t: the target, k: its kind, c: its call,
+# u: the upstream it names, s: the server's config).
+_TARGET_RULES = (
+    Rule("", "c is not None", lambda *_: "one of http or grpc is required"),
+    Rule(_upstream_field, "u or c is None or c.upstream != ''", lambda *_: "required", "up"),
+    Rule(
+        _upstream_field,
+        "c is None or u is not None",
+        lambda *_: "names no configured upstream",
+        "up",
+    ),
+    Rule(
+        _upstream_field,
+        "u is None or u.kind == k",
+        lambda t, k, c, u, *_: f"names a {u.kind} upstream, not {k}",
+        "up",
+    ),
+    Rule(
+        "timeout",
+        "not t.HasField('timeout') or t.timeout.ToNanoseconds() > 0",
+        lambda *_: "must be longer than 0",
+    ),
+    Rule(
+        "depends_on",
+        "len(t.depends_on) <= MAX_DEPENDS_ON",
+        lambda t, *_: f"{len(t.depends_on)} entries exceed {MAX_DEPENDS_ON} per target",
+    ),
+)
+TARGET_RULES = Rules("t, k, c, u, s, j", _TARGET_RULES, _NAMES)
+
+
+def _json_rules(field: str) -> tuple[Rule, ...]:
+    """A JSON payload is sized before anything reads it (ByteSize counts in C), then walked
+    once for NaN and Infinity."""
+    return (
+        Rule(
+            field,
+            "not j or c.json.ByteSize() <= _json_cap(u, s)[0]",
+            _json_size_problem,
+            "json",
+        ),
+        Rule(
+            field,
+            "not j or _finite_json(c.json)",
+            lambda *_: "NaN and Infinity are not JSON numbers",
+            "json",
+        ),
+    )
+
+
+# ... and with the rules of its kind of call.
+HTTP_TARGET_RULES = Rules(
+    "t, k, c, u, s, j",
+    (
+        *_TARGET_RULES,
+        *_json_rules("http.json"),
+    ),
+    _NAMES,
+)
+GRPC_TARGET_RULES = Rules(
+    "t, k, c, u, s, j",
+    (
+        *_TARGET_RULES,
+        Rule(
+            "grpc",
+            "not c.request or not c.HasField('json')",
+            lambda *_: "set request (bytes) or json, not both",
+        ),
+        *_json_rules("grpc.json"),
+    ),
+    _NAMES,
+)
+# Per name a caller set, over (name, allowed: the upstream's allowed_headers).
+HEADER_NAME_RULES = Rules(
+    "name, allowed",
+    (
+        Rule(
+            "http.headers",
+            "TOKEN.match(name) is not None",
+            lambda name, allowed: f"{name!r} is not a valid header name",
+            "name",
+        ),
+        Rule(
+            "http.headers",
+            "header_name_problem(name, allowed, ()) is None",
+            lambda name, allowed: f"{name!r} {header_name_problem(name, allowed, ())}",
+            "name",
+        ),
+    ),
+    _NAMES,
+)
+METADATA_KEY_RULES = Rules(
+    "name, allowed",
+    (
+        Rule(
+            "grpc.metadata",
+            "METADATA_KEY.match(name) is not None and not name.endswith('-bin') "
+            "and not name.startswith('grpc-')",
+            lambda name, allowed: f"{name!r} is not a lowercase ASCII metadata key",
+            "name",
+        ),
+        Rule(
+            "grpc.metadata",
+            "header_name_problem(name, allowed, UNFORWARDABLE) is None",
+            lambda name, allowed: f"{name!r} {header_name_problem(name, allowed, UNFORWARDABLE)}",
+            "name",
+        ),
+    ),
+    _NAMES,
+)
+
+
+def _http_request(call: pb.HttpCall) -> HttpRequest:
+    """The request a call makes, its JSON payload not read yet (``_with_json`` reads it; until
+    then the payload stands as an empty body, so the body rules see that there is one)."""
     method = call.method or "GET"
-    if method not in HTTP_METHODS:
-        yield f"http.method: {method!r} is not one of {', '.join(sorted(HTTP_METHODS))}"
+    body = json_body = None
     payload = call.WhichOneof("payload")
-    if method in BODILESS_METHODS and (payload == "json" or (payload == "body" and call.body)):
-        yield (
-            f"http.{payload}: a {method} request carries no body (SPEC: a body there could be "
-            "read as a second request); use POST, PUT, PATCH or DELETE"
-        )
-    yield from _path_problems(call.path, max_path_bytes)
-    if call.query and query_bytes(call.query.items()) > max_path_bytes:
-        yield (
-            f"http.query: {query_bytes(call.query.items())} bytes of names and values exceed "
-            f"server.max_path_bytes ({max_path_bytes})"
-        )
-    yield from _header_problems(call.headers, allowed)
-    if payload == "json" and not _finite_json(call.json):
-        yield "http.json: NaN and Infinity are not JSON numbers"
+    if payload == "body" and (call.body or method not in BODILESS_METHODS):
+        body = call.body  # an empty body on a bodiless method is no body
+    elif payload == "json":
+        body, json_body = b"", _UNREAD
+    return HttpRequest(
+        method,
+        call.path,
+        _pairs(call.query),
+        _pairs(call.headers),
+        body,
+        json_body,
+    )
 
 
-def _header_problems(headers: Mapping[str, str], allowed: Sequence[str]) -> Iterator[str]:
-    for name, value in headers.items():
-        problem = None if TOKEN.match(name) else "is not a valid header name"
-        problem = problem or header_name_problem(name, allowed, FRAMING_HEADERS)
-        if problem:
-            yield f"http.headers: {name!r} {problem}"
-        problem = header_value_problem(value)
-        if problem:
-            yield f"http.headers[{name!r}]: {problem}"
-    for first, second in duplicate_names(sorted(headers)):
-        yield f"http.headers: {first!r} and {second!r} are one header to an upstream"
+_UNREAD = object()  # a JSON payload not read yet
 
 
-def _path_problems(path: str, max_path_bytes: int) -> Iterator[str]:
-    size = len(path.encode())
-    if size > max_path_bytes:
-        yield f"http.path: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
-    elif not path.startswith("/") or path.startswith("//") or "\\" in path:
-        yield f'http.path: {path!r} must be a path starting with "/" (no scheme or host)'
-    elif CONTROL_OR_SPACE.search(path) or "?" in path or "#" in path:
-        yield f"http.path: {path!r} contains whitespace, control characters, ? or # (use query)"
-    else:
-        problem = path_problem(path)
-        if problem:
-            yield f"http.path: {path!r} {problem}"
+def _stand_in(kind: str | None, upstream: UpstreamConfig | None) -> UpstreamConfig:
+    """The upstream a request is checked against when its own is unknown or refused: no
+    rules of its own, the default sizes."""
+    if upstream is not None and upstream.kind == kind:
+        return upstream
+    return _STAND_INS["grpc" if kind == "grpc" else "http"]
 
 
-def _grpc_problems(call: pb.GrpcCall, allowed: Sequence[str], max_path_bytes: int) -> Iterator[str]:
-    size = len(call.method.encode())
-    if size > max_path_bytes:
-        yield f"grpc.method: {size} bytes exceed server.max_path_bytes ({max_path_bytes})"
-    elif not GRPC_METHOD.match(call.method):
-        yield f"grpc.method: {call.method!r} is not a full method name /package.Service/Method"
-    for key, value in call.metadata.items():
-        if not METADATA_KEY.match(key) or key.endswith("-bin") or key.startswith("grpc-"):
-            yield f"grpc.metadata: {key!r} is not a lowercase ASCII metadata key"
-        else:
-            problem = header_name_problem(key, allowed, UNFORWARDABLE)
-            if problem:
-                yield f"grpc.metadata: {key!r} {problem}"
-        problem = header_value_problem(value, ascii_only=True)
-        if problem:
-            yield f"grpc.metadata[{key!r}]: {problem}"
-    for first, second in duplicate_names(sorted(call.metadata)):
-        yield f"grpc.metadata: {first!r} and {second!r} are one key to an upstream"
-    if call.HasField("json"):
-        if call.request:
-            yield "grpc: set request (bytes) or json, not both"
-        if not _finite_json(call.json):
-            yield "grpc.json: NaN and Infinity are not JSON numbers"
+_STAND_INS = {
+    "http": UpstreamConfig(name="(none)", kind="http", url="http://127.0.0.1"),
+    "grpc": UpstreamConfig(name="(none)", kind="grpc", address="127.0.0.1:1"),
+}
 
 
-def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
+def _grpc_request(call: pb.GrpcCall) -> GrpcRequest:
+    return GrpcRequest(call.method, call.request, _pairs(call.metadata))
+
+
+def _pairs(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A map's entries sorted (read by key: a map's items() walks it in Python)."""
+    if not entries:
+        return ()
+    return tuple(sorted([(key, entries[key]) for key in entries]))
+
+
+def _with_json(
+    request: HttpRequest | GrpcRequest, value: struct_pb2.Value
+) -> HttpRequest | GrpcRequest:
+    """``request`` with its JSON payload, read once (its size and numbers were checked)."""
+    json_body = json_format.MessageToDict(value)
+    if isinstance(request, GrpcRequest):
+        return replace(request, json_body=json_body, json_size=value.ByteSize())
+    headers = request.headers
+    if not any(name.lower() == "content-type" for name, _ in headers):
+        headers = (*headers, ("Content-Type", "application/json"))
+    body = json.dumps(json_body, separators=(",", ":")).encode()
+    return replace(request, headers=headers, body=body, json_body=json_body)
+
+
+def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[Problem]:
     graph: dict[str, list[str]] = {}
     for target in targets:
         if len(target.depends_on) > MAX_DEPENDS_ON:  # refused as it is: look no further
@@ -430,21 +507,25 @@ def _dependency_problems(targets: Sequence[pb.Target]) -> Iterator[str]:
         repeated = [dep for dep, count in counts.items() if count > 1]
         if repeated:
             listed = ", ".join(map(repr, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
-            yield f"target {target.id!r}: depends_on names {listed} more than once"
+            yield Problem(target.id, "depends_on", f"names {listed} more than once")
         graph[target.id] = list(counts)
     for target_id, deps in graph.items():
         for dep in deps:
             if dep == target_id:
-                yield f"target {target_id!r}: depends_on names itself"
+                yield Problem(target_id, "depends_on", "names itself")
             elif dep not in graph:
-                yield f"target {target_id!r}: depends_on names unknown target {dep!r}"
+                yield Problem(target_id, "depends_on", f"names unknown target {dep!r}")
     cycle = _find_cycle(graph)
     if cycle:
-        yield f"depends_on: cycle {' -> '.join(i if NAME.match(i) else repr(i) for i in cycle)}"
+        shown = " -> ".join(i if NAME.match(i) else repr(i) for i in cycle)
+        yield Problem(None, "depends_on", f"cycle {shown}")
 
 
 def _template_problems(
-    target: pb.Target, expanding: set[str], params: frozenset[str] = frozenset()
+    target: pb.Target,
+    call: Call | None,
+    expanding: Collection[str],
+    params: frozenset[str] = frozenset(),
 ) -> Iterator[str]:
     """References that name no dependency (or a for_each target, whose body is not one)."""
     if len(target.depends_on) > MAX_DEPENDS_ON:
@@ -456,7 +537,7 @@ def _template_problems(
     sources = Sources(
         (*target.depends_on, ITEM, *params) if target.for_each else (*target.depends_on, *params)
     )
-    found = _references(target)
+    found = _references(call) if call is not None else []
     if len(found) > MAX_REFERENCES:
         yield f"more than {MAX_REFERENCES} {{{{...}}}} references (the limit per target)"
         return
@@ -473,10 +554,10 @@ def _template_problems(
             yield f"{{{{{raw}}}}} names for_each target {reference.source!r}"
 
 
-def _references(target: pb.Target) -> list[str]:
-    """The target's references, at most one more than MAX_REFERENCES."""
+def _references(call: Call) -> list[str]:
+    """The call's references, at most one more than MAX_REFERENCES."""
     found: list[str] = []
-    for text in _template_texts(target):
+    for text in _template_texts(call):
         for raw in references(text):
             found.append(raw)
             if len(found) > MAX_REFERENCES:
@@ -491,35 +572,65 @@ def _for_each_problems(text: str, sources: Sources) -> Iterator[str]:
         yield f"for_each: {text!r} must be one {{{{id.path}}}} naming a target in depends_on"
 
 
-def _template_texts(target: pb.Target) -> Iterator[str]:
-    if target.WhichOneof("call") == "grpc":
-        yield from target.grpc.metadata.values()
-        if target.grpc.HasField("json") and _finite_json(target.grpc.json):
-            yield from json_strings(json_format.MessageToDict(target.grpc.json))
+def _template_texts(call: Call) -> Iterator[str]:
+    """The texts of a call where a {{...}} reference may stand."""
+    if isinstance(call, pb.GrpcCall):
+        yield from call.metadata.values()
+        if call.HasField("json"):
+            yield from _json_texts(call.json)
         return
-    if target.WhichOneof("call") != "http":
-        return
-    call = target.http
     yield call.path
     yield from call.query.values()
     yield from call.headers.values()
-    if call.WhichOneof("payload") == "json" and _finite_json(call.json):
-        yield from json_strings(json_format.MessageToDict(call.json))
+    if call.WhichOneof("payload") == "json":
+        yield from _json_texts(call.json)
 
 
-def _finite_json(value: struct_pb2.Value) -> bool:
-    """Whether ``value`` holds no NaN or Infinity, which JSON cannot carry."""
+def _templated(request: HttpRequest | GrpcRequest) -> bool:
+    """Whether a {{ stands in any text of ``request`` (loops over tuples: most have none)."""
+    if isinstance(request, HttpRequest):
+        if "{{" in request.path:
+            return True
+        for _, value in request.query:
+            if "{{" in value:
+                return True
+        pairs = request.headers
+    else:
+        pairs = request.metadata
+    for _, value in pairs:
+        if "{{" in value:
+            return True
+    json_body = request.json_body
+    return json_body is not None and any("{{" in text for text in json_strings(json_body))
+
+
+def template_fields(call: Call) -> Iterator[tuple[str, str]]:
+    """(field, text) of every text of ``call`` where a reference may stand: the same walk as
+    the planner's, with the field each text is in (aggregates.py names it in key paths)."""
+    if isinstance(call, pb.GrpcCall):
+        yield from ((f"grpc.metadata.{k}", v) for k, v in call.metadata.items())
+        if call.HasField("json"):
+            yield from (("grpc.json", v) for v in _json_texts(call.json))
+        return
+    yield "http.path", call.path
+    yield from ((f"http.query.{k}", v) for k, v in call.query.items())
+    yield from ((f"http.headers.{k}", v) for k, v in call.headers.items())
+    if call.WhichOneof("payload") == "json":
+        yield from (("http.json", v) for v in _json_texts(call.json))
+
+
+def _json_texts(value: struct_pb2.Value) -> Iterator[str]:
+    """The strings of a JSON payload, read without converting it."""
     stack = [value]
     while stack:
         item = stack.pop()
         kind = item.WhichOneof("kind")
-        if kind == "number_value" and not math.isfinite(item.number_value):
-            return False
-        if kind == "list_value":
+        if kind == "string_value":
+            yield item.string_value
+        elif kind == "list_value":
             stack.extend(item.list_value.values)
         elif kind == "struct_value":
             stack.extend(item.struct_value.fields.values())
-    return True
 
 
 def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
@@ -548,69 +659,3 @@ def _find_cycle(graph: Mapping[str, list[str]]) -> list[str]:
                 path.append(dep)
                 pending.append(iter(graph[dep]))
     return []
-
-
-def _plan_target(
-    target: pb.Target, upstreams: Mapping[str, UpstreamConfig], templated: bool
-) -> PlannedTarget:
-    request: HttpRequest | GrpcRequest
-    if target.WhichOneof("call") == "http":
-        call = target.http
-        request = HttpRequest(
-            method=call.method or "GET",
-            path=call.path,
-            query=tuple(sorted(call.query.items())) if call.query else (),
-            headers=_http_headers(call),
-            body=_http_body(call),
-            json_body=_json_body(call),
-        )
-    else:
-        call_json = target.grpc.json if target.grpc.HasField("json") else None
-        request = GrpcRequest(
-            method=target.grpc.method,
-            request=target.grpc.request,
-            metadata=tuple(sorted(target.grpc.metadata.items())) if target.grpc.metadata else (),
-            json_body=json_format.MessageToDict(call_json) if call_json is not None else None,
-            json_size=call_json.ByteSize() if call_json is not None else 0,
-        )
-    upstream_name = target.http.upstream if target.HasField("http") else target.grpc.upstream
-    for_each = None
-    found = list(references(target.for_each)) if target.for_each else []
-    if found:  # a bad for_each is reported by _template_problems; the plan is then dropped
-        for_each = Sources(target.depends_on).parse(found[0])
-    return PlannedTarget(
-        id=target.id,
-        upstream=upstreams[upstream_name],
-        request=request,
-        required=target.required,
-        timeout=target.timeout.ToNanoseconds() / 1e9 if target.HasField("timeout") else None,
-        depends_on=tuple(target.depends_on),
-        fallback=target.fallback if target.HasField("fallback") else None,
-        decode_json=target.decode_json,
-        templated=templated,
-        for_each=for_each,
-    )
-
-
-def _http_headers(call: pb.HttpCall) -> tuple[tuple[str, str], ...]:
-    headers = sorted(call.headers.items())
-    if call.WhichOneof("payload") == "json" and not any(
-        name.lower() == "content-type" for name, _ in headers
-    ):
-        headers.append(("Content-Type", "application/json"))
-    return tuple(headers)
-
-
-def _json_body(call: pb.HttpCall) -> Any:
-    return json_format.MessageToDict(call.json) if call.WhichOneof("payload") == "json" else None
-
-
-def _http_body(call: pb.HttpCall) -> bytes | None:
-    payload = call.WhichOneof("payload")
-    if payload == "body":
-        # An empty body on a bodiless method is no body (a non-empty one is refused).
-        bodiless = (call.method or "GET") in BODILESS_METHODS
-        return None if bodiless and not call.body else call.body
-    if payload == "json":
-        return json_format.MessageToJson(call.json, indent=None).encode()
-    return None

@@ -228,7 +228,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             call.caller = self._identify(context, metadata)
             self._admit()
             try:
-                plan = self._checked_plan(request, named, call.caller, metadata)
+                # Planning reads every JSON payload and parameter: a large request is planned
+                # off the loop, on the one bounded executor (docs/security.md).
+                plan = await self._offload.run(
+                    request.ByteSize(), self._checked_plan, request, named, call.caller, metadata
+                )
                 # Recorded as configured: a named aggregate's paths before params filled them.
                 call.plan = named.plan if named is not None else plan
                 plan = await typed_plan(plan, self.descriptors, budget.stop_at, self._offload)
@@ -268,9 +272,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         call.elapsed_ns = ended - budget.started_ns
         if call.first_at_ns is not None:
             call.fanin_ns = ended - call.first_at_ns
-        context.set_trailing_metadata(
-            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
-        )
+        metadata = trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
+        if isinstance(call.failure, InvalidRequest):  # each problem as a BadRequest violation
+            metadata += (("grpc-status-details-bin", call.failure.status_details()),)
+        context.set_trailing_metadata(metadata)
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         self._loop.call_soon(self._observe, call)

@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
 from aggregator.errors import TargetFailure
-from aggregator.security.fields import header_value_problem
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import LONGEST_NAME
 
@@ -116,56 +115,133 @@ def as_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+@dataclass(frozen=True, slots=True)
+class Cap:
+    """How large a rendered field may grow: ``limit`` characters, named by the config ``key``
+    (counted as it grows, so an oversized value is refused before it is built in full)."""
+
+    field: str
+    limit: int
+    key: str
+
+    def refused(self) -> TargetFailure:
+        return TargetFailure(
+            pb.OUTCOME_ERROR, f"{self.field}: exceeds {self.key} ({self.limit}) once rendered"
+        )
+
+
 class Substitution:
-    """Renders the templates of one target given the values of its sources."""
+    """Renders the templates of one target given the values of its sources.
+
+    Every rendering may be given a ``Cap``: the output is counted as it is built and the
+    rendering stops with the cap's TargetFailure as soon as it would pass the limit, so a
+    dependency's large value repeated in a template costs at most the cap, not its product."""
 
     def __init__(self, sources: Iterable[str], value_of: Callable[[str], Any]) -> None:
         self._sources = Sources(sources)
         self._value_of = value_of
+        self._sizes: dict[int, int] = {}  # JSON size of referenced containers, by id
 
     def _lookup(self, raw: str) -> Any:
         reference = self._sources.parse(raw)
         assert reference is not None, "references are checked when the plan is made"
         return resolve(reference, self._value_of)
 
-    def text(self, template: str) -> str:
-        return _REFERENCE.sub(lambda m: as_text(self._lookup(m.group(1))), template)
-
-    def path(self, template: str) -> str:
-        def segment(match: re.Match[str]) -> str:
+    def _render(self, template: str, encode: Callable[[str, str], str], cap: Cap | None) -> str:
+        limit = cap.limit if cap is not None else -1
+        out: list[str] = []
+        size = at = 0
+        for match in _REFERENCE.finditer(template):
+            out.append(template[at : match.start()])
             text = as_text(self._lookup(match.group(1)))
-            if text in (".", ".."):
-                raise TargetFailure(
-                    pb.OUTCOME_ERROR, f"{{{{{match.group(1)}}}}} is {text!r}: not a path segment"
-                )
-            return quote(text, safe="")
+            size += match.start() - at
+            # Encoding never shortens a text: a text already too long is refused unencoded.
+            if cap is not None and size + len(text) > limit:
+                raise cap.refused()
+            text = encode(text, match.group(1))
+            size += len(text)
+            if cap is not None and size > limit:
+                raise cap.refused()
+            out.append(text)
+            at = match.end()
+        out.append(template[at:])
+        if cap is not None and size + len(template) - at > limit:
+            raise cap.refused()
+        return "".join(out)
 
-        return _REFERENCE.sub(segment, template)
+    def text(self, template: str, cap: Cap | None = None) -> str:
+        return self._render(template, _as_is, cap)
 
-    def header(self, template: str) -> str:
-        text = self.text(template)
-        problem = header_value_problem(text)
-        if problem is not None:
-            raise TargetFailure(pb.OUTCOME_ERROR, f"header {template}: {problem}")
-        return text
+    def path(self, template: str, cap: Cap | None = None) -> str:
+        return self._render(template, path_segment, cap)
 
-    def metadata(self, template: str) -> str:
-        """A gRPC metadata value: printable ASCII only, as grpc sends it."""
-        text = self.text(template)
-        if any(not " " <= ch <= "~" for ch in text):
-            raise TargetFailure(
-                pb.OUTCOME_ERROR, f"{template} gives a metadata value that is not printable ASCII"
-            )
-        return text
+    def header(self, template: str, cap: Cap | None = None) -> str:
+        """A header value (its characters are checked with the request, outbound)."""
+        return self.text(template, cap)
 
-    def json(self, value: Any) -> Any:
+    def metadata(self, template: str, cap: Cap | None = None) -> str:
+        """A gRPC metadata value (printable ASCII only: checked with the request, outbound)."""
+        return self.text(template, cap)
+
+    def json(self, value: Any, cap: Cap | None = None) -> Any:
         """Substitutes inside a JSON value; a string that is one whole reference keeps the
-        referenced value's type (a number stays a number)."""
+        referenced value's type (a number stays a number). With ``cap``, the substituted
+        values (their JSON size) are counted against it as they are placed."""
+        room = [cap.limit if cap is not None else -1]
+        return self._json(value, cap, room)
+
+    def _json(self, value: Any, cap: Cap | None, room: list[int]) -> Any:
         if isinstance(value, str):
             whole = _WHOLE.match(value)
-            return self._lookup(whole.group(1)) if whole else self.text(value)
+            if whole:
+                found = self._lookup(whole.group(1))
+                self._spend(cap, room, self._json_size(found))
+                return found
+            if "{{" not in value:
+                return value
+            rendered = self.text(value, replace(cap, limit=room[0]) if cap is not None else None)
+            self._spend(cap, room, len(rendered))
+            return rendered
         if isinstance(value, list):
-            return [self.json(element) for element in value]
+            return [self._json(element, cap, room) for element in value]
         if isinstance(value, dict):
-            return {key: self.json(element) for key, element in value.items()}
+            return {key: self._json(element, cap, room) for key, element in value.items()}
         return value
+
+    @staticmethod
+    def _spend(cap: Cap | None, room: list[int], size: int) -> None:
+        if cap is None:
+            return
+        room[0] -= size
+        if room[0] < 0:
+            raise cap.refused()
+
+    def _json_size(self, value: Any) -> int:
+        """A lower bound of ``value``'s size as JSON; a container is measured once per object
+        however many references name it."""
+        if isinstance(value, str):
+            return len(value) + 2
+        if not isinstance(value, dict | list):
+            return len(as_text(value))
+        known = self._sizes.get(id(value))
+        if known is None:
+            known = self._sizes[id(value)] = len(json.dumps(value, separators=(",", ":")))
+        return known
+
+
+def _as_is(text: str, raw: str) -> str:
+    return text
+
+
+def path_segment(text: str, raw: str) -> str:
+    """A value in a path: one whole segment, percent-encoded (a / becomes %2F); . and ..
+    are refused, as they are no segment."""
+    if text in (".", ".."):
+        raise TargetFailure(pb.OUTCOME_ERROR, f"{{{{{raw}}}}} is . or ..: not a path segment")
+    if _UNRESERVED.match(text):  # quote would leave it as it is
+        return text
+    return quote(text, safe="")
+
+
+# Text that percent-encoding leaves as it is (checked after . and ..).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*\Z")

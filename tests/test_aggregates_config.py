@@ -69,25 +69,23 @@ def test_the_spec_example_loads_and_is_planned() -> None:
     [
         (
             {"id": "product", "http": {"upstream": "nowhere", "path": "/products/{{params.sku}}"}},
-            "aggregates.product_page.targets[0].http.upstream: 'nowhere' is not a configured "
-            "upstream",
+            "aggregates.product_page.targets[0].http.upstream: names no configured upstream",
         ),
         (
             {"id": "product", "http": {"upstream": "pricing", "path": "/products/x"}},
-            "aggregates.product_page.targets[0].http.upstream: 'pricing' is a grpc upstream, "
-            "not http",
+            "aggregates.product_page.targets[0].http.upstream: names a grpc upstream, not http",
         ),
         (
             {"id": "product", "http": {"upstream": "catalog", "path": "/products/../admin"}},
-            "aggregates.product_page.targets[0].http.path: '/products/../admin' contains . or ..",
+            "aggregates.product_page.targets[0].http.path: contains . or ..",
         ),
         (
             {"id": "product", "http": {"upstream": "catalog", "path": "https://evil.example/x"}},
-            "aggregates.product_page.targets[0].http.path: 'https://evil.example/x' must be a path",
+            "aggregates.product_page.targets[0].http.path: must be a path",
         ),
         (
             {"id": "product", "http": {"upstream": "catalog", "path": "/admin/{{params.sku}}"}},
-            "aggregates.product_page.targets[0].http.path: '/admin/{{params.sku}}' is outside "
+            "aggregates.product_page.targets[0].http.path: is outside "
             "upstreams.catalog.path_prefixes",
         ),
         (

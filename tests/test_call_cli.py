@@ -158,7 +158,7 @@ async def test_a_request_the_server_refuses_exits_1_with_its_reasons(start_serve
 
     assert code == 1
     assert "status INVALID_ARGUMENT" in out
-    assert "nowhere" in out
+    assert "http.upstream: names no configured upstream" in out  # not the name (issue 23 #7)
     assert "no result for: a" in out
 
 

@@ -445,7 +445,7 @@ async def test_a_substituted_value_that_does_not_fit_fails_that_target(start_ser
     assert "grpc.json does not fit shop.v1.Product" in by_id["typed"].error
     assert "tags" in by_id["typed"].error
     assert by_id["meta"].outcome == pb.OUTCOME_ERROR
-    assert "not printable ASCII" in by_id["meta"].error
+    assert "must be printable ASCII" in by_id["meta"].error
     assert catalog.calls("Echo") == 1  # src's only
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import HttpRequest
+from aggregator.request import HttpRequest
 from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams import Reply
 from aggregator.upstreams.http import HttpUpstream

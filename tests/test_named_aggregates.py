@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.aggregates import Catalog
 from aggregator.config import config_from_mapping
-from aggregator.plan import HttpRequest, Plan, make_plan
+from aggregator.plan import Plan, make_plan
+from aggregator.request import HttpRequest
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.substitution import Substitution
 from aggregator.v1 import aggregator_pb2 as pb
@@ -158,8 +159,14 @@ async def test_results_come_in_completion_order_with_trailers_as_ad_hoc(
         (named("page", sku=None), "params.sku: null is not a value"),
         (named("page", sku=float("nan")), "params.sku: NaN and Infinity are not JSON numbers"),
         (named("page", sku=float("inf")), "params.sku: NaN and Infinity are not JSON numbers"),
-        (named("page", sku=".."), "target 'product': {{params.sku}} is '..': not a path segment"),
-        (named("page", sku="a\r\nx-evil: 1"), "target 'product': header"),
+        (
+            named("page", sku=".."),
+            "target 'product': {{params.sku}} is . or ..: not a path segment",
+        ),
+        (
+            named("page", sku="a\r\nx-evil: 1"),
+            "target 'product': http.headers['x-sku']: value contains control characters",
+        ),
         (named("page", sku="x" * 9000), "server.max_path_bytes"),
         (
             pb.AggregateRequest(aggregate="page", targets=[http("a", "/echo/a")]),

@@ -12,7 +12,8 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from aggregator.config import config_from_mapping
 from aggregator.errors import InvalidRequest
-from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget, make_plan
+from aggregator.plan import Plan, PlannedTarget, make_plan
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import http
 
@@ -117,7 +118,8 @@ def test_bad_id_is_refused_naming_its_position_and_value(bad_id):
     problems = refuse(http("fine", "/x"), http(bad_id, "/x"))
     assert len(problems) == 1
     assert problems[0].startswith("targets[1].id:")
-    assert repr(bad_id) in problems[0]
+    if bad_id:  # the value is not quoted back (issue 23 #7): the field and the rule are
+        assert repr(bad_id) not in problems[0]
 
 
 @pytest.mark.parametrize("good_id", ["a", "x" * 64, "A-z_0.9", "...", "-"])
@@ -144,14 +146,18 @@ def test_target_without_a_call_is_refused():
 @pytest.mark.parametrize(
     ("target", "field", "words"),
     [
-        (http("unknown-http", "/x", upstream="nope"), "http.upstream", "not a configured"),
-        (grpc_call("unknown-grpc", upstream="nope"), "grpc.upstream", "not a configured"),
-        (http("http-to-grpc", "/x", upstream="rpc"), "http.upstream", "is a grpc upstream"),
-        (grpc_call("grpc-to-http", upstream="rest"), "grpc.upstream", "is a http upstream"),
+        (http("unknown-http", "/x", upstream="nope"), "http.upstream", "no configured upstream"),
+        (grpc_call("unknown-grpc", upstream="nope"), "grpc.upstream", "no configured upstream"),
+        (http("http-to-grpc", "/x", upstream="rpc"), "http.upstream", "names a grpc upstream"),
+        (grpc_call("grpc-to-http", upstream="rest"), "grpc.upstream", "names a http upstream"),
         (http("missing-http", "/x", upstream=""), "http.upstream", "required"),
         (grpc_call("missing-grpc", upstream=""), "grpc.upstream", "required"),
         # Never a raw host: an address is not the name of a configured upstream.
-        (http("raw-host", "/x", upstream="127.0.0.1:8081"), "http.upstream", "not a configured"),
+        (
+            http("raw-host", "/x", upstream="127.0.0.1:8081"),
+            "http.upstream",
+            "no configured upstream",
+        ),
     ],
     ids=lambda v: v.id if isinstance(v, pb.Target) else None,
 )
@@ -170,7 +176,7 @@ def test_upstream_must_be_configured_and_of_the_calls_kind(target, field, words)
 def test_bad_http_method_is_refused(method):
     problem = refuse_one(http("verb", "/x", method=method))
     assert "http.method:" in problem
-    assert repr(method) in problem
+    assert repr(method) not in problem
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
@@ -219,12 +225,12 @@ NOT_PATHS = {
 def test_path_that_is_not_a_path_is_refused(path):
     problem = refuse_one(http("page", path))
     assert "http.path:" in problem
-    assert repr(path) in problem
+    assert repr(path) not in problem  # values stay private (issue 23 #7)
 
 
 @pytest.mark.parametrize(
     "path",
-    ["/", "/users/42", "/a/b/", "/a..b", "/.well-known/x", "/a/...", "/items%20x", "/a/b.c/d"],
+    ["/", "/users/42", "/a/b/", "/a..b", "/.well-known/x", "/a/.x", "/items%20x", "/a/b.c/d"],
 )
 def test_paths_are_accepted_unchanged(path):
     planned = plan_one(http("page", path))
@@ -299,7 +305,8 @@ def test_bad_header_name_is_refused(name):
 def test_bad_grpc_method_name_is_refused(method):
     problem = refuse_one(grpc_call("rpc-call", method=method))
     assert "grpc.method:" in problem
-    assert repr(method) in problem
+    if method:
+        assert repr(method) not in problem
 
 
 @pytest.mark.parametrize("method", ["/test.Upstream/Echo", "/Service/Method", "/a.b.c.S_1/M_2"])
@@ -529,9 +536,8 @@ def test_every_problem_of_one_target_is_reported():
     )
     fields = ["http.upstream", "http.method", "http.path", "http.headers", "timeout"]
     assert len(problems) == len(fields)
-    for field, problem in zip(fields, problems, strict=True):
-        assert problem.startswith("target 'messy':")
-        assert f"{field}" in problem
+    assert all(problem.startswith("target 'messy':") for problem in problems)
+    assert sorted(problem.split(": ")[1] for problem in problems) == sorted(fields)
 
 
 def test_batch_id_and_target_problems_are_all_reported():
@@ -541,11 +547,14 @@ def test_batch_id_and_target_problems_are_all_reported():
         http("", "/x"),
         http("c", "x"),
         grpc_call("d", ""),
-        *(http(f"more{i}", "/x") for i in range(MAX_TARGETS)),
+    ]
+    # Too many targets: refused for that alone, before anything else is read (issue 23 #3).
+    too_many = refuse(*targets, *(http(f"more{i}", "/x") for i in range(MAX_TARGETS)))
+    assert too_many == [
+        f"targets: {len(targets) + MAX_TARGETS} targets exceed server.max_targets ({MAX_TARGETS})"
     ]
     problems = refuse(*targets)
     text = "\n".join(problems)
-    assert "server.max_targets" in text
     assert "targets[1].id" in text
     assert "targets[2].id" in text
     assert "target 'c': http.path" in text
@@ -685,7 +694,9 @@ def test_grpc_calls_are_not_idempotent():
 @pytest.mark.parametrize("payload", ["body", "json"])
 def test_a_body_on_a_bodiless_method_is_refused_naming_the_field(method, payload):
     body = (
-        {"body": b"GET /admin HTTP/1.1\r\n\r\n"} if payload == "body" else {"json": json_value({})}
+        {"body": b"GET /admin HTTP/1.1\r\n\r\n"}
+        if payload == "body"
+        else {"json": json_value({"a": 1})}
     )
     problem = refuse_one(http("smuggler", "/x", method=method, **body))
     assert f"http.{payload}:" in problem
@@ -724,6 +735,13 @@ BYPASS_PATHS = {
     "fullwidth-solidus": "/public/..\uff0fadmin",
     "one-dot-leader": "/public/\u2025/admin",
     "fullwidth-percent": "/public/\uff052e\uff052e/admin",
+    # Issue 23 #11: a decoded reading cut at ? or #, trailing spaces or dots, %u escapes.
+    "encoded-question-dotdot": "/public/..%3F/admin",
+    "encoded-hash-dotdot": "/public/..%23/admin",
+    "encoded-space-dotdot": "/public/..%20/admin",
+    "encoded-nbsp-dotdot": "/public/..%C2%A0/admin",
+    "three-dots": "/public/.../admin",
+    "u-escape-dot": "/public/%u002e%u002e/admin",
 }
 
 
@@ -866,7 +884,7 @@ def test_a_tab_and_non_ascii_text_are_header_values():
 
 def test_depends_on_naming_a_target_twice_is_refused():
     problems = refuse(http("a", "/x"), http("b", "/x", depends_on=["a", "a", "a"]))
-    assert problems == ["target 'b': depends_on names 'a' more than once"]
+    assert problems == ["target 'b': depends_on: names 'a' more than once"]
 
 
 def test_depends_on_is_capped_per_target():

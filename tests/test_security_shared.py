@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from aggregator import tracing
 from aggregator.config import CachePolicy, UpstreamConfig
-from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.cache import Coalescer, cache_key, namespace
 from aggregator.policies.deadline import Deadline
 from aggregator.policies.limits import Bulkhead
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target, wait_for
 from tests.test_composition import joined, redis_server

@@ -20,7 +20,7 @@ import pytest
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.server import AggregatorServer
 from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.upstreams.http import MAX_GZIP_MEMBERS, HttpUpstream, TooManyMembers, _decompress

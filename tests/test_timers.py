@@ -11,9 +11,9 @@ import pytest
 from aggregator.config import config_from_mapping
 from aggregator.errors import TargetFailure
 from aggregator.metrics import Metrics
-from aggregator.plan import HttpRequest
 from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.policies.limits import Bulkhead
+from aggregator.request import HttpRequest
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply
 from aggregator.upstreams.fleet import Single

@@ -19,7 +19,8 @@ from typing import Any
 from aggregator.admin.rolling import RollingStats
 from aggregator.call_record import CallRecord
 from aggregator.outcomes import CODE_NAMES, NOT_RUN, cache_name, outcome_name
-from aggregator.plan import HttpRequest, PlannedTarget
+from aggregator.plan import PlannedTarget
+from aggregator.request import HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
 
 # Targets kept over all aggregates: wide for_each aggregates hold the ring to ~15 MB (about
@@ -179,7 +180,7 @@ def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> Targe
         upstream, request = target.upstream.name, target.request
         method = request.method
         if isinstance(request, HttpRequest):
-            path = request.path
+            path = (request.template or request.path)[:MAX_TEXT]
             status = result.http_status or None
         elif result.grpc_code or (result.outcome == pb.OUTCOME_OK and not result.from_fallback):
             status = CODE_NAMES.get(result.grpc_code, str(result.grpc_code))

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aggregator.config import CachePolicy, UpstreamConfig
-from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.deadline import Deadline
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams import Reply
 

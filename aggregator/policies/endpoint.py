@@ -34,13 +34,13 @@ from aggregator import tracing
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.metrics import UpstreamMetrics
-from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.blame import Blame, Unblamed, blame, failed
 from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
 from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.timers import SYSTEM_CLOCK, Clock, Timers
 from aggregator.upstreams.seam import Balancer, Member, Reply, Upstream
 from aggregator.v1 import aggregator_pb2 as pb

@@ -26,6 +26,7 @@ from aggregator.vocabulary import OWN_HEADERS, STEERING_HEADERS, STEERING_PREFIX
 _VALUE_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_U_ESCAPE = re.compile(r"%[uU]")
 _DECODED_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Percent-decoding rounds whose result is checked; an escape left after them is refused.
 _DECODINGS = 2
@@ -111,6 +112,8 @@ def path_forms(path: str) -> list[str]:
     forms = [path]
     if "%" not in path and path.isascii():  # the common path: one reading
         return forms
+    if _U_ESCAPE.search(path):
+        raise ValueError("has %u escapes, which some upstreams decode (IIS)")
     current = path
     for _ in range(_DECODINGS):
         if "%" not in current or not _ESCAPE.search(current):
@@ -136,15 +139,30 @@ def path_forms(path: str) -> list[str]:
 
 
 def _dot_segment(form: str) -> bool:
+    """Whether a segment of ``form`` reads as . or .. somewhere: a segment ends at ; (params),
+    ? or # (a decoded reading cut there), and trailing spaces and dots are dropped by some
+    readers (Windows, IIS), so ``..``, ``...``, ``.. `` and ``..?x`` all count."""
     if "." not in form:
         return False
-    return any(segment.partition(";")[0] in (".", "..") for segment in form.split("/"))
+    for segment in form.split("/"):
+        cut = _SEGMENT_END.split(segment, 1)[0].rstrip(" ")
+        if cut and not cut.strip("."):
+            return True
+    return False
+
+
+_SEGMENT_END = re.compile("[;?#]")
 
 
 def path_allowed(path: str, prefixes: Sequence[str]) -> bool:
     """Whether every reading of ``path`` lies under one of ``prefixes`` (so ``%2F`` or a
     fullwidth solidus cannot take it out). A prefix without a trailing / matches whole
     segments only. A path path_problem refuses is not allowed."""
+    if "%" not in path and path.isascii():  # one reading (loops: this is the hot path)
+        for prefix in prefixes:  # noqa: SIM110
+            if _under(path, prefix):
+                return True
+        return False
     try:
         forms = path_forms(path)
     except ValueError:

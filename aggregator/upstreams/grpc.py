@@ -8,7 +8,7 @@ import grpc
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security import hops
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files

@@ -12,7 +12,7 @@ from urllib.parse import quote, quote_plus, urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.timers import SYSTEM_CLOCK, Clock

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.timers import Cancellable
 
 if TYPE_CHECKING:

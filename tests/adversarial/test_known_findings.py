@@ -1,7 +1,7 @@
 """Issue 23's findings on cost (#1, #3, #4), each the smallest request that shows it, under the
-harness's bounds. Those not fixed yet are xfail(strict=True, raises=BoundExceeded): they fail
-only on the bound the finding breaks, and flip to a failure the day the fix lands (then the
-mark goes)."""
+harness's bounds. Each was written as xfail(strict=True, raises=BoundExceeded) while its finding
+was open (it failed only on the bound the finding broke); all three are fixed, so the marks are
+gone and a regression fails here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from google.protobuf import struct_pb2
 
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.adversarial.conftest import Adversary, answer, assert_clean
-from tests.adversarial.watch import BoundExceeded
 from tests.conftest import http
 
 # issue 23 #1: a dependency's value substituted many times ----------------------------------
@@ -38,11 +37,6 @@ def dependents_of_d(where: str) -> pb.Target:
     return http("use", "/echo", method="POST", json=body, depends_on=["d"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoundExceeded,
-    reason="issue 23 #1: substituted values are built in full before the size check",
-)
 @pytest.mark.parametrize("where", ["path", "json"])
 async def test_a_value_substituted_many_times_stops_at_the_fields_cap(
     adversary: Adversary, where: str
@@ -86,11 +80,6 @@ def json_targets(where: str) -> pb.AggregateRequest:
     return pb.AggregateRequest(aggregate="lookup", params=params)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoundExceeded,
-    reason="issue 23 #3: planning converts caller JSON on the loop before checking its size",
-)
 @pytest.mark.parametrize("where", ["http.json", "grpc.json", "params"])
 async def test_a_large_json_payload_is_planned_without_stalling_the_loop(
     adversary: Adversary, where: str
@@ -104,11 +93,6 @@ async def test_a_large_json_payload_is_planned_without_stalling_the_loop(
 PAST_MAX_TARGETS = 10_000  # the issue's 140,000 stalled 5.8 s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BoundExceeded,
-    reason="issue 23 #3: every target past server.max_targets is planned before the refusal",
-)
 async def test_targets_past_max_targets_are_refused_before_planning(adversary: Adversary) -> None:
     request = pb.AggregateRequest(
         targets=[http(f"t{i}", "/echo/x") for i in range(PAST_MAX_TARGETS)]

@@ -23,9 +23,10 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from aggregator.composition import template_fields
 from aggregator.config import AggregateConfig, Config, ConfigError
 from aggregator.errors import InvalidRequest, Problem, TargetFailure
-from aggregator.plan import Plan, PlannedTarget, make_plan, template_fields
+from aggregator.plan import Plan, PlannedTarget, make_plan
 from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.outbound import plan_problems
 from aggregator.substitution import (

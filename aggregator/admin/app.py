@@ -47,16 +47,24 @@ class UpstreamView(Protocol):
     def admin_stats(self) -> dict[str, Any]: ...
 
 
+# The config in force (its SHA-256, when it was loaded) and the last reload (aggregator/reload.py).
+ConfigInfo = Callable[[], dict[str, Any]]
+
+
 class BadQuery(Exception):
     """A query string the API does not understand: 400 with this sentence."""
 
 
 def make_app(
-    recent: Recent, upstreams: Mapping[str, UpstreamView], hosts: Iterable[str] = ()
+    recent: Recent,
+    upstreams: Mapping[str, UpstreamView],
+    hosts: Iterable[str] = (),
+    config_info: ConfigInfo | None = None,
 ) -> web.Application:
     """The admin app, answering requests whose Host is a loopback name, the address the
-    connection reached, or one of ``hosts`` (the admin address's host, server.admin_hosts)."""
-    pages = AdminPages(recent, upstreams)
+    connection reached, or one of ``hosts`` (the admin address's host, server.admin_hosts).
+    ``config_info`` says which config is in force and how its last reload went."""
+    pages = AdminPages(recent, upstreams, config_info)
     app = web.Application(middlewares=[_guarded, HostCheck(hosts).middleware], client_max_size=1024)
     for path in _FILES:
         app.router.add_get(path, pages.static, allow_head=False)
@@ -64,6 +72,7 @@ def make_app(
     app.router.add_get("/api/upstreams", pages.api_upstreams, allow_head=False)
     app.router.add_get("/api/aggregates", pages.api_aggregates, allow_head=False)
     app.router.add_get("/api/aggregates/{request_id}", pages.api_aggregate, allow_head=False)
+    app.router.add_get("/api/config", pages.api_config, allow_head=False)
     return app
 
 
@@ -71,9 +80,15 @@ class AdminPages:
     """The handlers: the page's files (read once) and the JSON, from ``recent`` and the
     upstreams' policies."""
 
-    def __init__(self, recent: Recent, upstreams: Mapping[str, UpstreamView]) -> None:
+    def __init__(
+        self,
+        recent: Recent,
+        upstreams: Mapping[str, UpstreamView],
+        config_info: ConfigInfo | None = None,
+    ) -> None:
         self._recent = recent
         self._upstreams = upstreams
+        self._config_info = config_info
         self._files = {path: (_read(name), kind) for path, (name, kind) in _FILES.items()}
         self._waterfall = _read("waterfall.html")
 
@@ -118,6 +133,13 @@ class AdminPages:
             {"kept": len(recent.records), "keep": keep,
              "aggregates": [r.summary() for r in records]}
         )  # fmt: skip
+
+    async def api_config(self, request: web.Request) -> web.Response:
+        """The config's hash and last reload; nulls when the server was not started from a
+        file (nothing to reload)."""
+        _query(request, ())
+        info = self._config_info() if self._config_info is not None else {}
+        return web.json_response({"sha256": None, "loaded_at": None, "last_reload": None, **info})
 
     async def api_aggregate(self, request: web.Request) -> web.Response:
         record = self._find(request)

@@ -114,6 +114,11 @@ class Recent:
     def __repr__(self) -> str:
         return f"<Recent [{len(self.records)}/{self.records.maxlen} aggregates]>"
 
+    def track(self, upstreams: Collection[str]) -> None:
+        """Keeps a last minute for each of ``upstreams`` not tracked yet (a config reload)."""
+        for name in upstreams:
+            self.upstreams.setdefault(name, RollingStats())
+
     def record(self, call: CallRecord) -> None:
         """Keeps one aggregate: every target it reported, and those its cancellation cut."""
         planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}

@@ -34,6 +34,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
 from aggregator.admin.app import make_app
+from aggregator.admin.group import Group
 from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
 from aggregator.call_record import CallRecord
@@ -526,7 +527,13 @@ class AggregatorServer:
         self.admin_port = 0
         self._admin_runner: web.AppRunner | None = None
         admin = config.server.admin_address
-        self.recent = Recent(config.server.admin_recent, config.upstreams) if admin else None
+        # With workers, the admin page shows every worker's records (admin/group.py).
+        self._group = Group.from_environ(config.server.workers) if admin else None
+        worker = (self._group.index, self._group.size) if self._group else (0, 1)
+        self.recent = (
+            Recent(config.server.admin_recent, config.upstreams, worker=worker) if admin else None
+        )
+        self._peer_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
         return (
@@ -661,14 +668,16 @@ class AggregatorServer:
 
     async def _serve_admin(self, address: str) -> int:
         assert self.recent is not None
-        hosts = self.config.server.admin_hosts
+        hosts = (address.rpartition(":")[0], *self.config.server.admin_hosts)
+        upstreams = _LiveEndpoints(self._service)
+        info = self.reloader.admin_info if self.reloader is not None else None
+        if self._group is not None:  # this worker's own records, for the others to merge
+            peer = make_app(self.recent, upstreams, hosts, info, peer=True)
+            self._peer_runner = web.AppRunner(peer, access_log=None, handler_cancellation=True)
+            await self._peer_runner.setup()
+            await web.UnixSite(self._peer_runner, self._group.socket).start()
         self._admin_runner = web.AppRunner(
-            make_app(
-                self.recent,
-                _LiveEndpoints(self._service),
-                (address.rpartition(":")[0], *hosts),
-                config_info=self.reloader.admin_info if self.reloader is not None else None,
-            ),
+            make_app(self.recent, upstreams, hosts, info, group=self._group),
             access_log=None,
             handler_cancellation=True,
         )
@@ -713,6 +722,8 @@ class AggregatorServer:
             await self._metrics_runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._peer_runner is not None:
+            await self._peer_runner.cleanup()
 
 
 def run(config: Config, source: ConfigFile | None = None) -> None:

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 
+from aggregator.admin.group import WORKER, WORKERS_DIR
 from aggregator.config import Config
 from aggregator.reload import ConfigFile
 
@@ -33,6 +34,10 @@ def run_workers(config: Config, source: ConfigFile | None = None) -> int:
     metrics_dir = os.environ.setdefault(
         "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="aggregator-metrics-")
     )
+    # The group's private folder: each worker's admin JSON on a unix socket, for the worker
+    # answering the admin page to merge (aggregator/admin/group.py). 0700: this user only.
+    own_group_dir = WORKERS_DIR not in os.environ
+    group_dir = os.environ.setdefault(WORKERS_DIR, tempfile.mkdtemp(prefix="aggregator-workers-"))
     children = [_fork_worker(config, index, source) for index in range(config.server.workers)]
     log.info("started %d workers: %s", len(children), " ".join(map(str, children)))
 
@@ -54,6 +59,8 @@ def run_workers(config: Config, source: ConfigFile | None = None) -> int:
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
     if own_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if own_group_dir:
+        shutil.rmtree(group_dir, ignore_errors=True)
     return code
 
 
@@ -62,6 +69,7 @@ def _fork_worker(config: Config, index: int, source: ConfigFile | None) -> int:
     if pid:
         return pid
     code = 1
+    os.environ[WORKER] = str(index)
     try:
         from aggregator.server import run
 

@@ -17,7 +17,7 @@ import grpc
 
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
-from tests.conftest import aggregator_process, collect, http
+from tests.conftest import Log, aggregator_process, collect, http
 from tests.upstreams import RestUpstream, free_port, rest_upstream
 
 
@@ -55,35 +55,6 @@ server:
 upstreams:
 {upstreams}
 """
-
-
-class Log:
-    """A process's log (its stdout), read as it comes, so a busy server never blocks on a full
-    pipe; ``next`` waits for the next line matching a pattern."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None
-        self._stdout = process.stdout
-        self._lines: asyncio.Queue[str] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        while line := await self._stdout.readline():
-            self._lines.put_nowait(line.decode())
-        self._lines.put_nowait("")
-
-    async def next(self, pattern: str, timeout: float = 10) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self._lines.get()
-                assert line, f"the process ended before logging {pattern!r}"
-                if re.search(pattern, line):
-                    return line
-
-    async def aclose(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
 
 
 @contextlib.asynccontextmanager

@@ -103,11 +103,18 @@ class Recent:
     ``max_targets`` targets together) and every upstream's rolling minute."""
 
     def __init__(
-        self, keep: int, upstreams: Collection[str], max_targets: int = MAX_KEPT_TARGETS
+        self,
+        keep: int,
+        upstreams: Collection[str],
+        max_targets: int = MAX_KEPT_TARGETS,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.records: collections.deque[AggregateRecord] = collections.deque(maxlen=keep)
         self.upstreams = {name: RollingStats() for name in upstreams}
-        self._seq = 0
+        # Worker i of n numbers its aggregates i+1, i+1+n, ...: numbers never met twice in
+        # the process group, whose admin page lists every worker's (admin/group.py).
+        index, self._step = worker
+        self._seq = index + 1 - self._step
         self._targets = 0  # kept, over all records
         self._max_targets = max_targets
 
@@ -123,7 +130,7 @@ class Recent:
         """Keeps one aggregate: every target it reported, and those its cancellation cut."""
         planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}
         targets = tuple(_target(result, planned) for result in call.results())
-        self._seq += 1
+        self._seq += self._step
         self._keep(
             AggregateRecord(
                 self._seq, _kept(call.request_id), _kept(call.aggregate), call.code.name,
@@ -166,6 +173,9 @@ class Recent:
 
     def upstream_stats(self, name: str) -> dict[str, Any]:
         return self.upstreams[name].summary(int(time.monotonic()))
+
+    def upstream_window(self, name: str) -> dict[str, Any]:
+        return self.upstreams[name].window(int(time.monotonic()))
 
 
 def _kept(text: str) -> str:

@@ -43,12 +43,15 @@ class ConfigMap:
             self.path.symlink_to("..data/config.yaml")
 
 
-def document(port: int, metrics_port: int, upstreams: str, extra: str = "") -> str:
+def document(
+    port: int, metrics_port: int, upstreams: str, extra: str = "", admin_port: int = 0
+) -> str:
+    admin = f"127.0.0.1:{admin_port}" if admin_port else ""
     return f"""
 server:
   address: "127.0.0.1:{port}"
   metrics_address: "127.0.0.1:{metrics_port}"
-  admin_address: ""
+  admin_address: "{admin}"
   shutdown_grace: 2s
   config_check_interval: 50ms
 {extra}
@@ -138,10 +141,10 @@ async def test_reload_under_load_fails_no_call_and_keeps_unchanged_connections(t
 
 
 async def test_a_bad_file_changes_nothing_and_is_counted(tmp_path, rest):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, admin_port = free_port(), free_port(), free_port()
     config = ConfigMap(tmp_path)
     upstreams = f'  rest: {{kind: http, url: "{rest.url}"}}\n'
-    good = document(port, metrics_port, upstreams)
+    good = document(port, metrics_port, upstreams, admin_port=admin_port)
     config.write(good)
     async with (
         serving(config.path, port) as (process, log),
@@ -161,6 +164,16 @@ async def test_a_bad_file_changes_nothing_and_is_counted(tmp_path, rest):
         assert await metric(metrics_port, 'aggregator_config_reloads_total{result="error"}') == 1
         assert await metric(metrics_port, 'aggregator_config_reloads_total{result="ok"}') == 0
         assert await _config_info(metrics_port) == info
+        # The admin page shows the hash in force and the refused reload.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{admin_port}/api/config") as response,
+        ):
+            shown = await response.json()
+        assert {shown["sha256"]} == info
+        assert shown["last_reload"]["result"] == "error"
+        assert shown["last_reload"]["problems"] >= 2
+        assert shown["last_reload"]["sha256"] != shown["sha256"]
         # Looked at again and again, the same bad file is refused once, not every interval.
         process.send_signal(signal.SIGHUP)
         await log.next("config reload refused")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from aggregator.client import add_arguments as add_call_arguments
@@ -13,6 +14,8 @@ from aggregator.client import run as run_call
 from aggregator.config import ConfigError
 from aggregator.load import load, load_text
 from aggregator.logs import configure as configure_logging
+from aggregator.reload import ConfigFile
+from aggregator.reload import read as read_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,22 +69,27 @@ def _serve(path: str | None) -> int:
         print("aggregator serve: --config PATH or AGGREGATOR_CONFIG is required", file=sys.stderr)
         return 2
     try:
-        loaded = load(path)
+        text, digest = read_config(path)
+        loaded = load_text(text, source=path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     config = loaded.config
+    # SIGHUP reloads the config once the server's loop is up; until then (and in the workers'
+    # parent, which forwards it) it must not end the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    source = ConfigFile(path, digest, loaded.catalog)
     configure_logging(config.server.log_format, config.server.log_level)
     for warning in config.warnings:
         logging.getLogger("aggregator").warning("config: %s", warning)
     if config.server.workers > 1:
         from aggregator.workers import run_workers
 
-        return run_workers(config)
+        return run_workers(config, source)
     from aggregator.server import run
 
     try:
-        run(config)
+        run(config, source)
     except OSError as exc:
         print(f"aggregator serve: {exc}", file=sys.stderr)
         return 1

@@ -128,14 +128,27 @@ class Metrics:
             ["reason"], registry=registry,
         )  # fmt: skip
         # Per aggregate label (a configured name, or ad_hoc: callers cannot add values).
-        labels = (AD_HOC, *aggregates)
-        self.calls_by_code = {
-            label: {code: self.calls.labels(code.name, label) for code in grpc.StatusCode}
-            for label in labels
-        }
-        self.call_duration_of = {label: self.call_duration.labels(label) for label in labels}
+        self.calls_by_code: dict[str, dict[grpc.StatusCode, Counter]] = {}
+        self.call_duration_of: dict[str, Histogram] = {}
+        self.add_aggregates((AD_HOC, *aggregates))
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+
+    def add_aggregates(self, labels: Iterable[str]) -> None:
+        """Binds the children of aggregates not seen yet (a config reload may add some)."""
+        for label in labels:
+            if label not in self.call_duration_of:
+                self.calls_by_code[label] = {
+                    code: self.calls.labels(code.name, label) for code in grpc.StatusCode
+                }
+                self.call_duration_of[label] = self.call_duration.labels(label)
+
+    def upstream(self, name: str) -> UpstreamMetrics:
+        """The upstream's children, bound on first use (a config reload may add upstreams)."""
+        found = self.upstreams.get(name)
+        if found is None:
+            found = self.upstreams[name] = UpstreamMetrics(self, name)
+        return found
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self.upstreams)} upstreams, pid {os.getpid()}]>"

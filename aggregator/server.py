@@ -34,10 +34,11 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from aggregator import tracing
 from aggregator.admin.app import make_app
+from aggregator.admin.group import Group
 from aggregator.admin.recent import Recent
 from aggregator.aggregates import Catalog, NamedAggregate
 from aggregator.call_record import CallRecord
-from aggregator.config import Config
+from aggregator.config import Config, UpstreamConfig
 from aggregator.decoding import CallDecoder
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
@@ -48,13 +49,14 @@ from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.policies.limits import Bulkhead
 from aggregator.reflection import enable_reflection
+from aggregator.reload import ConfigFile, Reloader, State
 from aggregator.security import hops
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
 from aggregator.timers import SYSTEM_CLOCK, Clock, Timers
 from aggregator.trailers import trailers
-from aggregator.upstreams import open_upstreams
+from aggregator.upstreams import open_upstream
 from aggregator.upstreams.descriptors import Descriptors
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
@@ -120,15 +122,19 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         descriptors: Mapping[str, Descriptors] | None = None,
         recent: Recent | None = None,
     ) -> None:
-        self._config = config
-        # The named aggregates, planned once (config load planned them too, to check them).
-        self._catalog = catalog if catalog is not None else Catalog(config)
-        self._endpoints = endpoints
+        # What each call runs with, taken at its start (a reload swaps it: aggregator/reload.py):
+        # the config, the named aggregates planned once (config load planned them too, to check
+        # them), the gate, the upstreams and the gRPC upstreams' descriptors, for targets in
+        # JSON (aggregator/grpc_json.py).
+        self.state = State(
+            config,
+            catalog if catalog is not None else Catalog(config),
+            gate or Gate(config.auth),
+            endpoints,
+            descriptors or {},
+        )
         self._metrics = metrics
         self._offload = offload
-        self._gate = gate or Gate(config.auth)
-        # The gRPC upstreams' descriptors, for targets in JSON (aggregator/grpc_json.py).
-        self.descriptors: Mapping[str, Descriptors] = descriptors or {}
         self._loop = asyncio.get_running_loop()
         self.inflight = 0
         self.draining = False
@@ -142,27 +148,33 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         state = "draining" if self.draining else "serving"
         return f"<AggregatorService [{state}, {self.inflight} calls in flight]>"
 
+    @property
+    def descriptors(self) -> Mapping[str, Descriptors]:
+        return self.state.descriptors
+
     async def Aggregate(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         # Results are written as they complete (context.write), not yielded through
         # generators: the stream is the hot path.
-        decoder = CallDecoder(self._offload, self._config.server.max_decoded_bytes)
-        await self._run("Aggregate", request, context, context.write, decoder)
+        state = self.state
+        decoder = CallDecoder(self._offload, state.config.server.max_decoded_bytes)
+        await self._run(state, "Aggregate", request, context, context.write, decoder)
 
     async def Collect(
         self, request: pb.AggregateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CollectResponse:
         response = pb.CollectResponse()
         # One allowance for the call: what decode_json and the merge decode, together.
-        decoder = CallDecoder(self._offload, self._config.server.max_decoded_bytes)
+        state = self.state
+        decoder = CallDecoder(self._offload, state.config.server.max_decoded_bytes)
 
         async def gather(result: pb.TargetResult) -> None:
             await decoder.merge(response.merged, result)
             # A copy: as long as decoding the body was, for a large one.
             await decoder.run(len(result.body), response.results.append, result)
 
-        await self._run("Collect", request, context, gather, decoder)
+        await self._run(state, "Collect", request, context, gather, decoder)
         return response
 
     async def ListAggregates(
@@ -170,22 +182,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> pb.ListAggregatesResponse:
         """The named aggregates the caller may run (all of them when auth is off)."""
         metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
+        state = self.state
         try:
-            caller = self._identify(context, metadata)
+            caller = self._identify(state, context, metadata)
         except CallFailure as refused:
             await context.abort(refused.code, refused.message)
-        return self._catalog.infos(lambda name: caller is None or caller.may_run(name))
+        return state.catalog.infos(lambda name: caller is None or caller.may_run(name))
 
     def _identify(
-        self, context: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, Any]]
+        self,
+        state: State,
+        context: grpc.aio.ServicerContext[Any, Any],
+        metadata: Sequence[tuple[str, Any]],
     ) -> Caller | None:
         """Who is calling (None when auth is off); CallFailure UNAUTHENTICATED if unproven."""
-        if not self._gate.enabled:
+        if not state.gate.enabled:
             return None
-        return self._gate.identify(metadata, context.auth_context() or {})
+        return state.gate.identify(metadata, context.auth_context() or {})
 
     async def _run(
         self,
+        state: State,
         method: str,
         request: pb.AggregateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
@@ -194,25 +211,28 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     ) -> None:
         # (key, value) pairs on the server side, whatever grpc-stubs says.
         metadata: Sequence[tuple[str, Any]] = context.invocation_metadata() or ()  # type: ignore[assignment]
-        named = self._catalog.get(request.aggregate) if request.aggregate else None
+        named = state.catalog.get(request.aggregate) if request.aggregate else None
         call = CallRecord(
             request_id=_request_id(metadata),
             # The metric label and the log's name: only ever a configured name, or ad_hoc.
             aggregate=named.name if named is not None else AD_HOC,
             requested=len(named.plan.targets) if named is not None else len(request.targets),
             budget=Budget.for_call(
-                context.time_remaining(), self._config.server, self._loop.time()
+                context.time_remaining(), state.config.server, self._loop.time()
             ),
         )
+        state.calls += 1  # held to the call's end, when its upstreams may be closed
         with tracing.aggregate_span(method, call.request_id, metadata) as span:
             try:
-                await self._aggregate(call, request, named, context, metadata, emit, decoder)
+                await self._aggregate(state, call, request, named, context, metadata, emit, decoder)
             finally:
+                state.leave()
                 if span is not None:
                     tracing.annotate(span, _span_attributes(call))
 
     async def _aggregate(
         self,
+        state: State,
         call: CallRecord,
         request: pb.AggregateRequest,
         named: NamedAggregate | None,
@@ -225,18 +245,19 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         budget = call.budget
         try:
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
-            call.caller = self._identify(context, metadata)
+            call.caller = self._identify(state, context, metadata)
             self._admit()
             try:
                 # Planning reads every JSON payload and parameter: a large request is planned
                 # off the loop, on the one bounded executor (docs/security.md).
                 plan = await self._offload.run(
-                    request.ByteSize(), self._checked_plan, request, named, call.caller, metadata
-                )
+                    request.ByteSize(), self._checked_plan, state, request, named, call.caller,
+                    metadata,
+                )  # fmt: skip
                 # Recorded as configured: a named aggregate's paths before params filled them.
                 call.plan = named.plan if named is not None else plan
-                plan = await typed_plan(plan, self.descriptors, budget.stop_at, self._offload)
-                aggregation = Aggregation(plan, self._endpoints, budget, call.request_id, decoder)
+                plan = await typed_plan(plan, state.descriptors, budget.stop_at, self._offload)
+                aggregation = Aggregation(plan, state.endpoints, budget, call.request_id, decoder)
                 call.reported, call.cut = aggregation.reported.values(), aggregation.left_unreported
                 try:
                     # Cut at the end of the budget (inline: a wrapping coroutine would cost a
@@ -288,6 +309,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 
     def _checked_plan(
         self,
+        state: State,
         request: pb.AggregateRequest,
         named: NamedAggregate | None,
         caller: Caller | None,
@@ -297,16 +319,16 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if request is UNDECODABLE:
             raise InvalidRequest([UNDECODABLE_PROBLEM])
         if request.aggregate or request.HasField("params"):
-            plan = self._named_plan(request, named, caller)
+            plan = self._named_plan(state, request, named, caller)
         else:
-            if not self._config.server.allow_ad_hoc:
+            if not state.config.server.allow_ad_hoc:
                 raise CallFailure(
                     grpc.StatusCode.PERMISSION_DENIED,
                     "targets: this server runs named aggregates only (server.allow_ad_hoc is "
                     "false); set aggregate (ListAggregates lists them)",
                 )
-            self._gate.authorize_calls(caller, _named_calls(request))
-            plan = make_plan(request, self._config)
+            state.gate.authorize_calls(caller, _named_calls(request))
+            plan = make_plan(request, state.config)
         plan = forward_caller_metadata(plan, metadata)
         problems = plan_problems(plan)
         if problems:
@@ -314,14 +336,18 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         return plan
 
     def _named_plan(
-        self, request: pb.AggregateRequest, named: NamedAggregate | None, caller: Caller | None
+        self,
+        state: State,
+        request: pb.AggregateRequest,
+        named: NamedAggregate | None,
+        caller: Caller | None,
     ) -> Plan:
         """A named aggregate's plan, bound to the request's params (nothing else is planned)."""
         if request.targets:
             raise InvalidRequest(["targets and aggregate: set one of them, not both"])
         if not request.aggregate:
             raise InvalidRequest(["params: given without aggregate (params fill a named one)"])
-        self._gate.authorize_aggregate(caller, request.aggregate)
+        state.gate.authorize_aggregate(caller, request.aggregate)
         if named is None:  # the name is the caller's: not repeated (docs/security.md)
             raise InvalidRequest(
                 ["aggregate: not a configured aggregate (ListAggregates lists them)"]
@@ -348,7 +374,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
         # grpc cancels at the same loop time or later; the millisecond allows for its rounding.
         if self.grace_ends_at is not None and self._loop.time() >= self.grace_ends_at - 0.001:
-            grace = self._config.server.shutdown_grace
+            grace = self.state.config.server.shutdown_grace
             return CallFailure(  # what grpc answers the caller then
                 grpc.StatusCode.UNAVAILABLE,
                 f"cut by shutdown: server.shutdown_grace ({grace:g}s) ran out",
@@ -389,7 +415,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._metrics.rejected_by["draining"].inc()
             log.warning("refused a call: draining", extra={"event": "shed", "reason": "draining"})
             raise CallFailure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        limit = self._config.server.max_concurrent_calls
+        limit = self.state.config.server.max_concurrent_calls
         if self.inflight >= limit:
             self._metrics.rejected_by["max_concurrent_calls"].inc()
             self._log_shed()
@@ -473,14 +499,22 @@ class AggregatorServer:
     """The running service. ``start()`` binds; ``drain()`` shuts down as SPEC §5 says."""
 
     def __init__(
-        self, config: Config, registry: CollectorRegistry | None = None, clock: Clock = SYSTEM_CLOCK
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        source: ConfigFile | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        self.config = config
+        self.config = config  # as at start; a reload's is the service's state.config
+        # The file it came from, with its named aggregates planned: reloadable when given.
+        self._source = source
+        self._catalog = source.catalog if source is not None else None
+        self.reloader: Reloader | None = None
         self._clock = clock  # the upstreams' policies' time (tests pass one they advance)
+        self._timers: Timers | None = None  # one for all upstreams (made in the loop, at start)
         self.port = 0
         self.metrics_port = 0
         self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams, config.aggregates)
-        self.endpoints: dict[str, GuardedUpstream] = {}
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -499,7 +533,13 @@ class AggregatorServer:
         self.admin_port = 0
         self._admin_runner: web.AppRunner | None = None
         admin = config.server.admin_address
-        self.recent = Recent(config.server.admin_recent, config.upstreams) if admin else None
+        # With workers, the admin page shows every worker's records (admin/group.py).
+        self._group = Group.from_environ(config.server.workers) if admin else None
+        worker = (self._group.index, self._group.size) if self._group else (0, 1)
+        self.recent = (
+            Recent(config.server.admin_recent, config.upstreams, worker=worker) if admin else None
+        )
+        self._peer_runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
         return (
@@ -516,28 +556,21 @@ class AggregatorServer:
                 ("grpc.max_receive_message_length", server_config.max_request_bytes),
             )
         )
-        upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams, clock=self._clock)
-        timers = Timers()  # one for all upstreams: attempts that start together share a timer
-        self.endpoints = {
-            name: GuardedUpstream(
-                upstream,
-                self.config.upstreams[name],
-                self.metrics.upstreams[name],
-                self.upstream_inflight,
-                timers,
-                self._clock,
-            )
-            for name, upstream in upstreams.items()
-        }
-        descriptors = {
-            name: upstream.descriptors
-            for name, upstream in upstreams.items()
-            if upstream.descriptors is not None
-        }
+        # One for all upstreams: attempts that start together share a timer.
+        self._timers = Timers()
+        upstreams = self.config.upstreams
+        opened = {name: self.open_endpoint(config) for name, config in upstreams.items()}
+        endpoints = {name: endpoint for name, (endpoint, _) in opened.items()}
+        descriptors = {name: found for name, (_, found) in opened.items() if found is not None}
         self._service = AggregatorService(
-            self.config, self.endpoints, self.metrics, self.offload,
-            descriptors=descriptors, recent=self.recent,
+            self.config, endpoints, self.metrics, self.offload,
+            catalog=self._catalog, descriptors=descriptors, recent=self.recent,
         )  # fmt: skip
+        if self._source is not None:
+            self.reloader = Reloader(
+                self._source, self._service, self.open_endpoint, self.metrics.registry,
+                self._applied,
+            )  # fmt: skip
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         for name in ("", SERVICE_NAME):
@@ -557,6 +590,29 @@ class AggregatorServer:
         await self._server.start()
         log.info("serving %s", self._listening())
         return self.port
+
+    @property
+    def endpoints(self) -> Mapping[str, GuardedUpstream]:
+        """The upstreams in force (a reload may have changed them)."""
+        return self._service.state.endpoints if self._service is not None else {}
+
+    def open_endpoint(self, config: UpstreamConfig) -> tuple[GuardedUpstream, Descriptors | None]:
+        """One upstream with its policies, and its descriptors when it is a gRPC upstream."""
+        assert self._timers is not None, "open_endpoint before start"
+        metrics = self.metrics.upstream(config.name)
+        upstream = open_upstream(config, metrics, clock=self._clock)
+        endpoint = GuardedUpstream(
+            upstream, config, metrics, self.upstream_inflight, self._timers, self._clock
+        )
+        return endpoint, upstream.descriptors
+
+    def _applied(self, config: Config) -> None:
+        """A reload's new config: its upstreams and aggregates get their metrics and admin
+        records (names already known keep theirs); the upstreams the server closes at
+        shutdown are the new ones (the reloader closes the retired)."""
+        self.metrics.add_aggregates(config.aggregates)
+        if self.recent is not None:
+            self.recent.track(config.upstreams)
 
     def _listening(self) -> str:
         """Every port bound, as a newcomer needs them: ``gRPC on 127.0.0.1:50051 (plaintext),
@@ -617,9 +673,16 @@ class AggregatorServer:
 
     async def _serve_admin(self, address: str) -> int:
         assert self.recent is not None
-        hosts = self.config.server.admin_hosts
+        hosts = (address.rpartition(":")[0], *self.config.server.admin_hosts)
+        upstreams = _LiveEndpoints(self._service)
+        info = self.reloader.admin_info if self.reloader is not None else None
+        if self._group is not None:  # this worker's own records, for the others to merge
+            peer = make_app(self.recent, upstreams, hosts, info, peer=True)
+            self._peer_runner = web.AppRunner(peer, access_log=None, handler_cancellation=True)
+            await self._peer_runner.setup()
+            await web.UnixSite(self._peer_runner, self._group.socket).start()
         self._admin_runner = web.AppRunner(
-            make_app(self.recent, self.endpoints, (address.rpartition(":")[0], *hosts)),
+            make_app(self.recent, upstreams, hosts, info, group=self._group),
             access_log=None,
             handler_cancellation=True,
         )
@@ -657,17 +720,22 @@ class AggregatorServer:
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
             await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
+        if self.reloader is not None:
+            await self.reloader.aclose()
         self.offload.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._peer_runner is not None:
+            await self._peer_runner.cleanup()
 
 
-def run(config: Config) -> None:
-    """Serves on the event loop ``server.event_loop`` names, until SIGTERM or SIGINT."""
+def run(config: Config, source: ConfigFile | None = None) -> None:
+    """Serves on the event loop ``server.event_loop`` names, until SIGTERM or SIGINT; reloads
+    ``source`` on SIGHUP and when it changes."""
     with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
-        runner.run(serve(config))
+        runner.run(serve(config, source))
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -683,17 +751,29 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] |
     return uvloop.new_event_loop
 
 
-async def serve(config: Config) -> None:
-    """Runs until SIGTERM or SIGINT, then drains."""
+async def serve(config: Config, source: ConfigFile | None = None) -> None:
+    """Runs until SIGTERM or SIGINT, then drains; reloads ``source`` (when given) on SIGHUP
+    and when its content changes."""
     provider = _start_tracing(config)
-    server = AggregatorServer(config)
+    server = AggregatorServer(config, source=source)
     await server.start()
     _settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    reloader = server.reloader
+    watching = None
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        watching = asyncio.create_task(reloader.watch(), name="config watch")
+    try:
+        await stop.wait()
+    finally:
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
     await server.drain()
     if provider is not None:
         tracing.disable()
@@ -724,6 +804,23 @@ def _start_tracing(config: Config) -> Any:
         ) from exc
     tracing.enable(provider)
     return provider
+
+
+class _LiveEndpoints(Mapping[str, GuardedUpstream]):
+    """The admin page's view of the upstreams: those of the state in force, whichever it is."""
+
+    def __init__(self, service: AggregatorService | None) -> None:
+        assert service is not None
+        self._service = service
+
+    def __getitem__(self, name: str) -> GuardedUpstream:
+        return self._service.state.endpoints[name]  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._service.state.endpoints)
+
+    def __len__(self) -> int:
+        return len(self._service.state.endpoints)
 
 
 def _bound(address: str, port: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -193,3 +194,32 @@ async def aggregator_process(config: Path, port: int) -> AsyncIterator[asyncio.s
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+class Log:
+    """A process's log (its stdout), read as it comes, so a busy server never blocks on a full
+    pipe; ``next`` waits for the next line matching a pattern."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        self._stdout = process.stdout
+        self._lines: asyncio.Queue[str] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while line := await self._stdout.readline():
+            self._lines.put_nowait(line.decode())
+        self._lines.put_nowait("")
+
+    async def next(self, pattern: str, timeout: float = 10) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await self._lines.get()
+                assert line, f"the process ended before logging {pattern!r}"
+                if re.search(pattern, line):
+                    return line
+
+    async def aclose(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader

@@ -20,6 +20,7 @@ import trustme
 import yaml
 
 from aggregator.config import ConfigError, config_from_mapping, parse_duration
+from aggregator.reload import RESTART_KEYS
 from tests import test_dashboard
 from tests.test_dashboard import TARGET_LABELS, parse
 
@@ -274,17 +275,44 @@ def test_pods_run_as_non_root_with_a_read_only_root_and_no_capabilities():
     assert {"requests", "limits"} <= release.container["resources"].keys()
 
 
-def test_a_config_change_rolls_the_pods():
-    default = render()
-    changed = render({"config": {"upstreams": {"catalog": {"kind": "http", "url": "http://c"}}}})
+def test_with_config_changes_restart_any_config_change_rolls_the_pods():
+    def checksum(values: dict[str, Any]) -> str:
+        release = render({"configChanges": "restart", **values})
+        return str(release.pod["metadata"]["annotations"]["checksum/config"])
 
-    def checksum(release: Release) -> str:
-        return release.pod["metadata"]["annotations"]["checksum/config"]
-
+    default = render({"configChanges": "restart"})
     configmap = default.texts["aggregator/templates/configmap.yaml"]
-    assert checksum(default) == hashlib.sha256(configmap.encode()).hexdigest()
-    assert checksum(changed) != checksum(default)
-    assert checksum(render({"replicaCount": 5})) == checksum(default)
+    assert checksum({}) == hashlib.sha256(configmap.encode()).hexdigest()
+    changed = {"config": {"upstreams": {"catalog": {"kind": "http", "url": "http://c"}}}}
+    assert checksum(changed) != checksum({})
+    assert checksum({"replicaCount": 5}) == checksum({})
+
+
+def read_at_start(values: dict[str, Any]) -> str:
+    annotations = render(values).pod["metadata"]["annotations"]
+    assert "checksum/config" not in annotations
+    return str(annotations["checksum/config-read-at-start"])
+
+
+def test_by_default_the_pods_reload_a_config_change_and_roll_only_for_keys_read_at_start():
+    default = read_at_start({})
+    upstream = {"config": {"upstreams": {"catalog": {"kind": "http", "url": "http://c"}}}}
+    assert read_at_start(upstream) == default
+    assert read_at_start({"config": {"server": {"max_targets": 7}}}) == default
+    # Every key the server applies only at start rolls the pods (the list is the server's).
+    for key in RESTART_KEYS:
+        section, _, name = key.partition(".")
+        if section == "tracing":
+            changed = {"config": {"tracing": {"exporter": "console"}}}
+        elif name == "tls":
+            changed = {"tls": TLS}
+        elif name.endswith("_address") or name == "address":
+            port = {"address": "port", "health_address": "healthPort"}.get(name)
+            port = port or name.removesuffix("_address") + "Port"
+            changed = {port: 40000, "tls": TLS} if name == "health_address" else {port: 40000}
+        else:
+            changed = {"config": {"server": {name: "changed"}}}
+        assert read_at_start(changed) != default, key
 
 
 @pytest.mark.parametrize(("grace", "pre_stop", "expected"), [("10s", 5, 20), ("25s", 0, 30)])

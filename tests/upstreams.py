@@ -89,6 +89,8 @@ def _rest_app(recorder: Recorder) -> web.Application:
                 "path": request.raw_path,
                 "headers": {name.lower(): value for name, value in request.headers.items()},
                 "body": body,
+                # The connection it came on: tests count connections opened to the upstream.
+                "peer": request.transport.get_extra_info("peername") if request.transport else None,
             }
         )
         try:

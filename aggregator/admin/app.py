@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import hdrs, web
 
+from aggregator.admin.group import Group, merge_aggregates, merge_config, merge_upstreams
 from aggregator.admin.recent import AggregateRecord, Recent
 from aggregator.hosts import bare_host, is_loopback
 from aggregator.vocabulary import REQUEST_ID
@@ -47,16 +48,28 @@ class UpstreamView(Protocol):
     def admin_stats(self) -> dict[str, Any]: ...
 
 
+# The config in force (its SHA-256, when it was loaded) and the last reload (aggregator/reload.py).
+ConfigInfo = Callable[[], dict[str, Any]]
+
+
 class BadQuery(Exception):
     """A query string the API does not understand: 400 with this sentence."""
 
 
 def make_app(
-    recent: Recent, upstreams: Mapping[str, UpstreamView], hosts: Iterable[str] = ()
+    recent: Recent,
+    upstreams: Mapping[str, UpstreamView],
+    hosts: Iterable[str] = (),
+    config_info: ConfigInfo | None = None,
+    group: Group | None = None,
+    peer: bool = False,
 ) -> web.Application:
     """The admin app, answering requests whose Host is a loopback name, the address the
-    connection reached, or one of ``hosts`` (the admin address's host, server.admin_hosts)."""
-    pages = AdminPages(recent, upstreams)
+    connection reached, or one of ``hosts`` (the admin address's host, server.admin_hosts).
+    ``config_info`` says which config is in force and how its last reload went. With a
+    ``group``, it answers for every worker of the process group; as a ``peer`` (on the group's
+    unix socket), for this worker alone, with what merging needs (admin/group.py)."""
+    pages = AdminPages(recent, upstreams, config_info, group, peer)
     app = web.Application(middlewares=[_guarded, HostCheck(hosts).middleware], client_max_size=1024)
     for path in _FILES:
         app.router.add_get(path, pages.static, allow_head=False)
@@ -64,6 +77,7 @@ def make_app(
     app.router.add_get("/api/upstreams", pages.api_upstreams, allow_head=False)
     app.router.add_get("/api/aggregates", pages.api_aggregates, allow_head=False)
     app.router.add_get("/api/aggregates/{request_id}", pages.api_aggregate, allow_head=False)
+    app.router.add_get("/api/config", pages.api_config, allow_head=False)
     return app
 
 
@@ -71,9 +85,19 @@ class AdminPages:
     """The handlers: the page's files (read once) and the JSON, from ``recent`` and the
     upstreams' policies."""
 
-    def __init__(self, recent: Recent, upstreams: Mapping[str, UpstreamView]) -> None:
+    def __init__(
+        self,
+        recent: Recent,
+        upstreams: Mapping[str, UpstreamView],
+        config_info: ConfigInfo | None = None,
+        group: Group | None = None,
+        peer: bool = False,
+    ) -> None:
         self._recent = recent
         self._upstreams = upstreams
+        self._config_info = config_info
+        self._group = group
+        self._peer = peer
         self._files = {path: (_read(name), kind) for path, (name, kind) in _FILES.items()}
         self._waterfall = _read("waterfall.html")
 
@@ -86,8 +110,7 @@ class AdminPages:
         return web.Response(body=body, content_type=kind, charset="utf-8")
 
     async def waterfall(self, request: web.Request) -> web.Response:
-        if self._find(request) is None:
-            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
+        await self._detail(request)  # 404 unless some worker has it
         return web.Response(body=self._waterfall, content_type="text/html", charset="utf-8")
 
     def _find(self, request: web.Request) -> AggregateRecord | None:
@@ -100,11 +123,24 @@ class AdminPages:
 
     async def api_upstreams(self, request: web.Request) -> web.Response:
         _query(request, ())
-        rows = [
-            {"name": name, **view.admin_stats(), **self._recent.upstream_stats(name)}
-            for name, view in self._upstreams.items()
-        ]
-        return web.json_response({"upstreams": rows})
+        recent = self._recent
+        if self._group is None and not self._peer:
+            rows = [
+                {"name": name, **view.admin_stats(), **recent.upstream_stats(name)}
+                for name, view in self._upstreams.items()
+            ]
+            return web.json_response({"upstreams": rows})
+        own = {
+            "upstreams": [
+                {"name": name, **view.admin_stats(), "window": recent.upstream_window(name)}
+                for name, view in self._upstreams.items()
+            ]
+        }
+        if self._peer:
+            return web.json_response(own)
+        assert self._group is not None
+        answers = [own, *await self._group.ask(request.path_qs)]
+        return web.json_response({"upstreams": merge_upstreams(answers), "workers": len(answers)})
 
     async def api_aggregates(self, request: web.Request) -> web.Response:
         query = _query(request, ("failed", "slowest", "limit"))
@@ -114,16 +150,37 @@ class AdminPages:
         slowest = _count(query["slowest"], "slowest", keep) if "slowest" in query else None
         limit = _count(query["limit"], "limit", keep) if "limit" in query else keep
         records = recent.newest(failed=failed, slowest=slowest)[:limit]
-        return web.json_response(
-            {"kept": len(recent.records), "keep": keep,
-             "aggregates": [r.summary() for r in records]}
-        )  # fmt: skip
+        own = {"kept": len(recent.records), "keep": keep,
+               "aggregates": [r.summary() for r in records]}  # fmt: skip
+        if self._group is None:
+            return web.json_response(own)
+        answers = [own, *await self._group.ask(request.path_qs)]
+        most = min(limit, slowest) if slowest is not None else limit
+        return web.json_response(merge_aggregates(answers, slowest is not None, most))
+
+    async def api_config(self, request: web.Request) -> web.Response:
+        """The config's hash and last reload; nulls when the server was not started from a
+        file (nothing to reload)."""
+        _query(request, ())
+        info = self._config_info() if self._config_info is not None else {}
+        own = {"sha256": None, "loaded_at": None, "last_reload": None, **info}
+        if self._group is None:
+            return web.json_response(own)
+        return web.json_response(merge_config(own, await self._group.ask(request.path_qs)))
 
     async def api_aggregate(self, request: web.Request) -> web.Response:
+        return web.json_response(await self._detail(request))
+
+    async def _detail(self, request: web.Request) -> dict[str, Any]:
+        """The aggregate a detail path names, from this worker or another of the group."""
         record = self._find(request)
-        if record is None:
-            raise web.HTTPNotFound(text="no such aggregate among the recent ones")
-        return web.json_response(record.detail())
+        if record is not None:
+            return record.detail()
+        if self._group is not None:
+            path = f"/api/aggregates/{_request_id(request)}?{request.rel_url.raw_query_string}"
+            for answer in await self._group.ask(path.rstrip("?")):
+                return answer
+        raise web.HTTPNotFound(text="no such aggregate among the recent ones")
 
 
 class HostCheck:

@@ -104,22 +104,34 @@ class Recent:
     ``max_targets`` targets together) and every upstream's rolling minute."""
 
     def __init__(
-        self, keep: int, upstreams: Collection[str], max_targets: int = MAX_KEPT_TARGETS
+        self,
+        keep: int,
+        upstreams: Collection[str],
+        max_targets: int = MAX_KEPT_TARGETS,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.records: collections.deque[AggregateRecord] = collections.deque(maxlen=keep)
         self.upstreams = {name: RollingStats() for name in upstreams}
-        self._seq = 0
+        # Worker i of n numbers its aggregates i+1, i+1+n, ...: numbers never met twice in
+        # the process group, whose admin page lists every worker's (admin/group.py).
+        index, self._step = worker
+        self._seq = index + 1 - self._step
         self._targets = 0  # kept, over all records
         self._max_targets = max_targets
 
     def __repr__(self) -> str:
         return f"<Recent [{len(self.records)}/{self.records.maxlen} aggregates]>"
 
+    def track(self, upstreams: Collection[str]) -> None:
+        """Keeps a last minute for each of ``upstreams`` not tracked yet (a config reload)."""
+        for name in upstreams:
+            self.upstreams.setdefault(name, RollingStats())
+
     def record(self, call: CallRecord) -> None:
         """Keeps one aggregate: every target it reported, and those its cancellation cut."""
         planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}
         targets = tuple(_target(result, planned) for result in call.results())
-        self._seq += 1
+        self._seq += self._step
         self._keep(
             AggregateRecord(
                 self._seq, _kept(call.request_id), _kept(call.aggregate), call.code.name,
@@ -162,6 +174,9 @@ class Recent:
 
     def upstream_stats(self, name: str) -> dict[str, Any]:
         return self.upstreams[name].summary(int(time.monotonic()))
+
+    def upstream_window(self, name: str) -> dict[str, Any]:
+        return self.upstreams[name].window(int(time.monotonic()))
 
 
 def _kept(text: str) -> str:

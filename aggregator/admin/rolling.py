@@ -62,19 +62,48 @@ class RollingStats:
         return self._summary[1]
 
     def _summarize(self, now: int) -> dict[str, Any]:
+        return summary_of(self.window(now))
+
+    def window(self, now: int) -> dict[str, Any]:
+        """The last minute's counts and latency histogram (bin index: count, non-empty bins
+        only): what another worker adds to its own to show the whole process group
+        (admin/group.py)."""
         live = [s for s in self._seconds if now - WINDOW < s.at <= now]
-        count = sum(s.count for s in live)
-        lookups = sum(s.cache_lookups for s in live)
         bins = [sum(column) for column in zip(*(s.bins for s in live), strict=True)] if live else []
         return {
-            "targets": count,
-            "p50_ms": _percentile(bins, count, 0.50),
-            "p99_ms": _percentile(bins, count, 0.99),
-            "error_rate": round(sum(s.errors for s in live) / count, 4) if count else None,
-            "cache_hit_ratio": (
-                round(sum(s.cache_hits for s in live) / lookups, 4) if lookups else None
-            ),
+            "targets": sum(s.count for s in live),
+            "errors": sum(s.errors for s in live),
+            "cache_hits": sum(s.cache_hits for s in live),
+            "cache_lookups": sum(s.cache_lookups for s in live),
+            "bins": {str(index): number for index, number in enumerate(bins) if number},
         }
+
+
+def add_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several workers' windows of one upstream, as one."""
+    total: dict[str, Any] = {"targets": 0, "errors": 0, "cache_hits": 0, "cache_lookups": 0}
+    bins: dict[str, int] = {}
+    for window in windows:
+        for key in total:
+            total[key] += window[key]
+        for index, number in window["bins"].items():
+            bins[index] = bins.get(index, 0) + number
+    return {**total, "bins": bins}
+
+
+def summary_of(window: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of a window: percentiles, error rate, cache hit ratio."""
+    count, lookups = window["targets"], window["cache_lookups"]
+    bins = [0] * (len(EDGES) + 1)
+    for index, number in window["bins"].items():
+        bins[int(index)] = number
+    return {
+        "targets": count,
+        "p50_ms": _percentile(bins, count, 0.50),
+        "p99_ms": _percentile(bins, count, 0.99),
+        "error_rate": round(window["errors"] / count, 4) if count else None,
+        "cache_hit_ratio": round(window["cache_hits"] / lookups, 4) if lookups else None,
+    }
 
 
 def _percentile(bins: list[int], count: int, fraction: float) -> float | None:

@@ -46,6 +46,11 @@ def positive_duration(value: Any) -> float:
     return seconds
 
 
+def positive_duration_or_off(value: Any) -> float:
+    """A positive duration, or "" for off (0)."""
+    return 0.0 if value == "" else positive_duration(value)
+
+
 def at_least(minimum: int) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -188,6 +188,9 @@ class ServerConfig:
     deadline_margin: float = setting(0.020, to.duration)
     deadline_margin_ratio: float = setting(0.05, to.number(0, 0.5))
     shutdown_grace: float = setting(10.0, to.duration)
+    # How often the config file is looked at for a change of content, reloaded when it changed
+    # (docs/operations.md); "" (0): only on SIGHUP.
+    config_check_interval: float = setting(10.0, to.positive_duration_or_off)
     log_format: Literal["text", "json"] = setting("text", to.choice(*LOG_FORMATS))
     log_level: str = setting("info", to.log_level)
     # auto: uvloop when it is installed (it is a dependency on Linux and macOS), else asyncio.

@@ -75,6 +75,21 @@
     document.getElementById("empty").hidden = answer.aggregates.length > 0;
   }
 
+  function drawConfig(info) {
+    const shown = document.getElementById("config");
+    if (!info.sha256) { shown.textContent = ""; return; }
+    let text = "config " + info.sha256.slice(0, 12);
+    if (info.same === false) text += " (workers differ: a reload is spreading)";
+    const last = info.last_reload;
+    if (last) {
+      text += " · last reload " + new Date(last.at * 1000).toLocaleTimeString() + ": " +
+        (last.result === "ok" ? "applied" : "refused, " + last.problems + " problems (see the log)");
+      if (last.needs_restart.length) text += " · needs a restart: " + last.needs_restart.join(", ");
+    }
+    shown.textContent = text;
+    shown.className = last && last.result !== "ok" ? "status-bad" : "muted";
+  }
+
   function aggregatesUrl() {
     const params = new URLSearchParams();
     if (failedBox.checked) params.set("failed", "true");
@@ -91,10 +106,11 @@
 
   async function refresh() {
     try {
-      const [upstreams, aggregates] = await Promise.all([
-        getJson("/api/upstreams"), getJson(aggregatesUrl())]);
+      const [upstreams, aggregates, config] = await Promise.all([
+        getJson("/api/upstreams"), getJson(aggregatesUrl()), getJson("/api/config")]);
       drawUpstreams(upstreams.upstreams);
       drawAggregates(aggregates);
+      drawConfig(config);
       live.classList.remove("stale");
       live.textContent = "live";
     } catch (problem) {

@@ -67,7 +67,7 @@ test: lint proto-check redis chromium $(BUF)
 # The admin page's screenshots in docs/, made by the browser tests (make test writes them to a
 # temporary directory).
 screenshots: install chromium
-	SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q tests/test_admin_browser.py
+	SCREENSHOTS=$(CURDIR)/docs $(BIN)/pytest -q tests/e2e/test_admin_browser.py
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=generated \

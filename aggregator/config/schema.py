@@ -2,7 +2,7 @@
 
 A key's field carries its default and its converter (``setting``), or, for a key a document
 must give, its converter and the stand-in used while the rest is checked (``required``). The
-reader (config/sections.py) walks these declarations, and tests/test_docs.py checks
+reader (config/sections.py) walks these declarations, and tests/project/test_docs.py checks
 docs/configuration.md against them; neither spells a key again. Fields the reader fills in
 itself (a mapping entry's name, the list form of url) are marked ``derived``.
 """

@@ -33,7 +33,7 @@ StartServer = Callable[..., Awaitable[tuple[AggregatorServer, pb_grpc.Aggregator
 PUBLIC = "/echo/public/"
 
 
-# As in tests/test_fuzz.py: AGGREGATOR_FUZZ=explore draws ten times as many new examples.
+# As in tests/unit/test_fuzz.py: AGGREGATOR_FUZZ=explore draws ten times as many new examples.
 EXPLORE = os.environ.get("AGGREGATOR_FUZZ") == "explore"
 
 

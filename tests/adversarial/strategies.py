@@ -82,7 +82,7 @@ def json_values(max_leaves: int = 64) -> st.SearchStrategy[Any]:
         max_leaves=max_leaves,
     )
     # As deep as a request may carry it (protobuf refuses a copy nested past 100 messages;
-    # deeper requests are tests/test_security_validation.py's, written byte by byte).
+    # deeper requests are tests/security/test_request_validation.py's, written byte by byte).
     deep = st.integers(1, 28).map(_deep)
     wide = st.integers(1, 2000).map(lambda width: {f"k{i}": [i, {}] for i in range(width)})
     return st.one_of(nested, deep, wide)

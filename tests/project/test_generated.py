@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = "aggregator/v1/aggregator.proto"
 FILES = ("aggregator_pb2.py", "aggregator_pb2.pyi", "aggregator_pb2_grpc.py")
 

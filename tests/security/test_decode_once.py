@@ -23,8 +23,8 @@ from aggregator.upstreams import descriptors
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
-from tests.test_grpc_json import aggregate, shop
-from tests.test_security_decode import big_channel, big_json_upstream, big_upstream
+from tests.e2e.test_grpc_json import aggregate, shop
+from tests.security.test_decoding_limits import big_channel, big_json_upstream, big_upstream
 from tests.typed_upstreams import (
     SERVICE,
     _catalog_handler,

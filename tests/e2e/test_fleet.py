@@ -536,7 +536,7 @@ async def test_a_grpc_fleet_serves_json_targets_through_an_endpoints_reflection(
     import tempfile
     from pathlib import Path
 
-    from tests.test_grpc_json import PRODUCT_JSON, as_dict, shop
+    from tests.e2e.test_grpc_json import PRODUCT_JSON, as_dict, shop
     from tests.typed_upstreams import catalog_upstream, compile_descriptor_set
 
     with tempfile.TemporaryDirectory() as directory:

@@ -24,7 +24,7 @@ from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.substitution import Substitution
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import TRAILER_KEYS, collect, http, ids
-from tests.test_auth import bearer, jwt_auth, serve, signing_key, token  # noqa: F401
+from tests.e2e.test_auth import bearer, jwt_auth, serve, signing_key, token  # noqa: F401
 from tests.upstreams import GrpcUpstream, RestUpstream
 
 PAGE: dict[str, Any] = {

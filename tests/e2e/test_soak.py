@@ -36,7 +36,7 @@ from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import TRAILER_KEYS, collect, http, rpc_target, wait_for
 from tests.upstreams import RestUpstream, free_port, reset_connection
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOAK_SECONDS = float(os.environ.get("AGGREGATOR_SOAK_SECONDS", "20"))
 CLIENTS = 12
 BREAKERS = ("slow", "failing", "flapping", "restarting", "rpc")
@@ -404,11 +404,12 @@ async def load(port: int, seed: int, seconds: float, clients: int) -> Tally:
 
 
 async def load_from_another_process(port: int, seed: int, seconds: float, clients: int) -> Tally:
-    """Runs ``load`` in a child process (``python -m tests.test_soak``), so the callers do not
+    """Runs ``load`` in a child process (``python -m tests.e2e.test_soak``), so the callers do not
     share the aggregator's event loop: a loop shared with a dozen busy clients lags far more than
     the deadline margin, and callers would miss trailers for reasons no server could help."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.test_soak", str(port), str(seed), str(seconds), str(clients),
+        sys.executable, "-m", "tests.e2e.test_soak",
+        str(port), str(seed), str(seconds), str(clients),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

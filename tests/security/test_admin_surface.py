@@ -19,7 +19,7 @@ from aggregator.config import ConfigError, config_from_mapping
 from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
-from tests.test_admin import recorded
+from tests.e2e.test_admin import recorded
 
 ADMIN = {"admin_address": "127.0.0.1:0"}
 # Every kind of route: the page, its files, the JSON API, a detail and a path that is none.

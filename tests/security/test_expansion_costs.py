@@ -209,7 +209,7 @@ async def test_each_problem_is_a_field_violation_in_the_status_details(stub: Any
 async def test_the_admin_record_keeps_a_named_aggregates_path_as_configured(
     start_server: Any,
 ) -> None:
-    from tests.test_named_aggregates import PAGE, named
+    from tests.e2e.test_named_aggregates import PAGE, named
 
     aggregator, stub = await start_server(
         server={"admin_address": "127.0.0.1:0"}, aggregates={"page": PAGE}

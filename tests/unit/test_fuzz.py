@@ -39,7 +39,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import TRAILER_KEYS, collect
 
 DATABASE = DirectoryBasedExampleDatabase(
-    str(Path(__file__).resolve().parent.parent / ".hypothesis" / "examples")
+    str(Path(__file__).resolve().parents[2] / ".hypothesis" / "examples")
 )
 
 

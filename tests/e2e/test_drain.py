@@ -12,7 +12,7 @@ import grpc
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http, wait_for
-from tests.test_server import serve_process
+from tests.e2e.test_server import serve_process
 
 __all__ = ["serve_process"]  # the fixture: a child `aggregator serve`, shutdown_grace 2s
 

@@ -26,7 +26,7 @@ from aggregator.security.outbound import path_allowed
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http, rpc_target
-from tests.test_tls import credentials, server_tls
+from tests.e2e.test_tls import credentials, server_tls
 from tests.upstreams import GrpcUpstream, RestUpstream
 
 ISSUER = "https://issuer.test"

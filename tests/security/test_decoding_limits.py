@@ -29,8 +29,8 @@ from aggregator.logs import TextFormatter
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.conftest import collect, http
-from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
-from tests.test_tls import server_tls
+from tests.e2e.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
+from tests.e2e.test_tls import server_tls
 from tests.upstreams import free_port, raw_upstream
 
 MIB = 1024 * 1024
@@ -390,7 +390,7 @@ async def test_an_aggregator_calling_itself_stops_at_the_third_hop(start_server,
 
 
 # Not yet checked (a): mTLS with a certificate from another CA is refused by the TLS handshake
-# itself (tests/test_tls.py shows the gRPC client's UNAVAILABLE; this shows where it happens:
+# itself (tests/e2e/test_tls.py shows the gRPC client's UNAVAILABLE; this shows where it happens:
 # the server ends the connection in the handshake and never sends a byte of HTTP/2).
 async def _first_bytes(port: int, ca: trustme.CA, client: trustme.LeafCert, version: Any) -> Any:
     """What a TLS client with ``client``'s certificate reads after sending HTTP/2's preface: the

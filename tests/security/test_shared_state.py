@@ -23,8 +23,8 @@ from aggregator.policies.limits import Bulkhead
 from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target, wait_for
-from tests.test_composition import joined, redis_server
-from tests.test_resilience import circuit_state
+from tests.e2e.test_composition import joined, redis_server
+from tests.e2e.test_resilience import circuit_state
 from tests.upstreams import rest_upstream
 
 

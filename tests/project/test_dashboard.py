@@ -16,9 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http
 
-DASHBOARD = (
-    Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "aggregator-dashboard.json"
-)
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "aggregator-dashboard.json"
 SPEC_METRICS = (
     "aggregator_calls_total", "aggregator_call_duration_seconds", "aggregator_targets_total",
     "aggregator_upstream_request_duration_seconds", "aggregator_fanin_wait_seconds",

@@ -27,8 +27,8 @@ from aggregator.request import HttpRequest
 from aggregator.security.outbound import plan_problems, target_problems
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
-from tests.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
-from tests.test_config import key_paths, problems_of, spoiled
+from tests.e2e.test_auth import AUDIENCE, ISSUER, bearer, public_pem, rsa_key, token
+from tests.unit.test_config import key_paths, problems_of, spoiled
 from tests.upstreams import GrpcUpstream, RawUpstream, RestUpstream, raw_upstream
 
 

@@ -21,8 +21,8 @@ import yaml
 
 from aggregator.config import ConfigError, config_from_mapping, parse_duration
 from aggregator.reload import RESTART_KEYS
-from tests import test_dashboard
-from tests.test_dashboard import TARGET_LABELS, parse
+from tests.project import test_dashboard
+from tests.project.test_dashboard import TARGET_LABELS, parse
 
 # A real server's /metrics after real calls (the fixture the dashboard's queries are checked on).
 exposition = test_dashboard.exposition
@@ -30,7 +30,7 @@ exposition = test_dashboard.exposition
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="validates manifests")
 
-CHART = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "aggregator"
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "aggregator"
 KUBERNETES = "1.32.0"
 TLS = {"enabled": True, "secretName": "aggregator-tls", "clientCA": {"enabled": True}}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIDES = ("aggregator", "naive", "sequential")
 FIGURES = (
     "calls_per_s",

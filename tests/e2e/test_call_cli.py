@@ -19,7 +19,7 @@ from aggregator import timeline
 from aggregator.cli import main
 from aggregator.timeline import ASCII, UNICODE, Style, Timeline, TimelineView
 from aggregator.v1 import aggregator_pb2 as pb
-from tests.test_tls import server_tls, write_ca, write_leaf
+from tests.e2e.test_tls import server_tls, write_ca, write_leaf
 
 REQUEST_YAML = """
 targets:

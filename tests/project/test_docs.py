@@ -42,7 +42,7 @@ from aggregator import config as config_module
 from aggregator.config import ConfigError, config_from_mapping, load_config, parse_duration
 from aggregator.v1 import aggregator_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 EXAMPLE_ADDRESSES = (
     "127.0.0.1:50051", "127.0.0.1:9464", "127.0.0.1:9465", "127.0.0.1:8081", "127.0.0.1:8082"

@@ -2,14 +2,23 @@
 
 Bugs are ordinary exceptions; these are not bugs. They are translated at one boundary each:
 ``TargetFailure`` in the fan-out (into a TargetResult), ``CallFailure`` in the servicer
-(into a gRPC status with trailers).
+(into a gRPC status with trailers, and ``grpc-status-details-bin`` saying whose fault it is:
+docs/api.md, "Error details").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from aggregator.v1 import aggregator_pb2 as pb
+
+# ErrorInfo.domain of every status this service makes.
+DOMAIN = "aggregator"
 
 
 class TargetFailure(Exception):
@@ -42,12 +51,54 @@ class TargetFailure(Exception):
 
 
 class CallFailure(Exception):
-    """The whole Aggregate call ends with ``code`` and a message naming what failed."""
+    """The whole Aggregate call ends with ``code`` and a message naming what failed.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    ``reason`` (UPPER_SNAKE, the code's name unless given) and ``metadata`` make the
+    ``google.rpc.ErrorInfo`` a caller can branch on; ``details`` are further google.rpc
+    messages (QuotaFailure, RetryInfo...)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or code.name
+        self.metadata = dict(metadata or {})
+        self.details = tuple(details)
+
+    @property
+    def sent_message(self) -> str:
+        """The status message as sent: cut to MAX_MESSAGE_SIZE (an upstream's error can be
+        any length)."""
+        return status_message(self.message)
+
+    def status_details(self) -> bytes:
+        """A ``google.rpc.Status`` for grpc-status-details-bin: the code and message as sent
+        (grpcio-status checks both) and the details, as many as MAX_DETAILS_SIZE holds."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.sent_message)
+        size = 0
+        for detail in (self._error_info(), *self._more_details()):
+            size += detail.ByteSize() + 64  # the Any's type URL and framing
+            if size > MAX_DETAILS_SIZE:
+                break
+            status.details.add().Pack(detail)
+        return bytes(status.SerializeToString())
+
+    def _error_info(self) -> error_details_pb2.ErrorInfo:
+        metadata = {key: value[:MAX_METADATA_VALUE] for key, value in self.metadata.items()}
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
+
+    def _more_details(self) -> Sequence[Message]:
+        if self.code == grpc.StatusCode.INVALID_ARGUMENT:
+            return (bad_request([self.message]), *self.details)
+        return self.details
 
 
 class InvalidRequest(CallFailure):
@@ -57,13 +108,50 @@ class InvalidRequest(CallFailure):
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, _listed(problems))
         self.problems = problems
 
+    @property
+    def sent_message(self) -> str:
+        return self.message  # _listed cut it within MAX_PROBLEMS_SIZE
+
+    def _more_details(self) -> Sequence[Message]:
+        return (bad_request(self.problems),)
+
+
+def bad_request(problems: Sequence[str]) -> error_details_pb2.BadRequest:
+    """One field violation per problem, as many as MAX_DETAILS_SIZE holds."""
+    request = error_details_pb2.BadRequest()
+    size = 0
+    for problem in problems:
+        violation = error_details_pb2.BadRequest.FieldViolation(description=problem)
+        size += violation.ByteSize() + 3
+        if size > MAX_DETAILS_SIZE - 200:  # room for the ErrorInfo beside it
+            break
+        request.field_violations.append(violation)
+    return request
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    nanos = round(seconds * 1e9)
+    delay = duration_pb2.Duration(seconds=nanos // 10**9, nanos=nanos % 10**9)
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=subject[:MAX_METADATA_VALUE], description=status_message(description)[:256]
+    )
+    return error_details_pb2.QuotaFailure(violations=[violation])
+
 
 # The status message travels as grpc-message metadata beside the trailers, and grpc rejects
 # metadata over 8 KiB at random (over 16 KiB always): a refused call would then end as
 # RESOURCE_EXHAUSTED instead of its own status. Messages are kept under these sizes, counted
 # as sent (percent-encoded: a byte outside printable ASCII costs three).
-MAX_PROBLEMS_SIZE = 4096
+# The status details (base64 on the wire: x4/3) repeat the message and add their own: message,
+# details and the other trailers together stay under ~7.5 KiB (aggregator/trailers.py makes room).
+MAX_PROBLEMS_SIZE = 2048
 MAX_MESSAGE_SIZE = 1024
+MAX_DETAILS_SIZE = 1536
+MAX_METADATA_VALUE = 128  # an ErrorInfo's metadata value (ids are 64, upstream names short)
 
 
 def wire_size(text: str) -> int:

@@ -265,7 +265,7 @@ class Endpoint:
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay)
             if not done and self._loop.time() < limit.at and self.budget.try_withdraw():
-                hedge = self._attempt(request, limit, request_id, sent)
+                hedge = self._attempt(request, limit, request_id, sent, "hedge")
                 tasks.add(asyncio.create_task(hedge))
                 made = 2
             last: Result | None = None
@@ -284,7 +284,12 @@ class Endpoint:
                 await asyncio.wait(tasks)
 
     async def _attempt(
-        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str, sent: _Sent
+        self,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
+        sent: _Sent,
+        kind: str = "",
     ) -> Result:
         """One attempt through every policy; failures are returned, cancellation raised."""
         try:
@@ -294,11 +299,13 @@ class Endpoint:
         except TargetFailure as failure:
             return failure
         result: Result | None = None
+        reached = ""
         try:
             if not self._take_slots():
                 await self._hold_slots(limit)
             try:
                 sent.count += 1
+                reached = kind or ("retry" if sent.count > 1 else "first")
                 if self._fleet is None:
                     result = await self._timed(self._upstream, request, limit, request_id)
                 else:
@@ -309,6 +316,8 @@ class Endpoint:
         except TargetFailure as failure:
             result = failure
         finally:
+            if reached:  # counted against the upstream only when it reached it
+                self.metrics.attempted(reached, result)
             if self.breaker is not None:
                 self.breaker.record(trial, self._breaker_verdict(result))
         return result

@@ -385,7 +385,7 @@ def _planned(
     try:
         plan = make_plan(request, config, params=frozenset({PARAMS}))
     except InvalidRequest as invalid:
-        own.extend(_at_key_paths(invalid.details, targets, path))
+        own.extend(_at_key_paths(invalid.found, targets, path))
         plan = None
     if plan is not None:
         own.extend(_at_key_paths(plan_problems(plan), targets, path))

@@ -32,6 +32,7 @@ class CallRecord:
     # Live views of the fan-out's own collections (nothing copied, nothing made per call).
     reported: Collection[pb.TargetResult] = ()  # sent to the caller
     cut: Collection[pb.TargetResult] = ()  # running when the call was cancelled: never sent
+    unsent: Collection[str] = ()  # ids of the targets refused here, before reaching upstream
     failure: CallFailure | None = None  # why the call did not end OK
     elapsed_ns: int = 0  # from the budget's start to the status
     first_at_ns: int | None = None  # perf_counter_ns of the first result
@@ -50,6 +51,11 @@ class CallRecord:
     @property
     def deadline_ns(self) -> int:
         return int(self.budget.seconds * 1e9)
+
+    @property
+    def cutoff_ns(self) -> int:
+        """When the server stops waiting, from the start: the budget less its margin."""
+        return int((self.budget.seconds - self.budget.margin) * 1e9)
 
     def results(self) -> Collection[pb.TargetResult]:
         """Every target's result: those sent, then those cut by a cancellation."""

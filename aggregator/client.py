@@ -47,6 +47,7 @@ from aggregator.timeline import (
     TimelineView,
     body_lines,
     is_terminal,
+    status_details_lines,
     status_line,
     trailer_lines,
 )
@@ -271,7 +272,7 @@ def ending_lines(ending: Ending, timeline: Timeline, elapsed: float) -> list[str
     status = status_line(ending.code.name, ending.details, elapsed, style)
     if ending.request_id:
         status += f"  (x-request-id {ending.request_id})"
-    lines = [status]
+    lines = [status, *(f"  {line}" for line in status_details_lines(ending.trailers))]
     missing = [target.id for target in timeline.pending()]
     if missing and ending.code != grpc.StatusCode.OK:
         lines.append(f"no result for: {', '.join(missing)}")

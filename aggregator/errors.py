@@ -2,20 +2,25 @@
 
 Bugs are ordinary exceptions; these are not bugs. They are translated at one boundary each:
 ``TargetFailure`` in the fan-out (into a TargetResult), ``CallFailure`` in the servicer
-(into a gRPC status with trailers).
+(into a gRPC status with trailers, and ``grpc-status-details-bin`` saying whose fault it is:
+docs/api.md, "Error details").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from aggregator.v1 import aggregator_pb2 as pb
+
+# ErrorInfo.domain of every status this service makes.
+DOMAIN = "aggregator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,44 +125,101 @@ class TargetFailure(Exception):
 
 
 class CallFailure(Exception):
-    """The whole Aggregate call ends with ``code`` and a message naming what failed."""
+    """The whole Aggregate call ends with ``code`` and a message naming what failed.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    ``reason`` (UPPER_SNAKE, the code's name unless given) and ``metadata`` make the
+    ``google.rpc.ErrorInfo`` a caller can branch on; ``details`` are further google.rpc
+    messages (QuotaFailure, RetryInfo...)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        details: Sequence[Message] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or code.name
+        self.metadata = dict(metadata or {})
+        self.details = tuple(details)
+
+    @property
+    def sent_message(self) -> str:
+        """The status message as sent: cut to MAX_MESSAGE_SIZE (an upstream's error can be
+        any length)."""
+        return status_message(self.message)
+
+    def status_details(self) -> bytes:
+        """A ``google.rpc.Status`` for grpc-status-details-bin: the code and message as sent
+        (grpcio-status checks both) and the details, as many as MAX_DETAILS_SIZE holds."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.sent_message)
+        size = 0
+        for detail in (self._error_info(), *self._more_details()):
+            size += detail.ByteSize() + 64  # the Any's type URL and framing
+            if size > MAX_DETAILS_SIZE:
+                break
+            status.details.add().Pack(detail)
+        return bytes(status.SerializeToString())
+
+    def _error_info(self) -> error_details_pb2.ErrorInfo:
+        metadata = {key: value[:MAX_METADATA_VALUE] for key, value in self.metadata.items()}
+        return error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=metadata)
+
+    def _more_details(self) -> Sequence[Message]:
+        if self.code == grpc.StatusCode.INVALID_ARGUMENT:
+            return (bad_request([Problem(None, "", self.message)]), *self.details)
+        return self.details
 
 
 class InvalidRequest(CallFailure):
-    """The request is malformed; nothing was sent upstream. ``details``: each problem as a
-    value; ``problems``: each as a sentence (a plain string is a problem of no field)."""
+    """The request is malformed; nothing was sent upstream. ``found``: each problem as a
+    value; ``problems``: each as a sentence (a plain string is a problem of no field). The
+    status details carry them as a BadRequest, one field violation each."""
 
     def __init__(self, problems: Sequence[Problem | str]) -> None:
-        self.details = tuple(
-            p if isinstance(p, Problem) else Problem(None, "", p) for p in problems
-        )
-        self.problems = [str(problem) for problem in self.details]
+        self.found = tuple(p if isinstance(p, Problem) else Problem(None, "", p) for p in problems)
+        self.problems = [str(problem) for problem in self.found]
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, _listed(self.problems))
 
-    def status_details(self) -> bytes:
-        """A ``google.rpc.Status`` for grpc-status-details-bin: this call's code and message
-        and a BadRequest with one field violation per problem, as many as MAX_DETAILS_SIZE
-        holds (the message itself is cut at MAX_PROBLEMS_SIZE, so both fit the trailers)."""
-        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=self.message)
-        request = error_details_pb2.BadRequest()
-        size = 0
-        for problem in self.details:
-            violation = error_details_pb2.BadRequest.FieldViolation(
-                field=problem.violation_field, description=problem.message
-            )
-            size += violation.ByteSize() + 3
-            if size > MAX_DETAILS_SIZE:
-                break
-            request.field_violations.append(violation)
-        packed = any_pb2.Any()
-        packed.Pack(request)
-        status.details.append(packed)
-        return bytes(status.SerializeToString())
+    @property
+    def sent_message(self) -> str:
+        return self.message  # _listed cut it within MAX_PROBLEMS_SIZE
+
+    def _more_details(self) -> Sequence[Message]:
+        return (bad_request(self.found),)
+
+
+def bad_request(problems: Sequence[Problem]) -> error_details_pb2.BadRequest:
+    """One field violation per problem (``targets[price].http.path``), as many as
+    MAX_DETAILS_SIZE holds beside the ErrorInfo."""
+    request = error_details_pb2.BadRequest()
+    size = 0
+    for problem in problems:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=problem.violation_field, description=problem.message
+        )
+        size += violation.ByteSize() + 3
+        if size > MAX_DETAILS_SIZE - 200:  # room for the ErrorInfo beside it
+            break
+        request.field_violations.append(violation)
+    return request
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    nanos = round(seconds * 1e9)
+    delay = duration_pb2.Duration(seconds=nanos // 10**9, nanos=nanos % 10**9)
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def quota_failure(subject: str, description: str) -> error_details_pb2.QuotaFailure:
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=subject[:MAX_METADATA_VALUE], description=status_message(description)[:256]
+    )
+    return error_details_pb2.QuotaFailure(violations=[violation])
 
 
 # The status message travels as grpc-message metadata beside the trailers, and grpc rejects
@@ -167,8 +229,9 @@ class InvalidRequest(CallFailure):
 # The status details (base64 on the wire: x4/3) repeat the message and add the field violations:
 # message, details and the other trailers together stay under ~7.5 KiB.
 MAX_PROBLEMS_SIZE = 2048
-MAX_DETAILS_SIZE = 1536
 MAX_MESSAGE_SIZE = 1024
+MAX_DETAILS_SIZE = 1536
+MAX_METADATA_VALUE = 128  # an ErrorInfo's metadata value (ids are 64, upstream names short)
 
 
 def wire_size(text: str) -> int:

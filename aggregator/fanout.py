@@ -24,8 +24,9 @@ from google.protobuf import duration_pb2
 
 from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
-from aggregator.errors import CallFailure, TargetFailure
+from aggregator.errors import CallFailure, TargetFailure, quota_failure, retry_info
 from aggregator.grpc_json import rendered_request
+from aggregator.outcomes import outcome_name
 from aggregator.plan import Plan, PlannedTarget
 from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.request import GrpcRequest, HttpRequest
@@ -69,6 +70,15 @@ class Budget:
 
     def __repr__(self) -> str:
         return f"<Budget {self.seconds * 1000:.0f}ms>"
+
+    @property
+    def margin(self) -> float:
+        """Seconds between when the server stops waiting and the end of the budget."""
+        return self.seconds - (self.stop_at - self.started)
+
+    def words(self) -> str:
+        """``budget 30 ms less a 20 ms margin``: why a 30 ms call stops waiting at 10 ms."""
+        return f"budget {_about_ms(self.seconds)} less a {_about_ms(self.margin)} margin"
 
 
 class _Inbox:
@@ -127,10 +137,13 @@ class Aggregation:
             dep: asyncio.Event() for target in plan.targets for dep in target.depends_on
         }
         self._skipped_by: dict[str, str] = {}  # dependent id -> the dependency that failed
+        # Targets that ended before their request reached the upstream (refused here): what
+        # they say is not the upstream's doing (its metrics and the admin page leave them out).
+        self.unsent: set[str] = set()
         self._expanded: set[str] = set()  # for_each targets whose elements report instead
         self._expected = len(plan.targets)  # results to report; for_each changes it
         self._tasks: list[asyncio.Task[None]] = []
-        self._deadline_reason = f"the call's deadline ({budget.seconds * 1000:.0f}ms budget)"
+        self._deadline_reason = f"the call's deadline ({budget.words()})"
         self.reported: dict[str, pb.TargetResult] = {}
         self.failure: CallFailure | None = None
         self._began: dict[str, int] = {}  # target id -> when its call began (perf_counter_ns)
@@ -228,7 +241,11 @@ class Aggregation:
 
     def _report(self, result: pb.TargetResult) -> None:
         self.reported[result.id] = result
-        self._endpoints[self._by_id[result.id].upstream.name].metrics.targets[result.outcome].inc()
+        metrics = self._endpoints[self._by_id[result.id].upstream.name].metrics
+        if result.id in self.unsent and result.outcome != pb.OUTCOME_SKIPPED:
+            metrics.unsent(result.outcome)
+        else:
+            metrics.targets[result.outcome].inc()
 
     async def _cancel_all(self) -> None:
         # for_each tasks own their element tasks: cancelling them cancels those too.
@@ -245,13 +262,14 @@ class Aggregation:
         message = f"required target {result.id!r} failed: {result.error}"
         if cause is not result:
             message += f" (dependency {cause.id!r}: {cause.error})"
-        return CallFailure(status_for(cause), message)
+        return _failure_of(cause, self._by_id[cause.id], message, cause.id in self.unsent)
 
     async def _run(self, target: PlannedTarget) -> None:
         try:
             settled = await self._settle(target)
         except Exception:  # a bug: answer for this target now rather than at the deadline
             log.exception("target %r failed unexpectedly", target.id)
+            self.unsent.add(target.id)
             now = time.perf_counter_ns()
             began = self._began.get(target.id, now)
             settled = _result(
@@ -288,7 +306,8 @@ class Aggregation:
                 deadline_reason=reason,
                 request_id=self._request_id,
             )
-        except TargetFailure as failure:
+        except TargetFailure as failure:  # before (or instead of) the upstream's call
+            self.unsent.add(target.id)
             return _failed(target.id, failure, 0, origin, began, time.perf_counter_ns())
         if isinstance(answer.result, TargetFailure):
             return _failed(
@@ -433,8 +452,43 @@ class Aggregation:
         return self._budget.stop_at, self._deadline_reason
 
 
+def _failure_of(
+    cause: pb.TargetResult, target: PlannedTarget, message: str, unsent: bool
+) -> CallFailure:
+    """The call's failure when required target ``cause`` failed: its status (status.py) and
+    an ErrorInfo naming the target and upstream; a limit's QuotaFailure, and a RetryInfo where
+    waiting helps (a rate limit's next token, an open breaker's reset)."""
+    upstream = target.upstream
+    metadata = {
+        "target": cause.id,
+        "upstream": upstream.name,
+        "outcome": outcome_name(cause.outcome),
+    }
+    if cause.http_status:
+        metadata["http_status"] = str(cause.http_status)
+    elif cause.grpc_code:
+        metadata["grpc_code"] = str(cause.grpc_code)
+    details = []
+    reason = "TARGET_NOT_SENT" if unsent else "UPSTREAM_FAILED"
+    if cause.outcome == pb.OUTCOME_REJECTED:
+        reason = "UPSTREAM_LIMITED"
+        details.append(quota_failure(f"upstreams.{upstream.name}", cause.error))
+        if upstream.rate_limit is not None:
+            details.append(retry_info(1 / upstream.rate_limit.rate))
+    elif cause.outcome == pb.OUTCOME_CIRCUIT_OPEN and upstream.circuit_breaker is not None:
+        details.append(retry_info(upstream.circuit_breaker.reset_timeout))
+    code = status_for(cause)
+    return CallFailure(code, message, reason=reason, metadata=metadata, details=details)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:g}ms"
+
+
+def _about_ms(seconds: float) -> str:
+    """A measured span in words: ``498ms`` (``4.9ms`` when short), not ``498.296ms``."""
+    millis = seconds * 1000
+    return f"{millis:.0f}ms" if millis >= 10 else f"{millis:.1f}ms"
 
 
 def _result(

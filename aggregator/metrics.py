@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Protocol
 
 import grpc
 from prometheus_client import (
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -18,8 +20,13 @@ from prometheus_client import (
     disable_created_metrics,
     multiprocess,
 )
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-from aggregator.outcomes import CACHE_NAMES, OUTCOME_LABELS
+from aggregator.errors import TargetFailure
+from aggregator.outcomes import CACHE_NAMES, OUTCOME_NAMES
+from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import AD_HOC
 
 # From a tenth of a millisecond (the service's own overhead) to the longest deadline.
@@ -30,18 +37,44 @@ _LATENCY_BUCKETS = (
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 CACHE_RESULTS = tuple(name for value, name in CACHE_NAMES.items() if value)  # hit, miss, stale
 REJECT_REASONS = ("max_concurrent_calls", "draining", "invalid_argument")
+# An attempt that reached the upstream, by what came of it (a reply that is not ok: error).
+_ATTEMPT_RESULTS = {
+    pb.OUTCOME_TIMEOUT: "timeout",
+    pb.OUTCOME_UNAVAILABLE: "unavailable",
+    pb.OUTCOME_CANCELLED: "cancelled",
+}
+
+
+class Answered(Protocol):
+    """An upstream's reply (aggregator/upstreams Reply), as far as an attempt's result goes."""
+
+    @property
+    def ok(self) -> bool: ...
+
+
+def attempt_result(result: Answered | TargetFailure | None) -> str:
+    """ok, error, timeout, unavailable or cancelled (None: the attempt was cancelled)."""
+    if result is None:
+        return "cancelled"
+    if isinstance(result, TargetFailure):
+        return _ATTEMPT_RESULTS.get(result.outcome, "error")
+    return "ok" if result.ok else "error"
 
 
 class UpstreamMetrics:
     """The children of every per-upstream metric, for one upstream."""
 
     def __init__(self, metrics: Metrics, upstream: str) -> None:
+        self._metrics = metrics
+        self._upstream = upstream
         self.targets = {
             outcome: metrics.targets.labels(upstream, label)
-            for outcome, label in OUTCOME_LABELS.items()
+            for outcome, label in OUTCOME_NAMES.items()
         }
+        # Made on first use, then kept: most of their series never happen (a page of zeros).
+        self._unsent: dict[int, Counter] = {}
+        self._attempts: dict[tuple[str, str], Counter] = {}
         self.request_duration = metrics.upstream_request_duration.labels(upstream)
-        self.circuit_state = metrics.circuit_state.labels(upstream)
         self.cache = {
             result: metrics.cache_requests.labels(upstream, result) for result in CACHE_RESULTS
         }
@@ -50,6 +83,35 @@ class UpstreamMetrics:
         self.endpoints_ejected = metrics.upstream_endpoints.labels(upstream, "ejected")
         self.ejections = metrics.endpoint_ejections.labels(upstream)
         self.concurrency_limit = metrics.concurrency_limit.labels(upstream)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamMetrics {self._upstream}>"
+
+    @property
+    def circuit_state(self) -> Gauge:
+        """The breaker's gauge: made when a breaker asks for it, so an upstream with no
+        breaker has no series (a 0 would read as closed)."""
+        return self._metrics.circuit_state.labels(self._upstream)
+
+    def attempted(self, attempt: str, result: Answered | TargetFailure | None) -> None:
+        """One attempt that reached the upstream: ``attempt`` first, retry or hedge."""
+        key = (attempt, attempt_result(result))
+        child = self._attempts.get(key)
+        if child is None:
+            child = self._attempts[key] = self._metrics.upstream_attempts.labels(
+                self._upstream, *key
+            )
+        child.inc()
+
+    def unsent(self, outcome: int) -> None:
+        """One target that ended before its request reached the upstream."""
+        child = self._unsent.get(outcome)
+        if child is None:
+            label = OUTCOME_NAMES.get(outcome, "unspecified")
+            child = self._unsent[outcome] = self._metrics.targets_unsent.labels(
+                self._upstream, label
+            )
+        child.inc()
 
 
 class Metrics:
@@ -81,8 +143,20 @@ class Metrics:
             ["aggregate"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.targets = Counter(
-            "aggregator_targets", "Targets by upstream and outcome.",
+            "aggregator_targets", "Targets by upstream and outcome (ok, error, timeout, ...).",
             ["upstream", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.targets_unsent = Counter(
+            "aggregator_targets_unsent",
+            "Targets that ended before their request reached the upstream (refused by the "
+            "aggregator: no descriptors, a substituted request its rules refuse), by outcome.",
+            ["upstream", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.upstream_attempts = Counter(
+            "aggregator_upstream_attempts",
+            "Attempts that reached an upstream, by attempt (first, retry, hedge) and result "
+            "(ok, error, timeout, unavailable, cancelled).",
+            ["upstream", "attempt", "result"], registry=registry,
         )  # fmt: skip
         self.upstream_request_duration = Histogram(
             "aggregator_upstream_request_duration_seconds",
@@ -133,6 +207,7 @@ class Metrics:
         self.add_aggregates((AD_HOC, *aggregates))
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+        _add_runtime_collectors(self.exposition)
 
     def add_aggregates(self, labels: Iterable[str]) -> None:
         """Binds the children of aggregates not seen yet (a config reload may add some)."""
@@ -152,3 +227,14 @@ class Metrics:
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self.upstreams)} upstreams, pid {os.getpid()}]>"
+
+
+def _add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """prometheus-client's process_*, python_info and python_gc_* series, which only its default
+    registry has by itself. They describe the process that answers the scrape (each worker
+    answers for itself when there are several)."""
+    if registry is REGISTRY:  # it has them already
+        return
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

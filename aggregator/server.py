@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -40,9 +40,10 @@ from aggregator.aggregates import Catalog, NamedAggregate
 from aggregator.call_record import CallRecord
 from aggregator.config import Config, UpstreamConfig
 from aggregator.decoding import CallDecoder
-from aggregator.errors import CallFailure, InvalidRequest, status_message
+from aggregator.errors import CallFailure, InvalidRequest, quota_failure, retry_info
 from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.grpc_json import typed_plan
+from aggregator.health import Health
 from aggregator.metrics import Metrics
 from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
@@ -60,7 +61,7 @@ from aggregator.upstreams import open_upstream
 from aggregator.upstreams.descriptors import Descriptors
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
-from aggregator.vocabulary import AD_HOC, REQUEST_ID
+from aggregator.vocabulary import AD_HOC, REQUEST_ID, STATUS_DETAILS
 
 log = logging.getLogger("aggregator")
 
@@ -186,7 +187,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         try:
             caller = self._identify(state, context, metadata)
         except CallFailure as refused:
-            await context.abort(refused.code, refused.message)
+            context.set_trailing_metadata(((STATUS_DETAILS, refused.status_details()),))
+            await context.abort(refused.code, refused.sent_message)
         return state.catalog.infos(lambda name: caller is None or caller.may_run(name))
 
     def _identify(
@@ -259,6 +261,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 plan = await typed_plan(plan, state.descriptors, budget.stop_at, self._offload)
                 aggregation = Aggregation(plan, state.endpoints, budget, call.request_id, decoder)
                 call.reported, call.cut = aggregation.reported.values(), aggregation.left_unreported
+                call.unsent = aggregation.unsent
                 try:
                     # Cut at the end of the budget (inline: a wrapping coroutine would cost a
                     # frame on every resume of the fan-out). The fan-out ends by itself before,
@@ -293,19 +296,15 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         call.elapsed_ns = ended - budget.started_ns
         if call.first_at_ns is not None:
             call.fanin_ns = ended - call.first_at_ns
-        metadata = trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
-        if isinstance(call.failure, InvalidRequest):  # each problem as a BadRequest violation
-            metadata += (("grpc-status-details-bin", call.failure.status_details()),)
-        context.set_trailing_metadata(metadata)
+        failure = call.failure
+        context.set_trailing_metadata(
+            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9, failure)
+        )
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         self._loop.call_soon(self._observe, call)
-        failure = call.failure
         if failure is not None:
-            # InvalidRequest lists its problems within its own, larger cap.
-            listed = isinstance(failure, InvalidRequest)
-            message = failure.message if listed else status_message(failure.message)
-            await context.abort(failure.code, message)
+            await context.abort(failure.code, failure.sent_message)
 
     def _checked_plan(
         self,
@@ -414,14 +413,25 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if self.draining:
             self._metrics.rejected_by["draining"].inc()
             log.warning("refused a call: draining", extra={"event": "shed", "reason": "draining"})
-            raise CallFailure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            raise CallFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down",
+                reason="DRAINING",
+                details=(retry_info(RETRY_AFTER_REFUSAL),),  # on another replica
+            )
         limit = self.state.config.server.max_concurrent_calls
         if self.inflight >= limit:
             self._metrics.rejected_by["max_concurrent_calls"].inc()
             self._log_shed()
+            message = f"more than server.max_concurrent_calls ({limit}) calls in flight"
             raise CallFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"more than server.max_concurrent_calls ({limit}) calls in flight",
+                message,
+                reason="OVERLOADED",
+                details=(
+                    quota_failure("server.max_concurrent_calls", message),
+                    retry_info(RETRY_AFTER_REFUSAL),
+                ),
             )
         self.inflight += 1
         self._metrics.inflight.inc()
@@ -438,11 +448,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._shed, self._shed_logged_at = 0, now
 
 
+# The RetryInfo of a call refused at admission or while draining: most calls in flight end
+# within it, and a draining server's replicas take the retry at once.
+RETRY_AFTER_REFUSAL = 0.1
+
+
 def _unread(budget: Budget) -> CallFailure:
     return CallFailure(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         f"the caller did not read its results within the call's budget "
         f"({budget.seconds * 1000:.0f}ms)",
+        reason="RESULTS_NOT_READ",
     )
 
 
@@ -518,7 +534,7 @@ class AggregatorServer:
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = Health()
         self._certificates = ServerCertificates(config.server.tls) if config.server.tls else None
         limit = config.server.max_upstream_inflight
         self.upstream_inflight = Bulkhead(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from aggregator.outcomes import CODES, STATUS_BY_HTTP_STATUS, STATUS_BY_OUTCOME
+from aggregator.outcomes import CODES, STATUS_BY_OUTCOME, status_for_http
 from aggregator.v1 import aggregator_pb2 as pb
 
 
@@ -14,5 +14,5 @@ def status_for(result: pb.TargetResult) -> grpc.StatusCode:
     if result.outcome == pb.OUTCOME_ERROR:
         if result.grpc_code:
             return CODES.get(result.grpc_code, grpc.StatusCode.UNKNOWN)
-        return STATUS_BY_HTTP_STATUS.get(result.http_status, grpc.StatusCode.UNKNOWN)
+        return status_for_http(result.http_status)
     return STATUS_BY_OUTCOME.get(result.outcome, grpc.StatusCode.UNKNOWN)

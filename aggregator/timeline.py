@@ -25,11 +25,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, field
 from typing import Any, TextIO
 
-from google.protobuf import json_format
+from google.protobuf import any_pb2, json_format
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from aggregator.outcomes import CACHE_NAMES, outcome_name
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import STATUS_DETAILS
 
 PLAIN_WIDTH = 100
 _FOR_EACH_ID = re.compile(r"^(?P<base>.+)\[\d+\]\Z")
@@ -498,6 +500,8 @@ def trailer_lines(trailers: Iterable[tuple[str, str | bytes]], style: Style) -> 
 def _trailer_value(key: str, value: str | bytes) -> list[str]:
     if isinstance(value, str):
         return [value]
+    if key == STATUS_DETAILS:
+        return [f"<{len(value)} bytes: google.rpc.Status, read under the status line>"]
     if key == "x-aggregate-summary-bin":
         summary = pb.AggregateSummary()
         try:
@@ -506,6 +510,37 @@ def _trailer_value(key: str, value: str | bytes) -> list[str]:
             return [f"<{len(value)} bytes, not an AggregateSummary>"]
         return summary_lines(summary)
     return [f"<{len(value)} bytes>"]
+
+
+def status_details_lines(trailers: Iterable[tuple[str, str | bytes]]) -> list[str]:
+    """grpc-status-details-bin, read: one line per detail the server sent (ErrorInfo,
+    BadRequest's violations, QuotaFailure, RetryInfo), e.g.
+    ``ErrorInfo UPSTREAM_FAILED (aggregator): target=user upstream=users http_status=404``."""
+    raw = next((value for key, value in trailers if key == STATUS_DETAILS), None)
+    if not isinstance(raw, bytes):
+        return []
+    try:
+        status = status_pb2.Status.FromString(raw)
+    except DecodeError:
+        return [f"{STATUS_DETAILS}: not a google.rpc.Status"]
+    return [line for packed in status.details for line in _detail_lines(packed)]
+
+
+def _detail_lines(packed: any_pb2.Any) -> list[str]:
+    info, bad, quota, retry = (
+        error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest(),
+        error_details_pb2.QuotaFailure(), error_details_pb2.RetryInfo(),
+    )  # fmt: skip
+    if packed.Unpack(info):
+        pairs = " ".join(f"{key}={value}" for key, value in sorted(info.metadata.items()))
+        return [f"ErrorInfo {info.reason} ({info.domain})" + (f": {pairs}" if pairs else "")]
+    if packed.Unpack(bad):
+        return [f"BadRequest {v.field or '-'}: {v.description}" for v in bad.field_violations]
+    if packed.Unpack(quota):
+        return [f"QuotaFailure {v.subject}: {v.description}" for v in quota.violations]
+    if packed.Unpack(retry):
+        return [f"RetryInfo: retry after {_ms(retry.retry_delay.ToNanoseconds() / 1e9)}"]
+    return [packed.type_url.rpartition("/")[2]]
 
 
 def status_line(code_name: str, details: str, elapsed: float, style: Style) -> str:

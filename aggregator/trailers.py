@@ -8,20 +8,44 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from aggregator.errors import CallFailure, wire_size
 from aggregator.v1 import aggregator_pb2 as pb
+from aggregator.vocabulary import STATUS_DETAILS
 
 # Budgets in bytes: three id lists, the summary (base64 on the wire: x4/3) and the fixed
 # trailers together stay under ~7.5 KiB, grpc's hard rejection starting above 8 KiB.
 LIST_BUDGET = 1400
 SUMMARY_BUDGET = 2000
+# What the lists and the summary may take together, as sent; a failed call's status message and
+# details come out of it, so that everything together stays under ~7.5 KiB.
+_SHARED = 3 * LIST_BUDGET + SUMMARY_BUDGET * 4 // 3
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 def trailers(
-    results: Iterable[pb.TargetResult], budget_seconds: float, elapsed_seconds: float
+    results: Iterable[pb.TargetResult],
+    budget_seconds: float,
+    elapsed_seconds: float,
+    failure: CallFailure | None = None,
 ) -> Metadata:
-    """The trailing metadata of an aggregate whose targets ended with ``results``."""
+    """The trailing metadata of an aggregate whose targets ended with ``results`` (and, when
+    it failed, the status details of ``failure``)."""
+    if failure is None:
+        return _aggregate_trailers(results, budget_seconds, elapsed_seconds, 1.0)
+    details = failure.status_details()
+    taken = wire_size(failure.sent_message) + len(details) * 4 // 3 + 100  # keys and framing
+    share = max(0.2, (_SHARED - taken) / _SHARED)
+    return (
+        *_aggregate_trailers(results, budget_seconds, elapsed_seconds, share),
+        (STATUS_DETAILS, details),
+    )
+
+
+def _aggregate_trailers(
+    results: Iterable[pb.TargetResult], budget_seconds: float, elapsed_seconds: float, share: float
+) -> Metadata:
+    """The x-aggregate-* trailers, the lists and the summary within ``share`` of their budgets."""
     results = list(results)
     failed: list[str] = []
     timed_out: list[str] = []
@@ -34,15 +58,16 @@ def trailers(
         if result.from_fallback:
             fallback.append(result.id)
     completed = bool(results) and not failed and not fallback
+    list_budget, budget = int(LIST_BUDGET * share), int(SUMMARY_BUDGET * share)
     return (
         ("x-aggregate-completed", "true" if completed else "false"),
         ("x-aggregate-succeeded", str(len(results) - len(failed))),
-        ("x-aggregate-failed", cut_ids(failed, LIST_BUDGET)),
-        ("x-aggregate-timed-out", cut_ids(timed_out, LIST_BUDGET)),
-        ("x-aggregate-fallback", cut_ids(fallback, LIST_BUDGET)),
+        ("x-aggregate-failed", cut_ids(failed, list_budget)),
+        ("x-aggregate-timed-out", cut_ids(timed_out, list_budget)),
+        ("x-aggregate-fallback", cut_ids(fallback, list_budget)),
         ("x-aggregate-deadline-ms", str(round(budget_seconds * 1000))),
         ("x-aggregate-elapsed-ms", f"{elapsed_seconds * 1000:.3f}"),  # to the microsecond
-        ("x-aggregate-summary-bin", summary(results, len(timed_out), len(fallback))),
+        ("x-aggregate-summary-bin", summary(results, len(timed_out), len(fallback), budget)),
     )
 
 

@@ -83,3 +83,6 @@ PARAMS = "params"
 ITEM = "item"
 # The aggregate label of a call that names no configured aggregate.
 AD_HOC = "ad_hoc"
+
+# The trailer of a non-OK status that says whose fault it is: a serialized google.rpc.Status.
+STATUS_DETAILS = "grpc-status-details-bin"

@@ -18,7 +18,7 @@ from typing import Any
 
 from aggregator.admin.rolling import RollingStats
 from aggregator.call_record import CallRecord
-from aggregator.outcomes import CODE_NAMES, NOT_RUN, cache_name, outcome_name
+from aggregator.outcomes import CODE_NAMES, SAYS_NOTHING_OF_UPSTREAM, cache_name, outcome_name
 from aggregator.plan import PlannedTarget
 from aggregator.request import HttpRequest
 from aggregator.v1 import aggregator_pb2 as pb
@@ -72,6 +72,7 @@ class AggregateRecord:
     ended_at: float  # wall clock, seconds since the epoch
     elapsed_ns: int
     deadline_ns: int  # the call's budget, from its start
+    cutoff_ns: int  # when the server stopped waiting: the budget less its margin
     requested: int  # targets in the request (for_each may make more results)
     targets: tuple[TargetRecord, ...]
 
@@ -89,6 +90,7 @@ class AggregateRecord:
             "ended_at": self.ended_at,
             "elapsed_ms": self.elapsed_ns / 1e6,
             "deadline_ms": self.deadline_ns / 1e6,
+            "cutoff_ms": self.cutoff_ns / 1e6,
             "requested": self.requested,
             "targets": len(self.targets),
             "failed": len(failed),
@@ -135,15 +137,19 @@ class Recent:
         self._keep(
             AggregateRecord(
                 self._seq, _kept(call.request_id), _kept(call.aggregate), call.code.name,
-                time.time(), call.elapsed_ns, call.deadline_ns, call.requested, targets,
+                time.time(), call.elapsed_ns, call.deadline_ns, call.cutoff_ns, call.requested,
+                targets,
             )
         )  # fmt: skip
         now = int(time.monotonic())
+        unsent = call.unsent
         for target in targets:
             stats = self.upstreams.get(target.upstream)
-            if stats is not None and target.outcome not in NOT_RUN:
-                failed = target.outcome != pb.OUTCOME_OK or target.from_fallback
-                stats.add(now, target.latency_ns, failed, target.cache)
+            # Only what the upstream did: not what was refused here or cut for another reason.
+            if stats is None or target.outcome in SAYS_NOTHING_OF_UPSTREAM or target.id in unsent:
+                continue
+            failed = target.outcome != pb.OUTCOME_OK or target.from_fallback
+            stats.add(now, target.latency_ns, failed, target.cache)
 
     def _keep(self, record: AggregateRecord) -> None:
         records = self.records

@@ -272,7 +272,7 @@ class GuardedUpstream:
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay)
             if not done and self._loop.time() < limit.at and self.budget.try_withdraw():
-                hedge = self._attempt(request, limit, request_id, sent)
+                hedge = self._attempt(request, limit, request_id, sent, "hedge")
                 tasks.add(asyncio.create_task(hedge))
                 made = 2
             last: Result | None = None
@@ -291,7 +291,12 @@ class GuardedUpstream:
                 await asyncio.wait(tasks)
 
     async def _attempt(
-        self, request: HttpRequest | GrpcRequest, limit: Deadline, request_id: str, sent: _Sent
+        self,
+        request: HttpRequest | GrpcRequest,
+        limit: Deadline,
+        request_id: str,
+        sent: _Sent,
+        kind: str = "",
     ) -> Result:
         """One attempt through every policy; failures are returned, cancellation raised."""
         try:
@@ -301,11 +306,13 @@ class GuardedUpstream:
         except TargetFailure as failure:
             return failure
         result: Result | None = None
+        reached = ""
         try:
             if not self._take_slots():
                 await self._hold_slots(limit)
             try:
                 sent.count += 1
+                reached = kind or ("retry" if sent.count > 1 else "first")
                 result = await self._on_endpoint(request, limit, request_id, sent)
             finally:
                 self._all_upstreams.release()
@@ -313,6 +320,8 @@ class GuardedUpstream:
         except TargetFailure as failure:
             result = failure
         finally:
+            if reached:  # counted against the upstream only when it reached it
+                self.metrics.attempted(reached, result)
             if self.breaker is not None:
                 self.breaker.record(trial, self._breaker_verdict(result))
         return result

@@ -50,6 +50,8 @@ def open_upstream(
     descriptors = _descriptors(config) if config.kind == "grpc" else None
     found = entries(config)
     if len(found) == 1 and found[0].literal:  # one endpoint, never ejected
+        if metrics is not None:  # one endpoint, always active (docs/operations.md)
+            metrics.endpoints_active.set(1)
         if config.kind == "http":
             return Single(HttpUpstream(config, clock=clock))
         return Single(GrpcUpstream(config), descriptors)

@@ -103,6 +103,8 @@ async def test_the_api_shows_upstreams_and_recent_aggregates(start_server, sessi
     )  # fmt: skip
     assert failing["status"] == "UNAVAILABLE"
     assert detail["deadline_ms"] == pytest.approx(5000, rel=0.05)
+    # When the server stopped waiting: 5 s less a margin of 5% (docs/api.md, "Deadlines").
+    assert detail["cutoff_ms"] == pytest.approx(detail["deadline_ms"] * 0.95)
 
     status, _, only_failed = await get(session, server, "/api/aggregates?failed=true")
     assert [a["request_id"] for a in only_failed["aggregates"]] == ["admin-bad"]

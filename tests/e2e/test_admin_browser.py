@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,6 +181,19 @@ async def test_the_waterfall_marks_attempts_cache_hits_fallbacks_and_the_deadlin
     assert await tab.locator('.row[data-target="ads"] .bar.fallback').count() == 1
     assert await tab.locator('.row[data-target="stock"] .attempt').count() == 1
     assert await tab.locator(".deadline").count() == 1
+    # The cut-off the server applied (~400 ms less its 20 ms margin), not the bare deadline.
+    cutoff = await tab.locator(".deadline").get_attribute("title")
+    assert re.fullmatch(
+        r"cut-off \d+\.\d ms \(deadline \d+\.\d ms less a 20\.0 ms margin\)", cutoff
+    )
+    assert "beyond the axis" not in await tab.locator("#summary").inner_text()
+
+    def background(target: str) -> Any:
+        return tab.locator(f'.row[data-target="{target}"] .bar').evaluate(
+            "bar => getComputedStyle(bar).backgroundColor"
+        )
+
+    assert await background("profile") != await background("cart")  # cache hit, ok
     await tab.click('.row[data-target="stock"] .bar')
     assert "attempts\n2\n" in await tab.locator("#details").inner_text()
     await tab.screenshot(path=str(screenshots / "admin-waterfall.png"))

@@ -117,9 +117,9 @@ async def test_optional_failure_is_partial_success(stub):
     ("path", "code"),
     [
         ("/status/503", grpc.StatusCode.UNAVAILABLE),
-        ("/status/404", grpc.StatusCode.UNIMPLEMENTED),
+        ("/status/404", grpc.StatusCode.NOT_FOUND),
         ("/status/401", grpc.StatusCode.UNAUTHENTICATED),
-        ("/status/500", grpc.StatusCode.UNKNOWN),
+        ("/status/500", grpc.StatusCode.INTERNAL),
     ],
 )
 async def test_required_http_failure_maps_status_and_cancels_the_rest(

@@ -42,6 +42,17 @@ async def test_health_unknown_service_is_not_found(channel):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_health_list_answers_every_service(channel):
+    """grpc.health.v1 List (advertised by reflection) answered UNKNOWN "Unexpected <class
+    'NotImplementedError'>" with grpcio's own async servicer."""
+    health = health_pb2_grpc.HealthStub(channel)
+    listed = await health.List(health_pb2.HealthListRequest(), timeout=5)
+    assert {name: status.status for name, status in listed.statuses.items()} == {
+        "": SERVING,
+        "aggregator.v1.Aggregator": SERVING,
+    }
+
+
 async def test_reflection_lists_aggregator_health_and_reflection(channel):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")

@@ -552,7 +552,7 @@ def assert_the_storm_was_real(server: AggregatorServer, tally: Tally) -> None:
     assert tally.codes["RESOURCE_EXHAUSTED"] > 0, tally.codes
     assert tally.codes["CANCELLED (by the caller)"] > 0, tally.codes
     for name in ("failing", "flapping", "restarting"):
-        labels = {"upstream": name, "outcome": "OUTCOME_CIRCUIT_OPEN"}
+        labels = {"upstream": name, "outcome": "circuit_open"}
         assert sample(server, "aggregator_targets_total", **labels) > 0, f"{name} never opened"
 
 

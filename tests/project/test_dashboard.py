@@ -22,6 +22,7 @@ SPEC_METRICS = (
     "aggregator_upstream_request_duration_seconds", "aggregator_fanin_wait_seconds",
     "aggregator_overhead_seconds", "aggregator_circuit_state", "aggregator_cache_requests_total",
     "aggregator_inflight_calls", "aggregator_rejected_calls_total",
+    "aggregator_upstream_attempts_total",
 )  # fmt: skip
 # Labels Prometheus adds to every scraped series (the target's), so queries may use them.
 TARGET_LABELS = {"job", "instance", "namespace", "pod"}

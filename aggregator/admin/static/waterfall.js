@@ -1,5 +1,6 @@
 // One aggregate as a waterfall: a bar per target on a shared time axis from the aggregate's
-// start, coloured by outcome, with attempts, cache hits, fallbacks and the deadline marked.
+// start, coloured by outcome, with attempts, cache hits, fallbacks and the cut-off marked (when
+// the server stopped waiting: the deadline less its margin, docs/api.md "Deadlines").
 "use strict";
 (function () {
   const OUTCOMES = ["ok", "error", "timeout", "unavailable", "circuit_open", "rejected",
@@ -35,13 +36,13 @@
       box.appendChild(item);
     }
     const hit = el("span", ""); const hitSwatch = el("i", "swatch bar cache-hit");
-    hitSwatch.style.position = "static"; hitSwatch.style.background = "var(--ok)";
+    hitSwatch.style.position = "static"; hitSwatch.style.background = "var(--cache-hit)";
     hit.append(hitSwatch, "cache hit");
     const fallback = el("span", ""); const fbSwatch = el("i", "swatch bar fallback");
     fbSwatch.style.position = "static"; fbSwatch.style.background = "var(--ok)";
     fallback.append(fbSwatch, "fallback value");
     const attempt = el("span", "", "| retry or hedge (attempts > 1)");
-    const deadline = el("span", "", "┆ deadline");
+    const deadline = el("span", "", "┆ cut-off (deadline less its margin)");
     deadline.style.color = "var(--error)";
     box.append(hit, fallback, attempt, deadline);
   }
@@ -49,8 +50,8 @@
   function axisEnd(r) {
     let end = r.elapsed_ms;
     for (const t of r.targets) end = Math.max(end, t.start_offset_ms + t.latency_ms);
-    // The deadline is drawn when it is near enough not to squash every bar.
-    if (r.deadline_ms > 0 && r.deadline_ms <= end * 3) end = Math.max(end, r.deadline_ms);
+    // The cut-off is drawn when it is near enough not to squash every bar.
+    if (r.cutoff_ms > 0 && r.cutoff_ms <= end * 3) end = Math.max(end, r.cutoff_ms);
     return end > 0 ? end : 1;
   }
 
@@ -97,7 +98,9 @@
     box.dataset.outcome = t.outcome;
     box.style.left = (t.start_offset_ms / end * 100) + "%";
     box.style.width = (t.latency_ms / end * 100) + "%";
-    box.style.background = "var(--" + (OUTCOMES.includes(t.outcome) ? t.outcome : "unspecified") + ")";
+    const colour = t.outcome === "ok" && t.cache === "hit" ? "cache-hit"
+      : OUTCOMES.includes(t.outcome) ? t.outcome : "unspecified";
+    box.style.background = "var(--" + colour + ")";
     // Attempts beyond the first: evenly spaced ticks (when each began is not kept).
     for (let n = 1; n < Math.min(t.attempts, 10); n++) {
       const tick = el("i", "attempt");
@@ -147,20 +150,26 @@
     rowsBox.replaceChildren(fragment);
     const old = document.querySelector(".deadline");
     if (old) old.remove();
-    if (r.deadline_ms > 0 && r.deadline_ms <= end) {
+    if (r.cutoff_ms > 0 && r.cutoff_ms <= end) {
       const line = el("div", "deadline");
-      line.title = "deadline " + ms(r.deadline_ms);
+      line.title = cutoff(r);
       line.style.left = "calc(" + (dense ? "0px" : "var(--label)") + " + (100% - " +
-        (dense ? "0px" : "var(--label)") + " - 0.8em) * " + (r.deadline_ms / end) + " + 0.4em)";
+        (dense ? "0px" : "var(--label)") + " - 0.8em) * " + (r.cutoff_ms / end) + " + 0.4em)";
       document.getElementById("waterfall").appendChild(line);
     }
+  }
+
+  // "cut-off 10.0 ms (deadline 30.0 ms less a 20.0 ms margin)": when the server stopped waiting.
+  function cutoff(r) {
+    return "cut-off " + ms(r.cutoff_ms) + " (deadline " + ms(r.deadline_ms) + " less a " +
+      ms(r.deadline_ms - r.cutoff_ms) + " margin)";
   }
 
   function summarize(r) {
     const parts = [
       r.aggregate, r.status, r.targets.length + " targets",
       r.failed + " failed", ms(r.elapsed_ms) + " elapsed",
-      "deadline " + ms(r.deadline_ms) + (r.deadline_ms > axisEnd(r) ? " (beyond the axis)" : ""),
+      cutoff(r) + (r.cutoff_ms > axisEnd(r) ? " (beyond the axis)" : ""),
       new Date(r.ended_at * 1000).toLocaleString(),
     ];
     document.getElementById("summary").textContent = parts.join(" · ");

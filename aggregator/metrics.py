@@ -30,6 +30,7 @@ _LATENCY_BUCKETS = (
 CIRCUIT_STATES = {"closed": 0, "half-open": 1, "open": 2}
 CACHE_RESULTS = tuple(name for value, name in CACHE_NAMES.items() if value)  # hit, miss, stale
 REJECT_REASONS = ("max_concurrent_calls", "draining", "invalid_argument")
+QUOTA_REASONS = ("rate_limit", "concurrency")  # a caller's quota (auth.callers.<name>)
 
 
 class UpstreamMetrics:
@@ -60,6 +61,7 @@ class Metrics:
         registry: CollectorRegistry,
         upstreams: Iterable[str],
         aggregates: Iterable[str] = (),
+        callers: Iterable[str] = (),
     ) -> None:
         # No `_created` series: one per labelled child, they were two thirds of a fresh
         # server's /metrics and no query of the dashboard reads them (process-wide switch).
@@ -136,6 +138,26 @@ class Metrics:
         self.call_duration_of = {label: self.call_duration.labels(label) for label in labels}
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+        self._quota_metrics(registry, callers)
+
+    def _quota_metrics(self, registry: CollectorRegistry, callers: Iterable[str]) -> None:
+        """Callers' quotas and the limits backend (docs/operations.md, "Many replicas")."""
+        self.caller_rejections = Counter(
+            "aggregator_caller_rejections",
+            "Calls refused by their caller's quota (auth.callers), by caller and reason.",
+            ["caller", "reason"], registry=registry,
+        )  # fmt: skip
+        # Caller names come from the config: a label value no request can add.
+        self.caller_rejections_by = {
+            (caller, reason): self.caller_rejections.labels(caller, reason)
+            for caller in callers
+            for reason in QUOTA_REASONS
+        }
+        self.limit_backend_errors = Counter(
+            "aggregator_limit_backend_errors",
+            "Admissions limits.backend (Redis) did not decide, decided by on_backend_error.",
+            registry=registry,
+        )
 
     def __repr__(self) -> str:
         return f"<Metrics [{len(self.upstreams)} upstreams, pid {os.getpid()}]>"

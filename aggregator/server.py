@@ -46,7 +46,9 @@ from aggregator.metrics import Metrics
 from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.global_limits import SharedLimits
 from aggregator.policies.limits import Bulkhead
+from aggregator.policies.quotas import QuotaExceeded, Quotas
 from aggregator.reflection import enable_reflection
 from aggregator.security import hops
 from aggregator.security.auth import Caller, Gate
@@ -121,8 +123,10 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         catalog: Catalog | None = None,
         descriptors: Mapping[str, Descriptors] | None = None,
         recent: Recent | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._config = config
+        self._quotas = quotas or Quotas(config.auth, None, metrics)
         # The named aggregates, planned once (config load planned them too, to check them).
         self._catalog = catalog if catalog is not None else Catalog(config)
         self._endpoints = endpoints
@@ -229,7 +233,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             call.caller = self._identify(context, metadata)
             self._admit()
+            quota = None
             try:
+                quota = await self._quotas.admit(call.caller)  # QuotaExceeded: none planned
                 plan = self._checked_plan(request, named, call.caller, metadata)
                 # Recorded as configured: a named aggregate's paths before params filled them.
                 call.plan = named.plan if named is not None else plan
@@ -255,6 +261,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     # that does not read waits behind them, and this frame with it.
                     del aggregation
             finally:
+                self._quotas.release(quota)
                 self.inflight -= 1
                 self._metrics.inflight.dec()
                 if self._idle is not None and not self.inflight:
@@ -270,13 +277,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         call.elapsed_ns = ended - budget.started_ns
         if call.first_at_ns is not None:
             call.fanin_ns = ended - call.first_at_ns
+        failure = call.failure
+        details = failure.trailers() if isinstance(failure, QuotaExceeded) else ()
         context.set_trailing_metadata(
-            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9)
+            trailers(call.reported, budget.seconds, call.elapsed_ns / 1e9) + details
         )
         # The log line and metrics after the status has gone: like an access log, they need not
         # hold the caller's answer (the handler returns, grpc sends the status, then this runs).
         self._loop.call_soon(self._observe, call)
-        failure = call.failure
         if failure is not None:
             # InvalidRequest lists its problems within its own, larger cap.
             listed = isinstance(failure, InvalidRequest)
@@ -473,7 +481,11 @@ class AggregatorServer:
         self.config = config
         self.port = 0
         self.metrics_port = 0
-        self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams, config.aggregates)
+        callers = config.auth.callers if config.auth else ()
+        self.metrics = Metrics(
+            registry or CollectorRegistry(), config.upstreams, config.aggregates, callers
+        )
+        self.shared_limits: SharedLimits | None = None  # limits.backend: redis, made in start()
         self.endpoints: dict[str, Endpoint] = {}
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
@@ -512,6 +524,8 @@ class AggregatorServer:
         )
         upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams)
         timers = Timers()  # one for all upstreams: attempts that start together share a timer
+        if self.config.limits.backend == "redis":
+            self.shared_limits = SharedLimits(self.config.limits, self.metrics.limit_backend_errors)
         self.endpoints = {
             name: Endpoint(
                 upstream,
@@ -519,6 +533,7 @@ class AggregatorServer:
                 self.metrics.upstreams[name],
                 self.upstream_inflight,
                 timers,
+                self.shared_limits,
             )
             for name, upstream in upstreams.items()
         }
@@ -530,6 +545,7 @@ class AggregatorServer:
         self._service = AggregatorService(
             self.config, self.endpoints, self.metrics, self.offload,
             descriptors=descriptors, recent=self.recent,
+            quotas=Quotas(self.config.auth, self.shared_limits, self.metrics),
         )  # fmt: skip
         _add_aggregator(self._service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -650,6 +666,8 @@ class AggregatorServer:
         if self._health_server is not None:  # last: probes see NOT_SERVING until the end
             await self._health_server.stop(None)
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
+        if self.shared_limits is not None:
+            await self.shared_limits.aclose()
         self.offload.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()

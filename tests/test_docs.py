@@ -86,6 +86,7 @@ class Block:
             "auth",
             "tracing",
             "aggregates",
+            "limits",
         }:
             return "config"
         return "unknown"
@@ -310,6 +311,7 @@ SECTIONS = {
     "upstreams.<name>": config_module.UpstreamConfig,
     "auth": config_module.AuthConfig,
     "tracing": config_module.TracingConfig,
+    "limits": config_module.LimitsConfig,
 }
 # Keys the parser requires although their dataclass field has a default, and a document
 # without them whose problems must name them.
@@ -436,9 +438,9 @@ def test_documented_defaults_are_the_code_defaults(key: str):
         f"{key}: documented {cell}, the code's default {field.default!r}"
     )
     # The parser builds these sections from EVERY_SECTION (server.tls would need real files).
-    parsed = key.startswith(("server.", "upstreams.", "tracing.")) and not key.startswith(
-        "server.tls."
-    )
+    parsed = key.startswith(
+        ("server.", "upstreams.", "tracing.", "limits.")
+    ) and not key.startswith("server.tls.")
     if stated is not None and parsed:
         assert parsed_value(key) == stated, f"{key}: the parser fills in something else"
 

@@ -37,7 +37,8 @@ from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
-from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
+from aggregator.policies.global_limits import SharedLimits, rate_limiter
+from aggregator.policies.limits import Bulkhead, GradientLimit
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply, Upstream
 from aggregator.upstreams.fleet import Fleet, Member
@@ -95,6 +96,7 @@ class Endpoint:
         metrics: UpstreamMetrics,
         all_upstreams: Bulkhead,
         timers: Timers | None = None,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.name = config.name
         self._timers = timers or Timers()
@@ -126,11 +128,7 @@ class Endpoint:
             metrics.concurrency_limit.set(config.max_concurrency)
         self._fleet = upstream if isinstance(upstream, Fleet) else None
         self._all_upstreams = all_upstreams
-        self.bucket = (
-            TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
-            if config.rate_limit
-            else None
-        )
+        self.bucket = rate_limiter(config, shared_limits)
         breaker = config.circuit_breaker
         self.breaker = (
             Breaker(config.name, breaker.fail_max, breaker.reset_timeout, metrics.circuit_state.set)

@@ -53,10 +53,11 @@ def make_config(
     server: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
     aggregates: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
     **upstreams: Any,
 ) -> Config:
     """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override
-    upstreams; ``aggregates`` is the config's named aggregates."""
+    upstreams; ``aggregates`` is the config's named aggregates, ``limits`` its limits."""
     document: dict[str, Any] = {
         "server": {
             "address": "127.0.0.1:0",
@@ -75,6 +76,8 @@ def make_config(
         document["auth"] = auth
     if aggregates is not None:
         document["aggregates"] = aggregates
+    if limits is not None:
+        document["limits"] = limits
     return config_from_mapping(document)
 
 
@@ -90,9 +93,10 @@ async def start_server(
         server: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
         aggregates: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None,
         **upstreams: Any,
     ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
-        config = make_config(rest, rpc, server, auth, aggregates, **upstreams)
+        config = make_config(rest, rpc, server, auth, aggregates, limits, **upstreams)
         aggregator = AggregatorServer(config)
         port = await aggregator.start()
         servers.append(aggregator)

@@ -27,7 +27,7 @@ from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure
 from aggregator.grpc_json import rendered_request
 from aggregator.plan import GrpcRequest, HttpRequest, Plan, PlannedTarget
-from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import Substitution, resolve
@@ -107,7 +107,7 @@ class Aggregation:
     def __init__(
         self,
         plan: Plan,
-        endpoints: Mapping[str, Endpoint],
+        endpoints: Mapping[str, GuardedUpstream],
         budget: Budget,
         request_id: str,
         decoder: CallDecoder,

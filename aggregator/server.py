@@ -45,7 +45,7 @@ from aggregator.grpc_json import typed_plan
 from aggregator.metrics import Metrics
 from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
-from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.policies.global_limits import SharedLimits
 from aggregator.policies.limits import Bulkhead
 from aggregator.policies.quotas import QuotaExceeded, Quotas
@@ -54,12 +54,10 @@ from aggregator.security import hops
 from aggregator.security.auth import Caller, Gate
 from aggregator.security.outbound import forward_caller_metadata, plan_problems
 from aggregator.security.tls import ServerCertificates
-from aggregator.timers import Timers
+from aggregator.timers import SYSTEM_CLOCK, Clock, Timers
 from aggregator.trailers import trailers
 from aggregator.upstreams import open_upstreams
 from aggregator.upstreams.descriptors import Descriptors
-from aggregator.upstreams.fleet import Fleet
-from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from aggregator.vocabulary import AD_HOC, REQUEST_ID
@@ -116,7 +114,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def __init__(
         self,
         config: Config,
-        endpoints: dict[str, Endpoint],
+        endpoints: dict[str, GuardedUpstream],
         metrics: Metrics,
         offload: Offload,
         gate: Gate | None = None,
@@ -477,8 +475,11 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
 class AggregatorServer:
     """The running service. ``start()`` binds; ``drain()`` shuts down as SPEC §5 says."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, config: Config, registry: CollectorRegistry | None = None, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config
+        self._clock = clock  # the upstreams' policies' time (tests pass one they advance)
         self.port = 0
         self.metrics_port = 0
         callers = config.auth.callers if config.auth else ()
@@ -486,7 +487,7 @@ class AggregatorServer:
             registry or CollectorRegistry(), config.upstreams, config.aggregates, callers
         )
         self.shared_limits: SharedLimits | None = None  # limits.backend: redis, made in start()
-        self.endpoints: dict[str, Endpoint] = {}
+        self.endpoints: dict[str, GuardedUpstream] = {}
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -522,17 +523,18 @@ class AggregatorServer:
                 ("grpc.max_receive_message_length", server_config.max_request_bytes),
             )
         )
-        upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams)
+        upstreams = open_upstreams(self.config.upstreams, self.metrics.upstreams, clock=self._clock)
         timers = Timers()  # one for all upstreams: attempts that start together share a timer
         if self.config.limits.backend == "redis":
             self.shared_limits = SharedLimits(self.config.limits, self.metrics.limit_backend_errors)
         self.endpoints = {
-            name: Endpoint(
+            name: GuardedUpstream(
                 upstream,
                 self.config.upstreams[name],
                 self.metrics.upstreams[name],
                 self.upstream_inflight,
                 timers,
+                self._clock,
                 self.shared_limits,
             )
             for name, upstream in upstreams.items()
@@ -540,7 +542,7 @@ class AggregatorServer:
         descriptors = {
             name: upstream.descriptors
             for name, upstream in upstreams.items()
-            if isinstance(upstream, GrpcUpstream | Fleet) and upstream.descriptors is not None
+            if upstream.descriptors is not None
         }
         self._service = AggregatorService(
             self.config, self.endpoints, self.metrics, self.offload,

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.config import Config, config_from_mapping
 from aggregator.server import AggregatorServer
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.upstreams import GrpcUpstream, RestUpstream, grpc_upstream, refused_port, rest_upstream
@@ -93,11 +94,12 @@ async def start_server(
         server: dict[str, Any] | None = None,
         auth: dict[str, Any] | None = None,
         aggregates: dict[str, Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
         limits: dict[str, Any] | None = None,
         **upstreams: Any,
     ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
         config = make_config(rest, rpc, server, auth, aggregates, limits, **upstreams)
-        aggregator = AggregatorServer(config)
+        aggregator = AggregatorServer(config, clock=clock)
         port = await aggregator.start()
         servers.append(aggregator)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

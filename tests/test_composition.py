@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import json_format
 
 from aggregator.v1 import aggregator_pb2 as pb
+from tests.clocks import ManualClock
 from tests.conftest import collect, http, ids, wait_for
 from tests.upstreams import free_port, refused_port
 
@@ -220,9 +221,13 @@ async def test_post_and_different_credentials_are_not_shared(start_server, rest)
 
 
 async def test_stale_entry_is_served_when_the_upstream_fails(start_server, rest):
-    _, stub = await start_server(cached=cached_upstream(rest, ttl="100ms", stale_if_error="1m"))
+    clock = ManualClock()
+    cached = cached_upstream(rest, ttl="100ms", stale_if_error="1m")
+    _, stub = await start_server(cached=cached, clock=clock)
     fresh, _, _, _ = await aggregate(stub, http("a", "/toggle/k", upstream="cached"))
-    await asyncio.sleep(0.15)  # the cache's own clock: let the entry go stale
+    again, _, _, _ = await aggregate(stub, http("a", "/toggle/k", upstream="cached"))
+    assert again[0].cache == pb.CACHE_STATUS_HIT
+    clock.advance(0.15)  # the cache's clock: the entry goes stale
     rest.recorder.failing = True
     stale, code, _, _ = await aggregate(stub, http("a", "/toggle/k", upstream="cached"))
     assert code == grpc.StatusCode.OK

@@ -492,6 +492,7 @@ def test_the_readmes_demo_output_is_what_the_demo_prints():
     shown = [block for block in ALL if block.mark == "is the output of aggregator demo"]
     assert len(shown) == 1
     printed = run([sys.executable, "-m", "aggregator", "demo"]).stdout
-    assert [_shape(line) for line in shown[0].text.splitlines() if line.strip()] == [
+    # Sorted: on a loaded machine two results 15 ms apart may arrive in the other order.
+    assert sorted(_shape(line) for line in shown[0].text.splitlines() if line.strip()) == sorted(
         _shape(line) for line in printed.splitlines() if line.strip()
-    ]
+    )

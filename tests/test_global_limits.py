@@ -86,9 +86,7 @@ async def test_an_upstream_limit_with_scope_global_holds_for_both_servers(
         limited = {"kind": "http", "url": rest.url}
         limited["rate_limit"] = {"rate": 0.2, "burst": 3, "scope": scope}
         shared = limits(url, prefix=scope)  # apart: the two cases never meet
-        stubs = [
-            (await start_server(None, None, None, shared, limited=limited))[1] for _ in range(2)
-        ]
+        stubs = [(await start_server(limits=shared, limited=limited))[1] for _ in range(2)]
         first = [await target_outcome(stubs[0]) for _ in range(3)]
         outcomes[scope] = (first, await target_outcome(stubs[1]))
     ok, rejected = pb.OUTCOME_OK, pb.OUTCOME_REJECTED
@@ -129,7 +127,7 @@ async def test_redis_killed_mid_run(
 ):
     url, process = redis
     auth = quota_auth(tmp_path, issuer_key, rate_limit={"rate": 0.1, "burst": 2})
-    server, stub = await start_server(None, auth, None, limits(url, on_backend_error))
+    server, stub = await start_server(None, auth, limits=limits(url, on_backend_error))
     assert [await call_as(stub, issuer_key, "greedy") for _ in range(3)] == [OK, OK, EXHAUSTED]
     assert backend_errors(server) == 0
     process.kill()
@@ -150,7 +148,7 @@ async def test_a_stalled_redis_cannot_stall_the_loop(start_server, redis, issuer
     up after limits.timeout, and the loop keeps turning meanwhile."""
     url, process = redis
     auth = quota_auth(tmp_path, issuer_key, rate_limit={"rate": 100, "burst": 100})
-    server, stub = await start_server(None, auth, None, limits(url, "allow"))
+    server, stub = await start_server(None, auth, limits=limits(url, "allow"))
     assert await call_as(stub, issuer_key, "greedy") == OK  # connected while Redis answered
     process.send_signal(signal.SIGSTOP)
     gaps: list[float] = []

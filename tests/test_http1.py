@@ -22,6 +22,7 @@ import pytest
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import HttpRequest
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams import Reply
 from aggregator.upstreams.http import HttpUpstream
 from aggregator.upstreams.http1 import (
@@ -33,6 +34,7 @@ from aggregator.upstreams.http1 import (
     TooLarge,
 )
 from aggregator.v1 import aggregator_pb2 as pb
+from tests.clocks import ManualClock
 from tests.upstreams import refused_port, unanswered_port
 
 T = TypeVar("T")
@@ -126,8 +128,8 @@ async def pools(origin: Origin) -> AsyncIterator[Callable[..., Pool]]:
     """Makes pools to the origin (closed after the test)."""
     made: list[Pool] = []
 
-    def make(max_idle: int = 10, keepalive: float = 30.0) -> Pool:
-        pool = Pool("127.0.0.1", origin.port, 1.0, max_idle, keepalive=keepalive)
+    def make(max_idle: int = 10, keepalive: float = 30.0, clock: Clock = SYSTEM_CLOCK) -> Pool:
+        pool = Pool("127.0.0.1", origin.port, 1.0, max_idle, keepalive=keepalive, clock=clock)
         made.append(pool)
         return pool
 
@@ -739,11 +741,12 @@ async def test_the_upstreams_keep_alive_timeout_is_honoured(
 async def test_an_idle_connection_past_its_time_is_never_taken(
     pools: Callable[..., Pool], origin: Origin
 ) -> None:
-    pool = pools(keepalive=0.05)
+    clock = ManualClock()
+    pool = pools(keepalive=0.05, clock=clock)
     pool._arm_sweep = lambda: None  # type: ignore[method-assign]  # no sweep to help
     _, peer, _ = await served(origin, None, ok(), fetch(pool))
     assert repr(pool) == state(origin, 1, 1)
-    await asyncio.sleep(0.06)  # the subject is the clock: past the keep-alive
+    clock.advance(0.06)  # the pool's clock: past the keep-alive
     response, next_peer, _ = await served(origin, None, ok(b"fresh"), fetch(pool))
     assert response.body == b"fresh"
     assert next_peer is not peer
@@ -846,6 +849,15 @@ async def test_a_get_goes_out_as_exactly_these_bytes(
     )
 
 
+async def test_an_upstream_declared_to_read_every_body_keeps_a_posts_connection(
+    upstreams: Callable[..., HttpUpstream], origin: Origin
+) -> None:
+    request = call(upstreams(reads_request_bodies=True), "POST", "/things", body=b"x")
+    _, _, sent = await served(origin, None, ok(), request)
+    assert b"Connection: close" not in sent
+    assert sent.endswith(b"Content-Length: 1\r\n\r\nx")
+
+
 @pytest.mark.parametrize(
     ("method", "headers", "body", "tail"),
     [
@@ -853,13 +865,14 @@ async def test_a_get_goes_out_as_exactly_these_bytes(
             "POST",
             (),
             b"\x00\x01bytes",
-            b"Content-Type: application/octet-stream\r\nContent-Length: 7\r\n\r\n\x00\x01bytes",
+            b"Content-Type: application/octet-stream\r\nConnection: close\r\n"
+            b"Content-Length: 7\r\n\r\n\x00\x01bytes",
         ),
         (
             "POST",
             (("Content-Type", "application/json"),),
             b'{"a":1}',
-            b'Content-Length: 7\r\n\r\n{"a":1}',
+            b'Connection: close\r\nContent-Length: 7\r\n\r\n{"a":1}',
         ),
         ("POST", (), None, b"Content-Length: 0\r\n\r\n"),
         ("PUT", (), None, b"Content-Length: 0\r\n\r\n"),

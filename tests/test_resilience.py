@@ -3,11 +3,10 @@ circuit breaker, bulkhead, rate limit, fallbacks and timeouts."""
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from aggregator.v1 import aggregator_pb2 as pb
+from tests.clocks import ManualClock
 from tests.conftest import collect, http, rpc_target, wait_for
 from tests.upstreams import RestUpstream, refused_port, unanswered_port
 
@@ -174,7 +173,8 @@ async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(sta
     # The trial below times out by the upstream's own timeout: a caller's own shorter
     # timeout would say nothing of the upstream's health, and not count (SPEC §15).
     flaky = flaky_upstream(rest, circuit_breaker=breaker, timeout="300ms")
-    server, stub = await start_server(flaky=flaky)
+    clock = ManualClock()
+    server, stub = await start_server(flaky=flaky, clock=clock)
     for i in range(3):
         results, _, _, _ = await aggregate(stub, http(f"f{i}", "/status/500", upstream="flaky"))
         assert results[0].outcome == pb.OUTCOME_ERROR
@@ -186,7 +186,10 @@ async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(sta
     assert "circuit breaker for flaky is open" in results[0].error
     assert len(rest.recorder.requests) == 3  # nothing reached the network
 
-    await asyncio.sleep(0.35)  # the breaker's own clock: wait out reset_timeout
+    clock.advance(0.299)
+    results, _, _, _ = await aggregate(stub, http("early", "/delay/1", upstream="flaky"))
+    assert results[0].outcome == pb.OUTCOME_CIRCUIT_OPEN  # not a moment before reset_timeout
+    clock.advance(0.002)  # the breaker's clock, past reset_timeout
     trial = http("trial", "/hang", upstream="flaky")
     others = [http(f"o{i}", "/delay/1", upstream="flaky") for i in range(4)]
     results, _, _, _ = await aggregate(stub, trial, *others)
@@ -196,7 +199,7 @@ async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(sta
     assert len(rest.recorder.requests) == 4
     assert circuit_state(server, "flaky") == 2
 
-    await asyncio.sleep(0.35)
+    clock.advance(0.301)
     results, _, _, _ = await aggregate(stub, http("ok", "/delay/1", upstream="flaky"))
     assert results[0].outcome == pb.OUTCOME_OK
     assert circuit_state(server, "flaky") == 0

@@ -12,10 +12,11 @@ from aggregator.config import config_from_mapping
 from aggregator.errors import TargetFailure
 from aggregator.metrics import Metrics
 from aggregator.plan import HttpRequest
-from aggregator.policies.endpoint import Endpoint
+from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.policies.limits import Bulkhead
 from aggregator.timers import Timers
 from aggregator.upstreams import Reply
+from aggregator.upstreams.fleet import Single
 from aggregator.v1 import aggregator_pb2 as pb
 
 
@@ -105,17 +106,18 @@ class _Hanging:
         pass
 
 
-def _endpoint(upstream: _Hanging, timers: Timers) -> Endpoint:
+def _endpoint(upstream: _Hanging, timers: Timers) -> GuardedUpstream:
     from prometheus_client import CollectorRegistry
 
     metrics = Metrics(CollectorRegistry(), CONFIG.upstreams)
-    return Endpoint(
-        upstream, CONFIG.upstreams["slow"], metrics.upstreams["slow"], Bulkhead("all", 10, "x"),
-        timers,
-    )  # fmt: skip
+    config = CONFIG.upstreams["slow"]
+    all_upstreams = Bulkhead("all", 10, "x")
+    return GuardedUpstream(
+        Single(upstream), config, metrics.upstreams["slow"], all_upstreams, timers
+    )
 
 
-def _call(endpoint: Endpoint) -> asyncio.Task:
+def _call(endpoint: GuardedUpstream) -> asyncio.Task:
     request = HttpRequest(method="GET", path="/", query=(), headers=(), body=None)
     deadline = asyncio.get_running_loop().time() + 5
     return asyncio.create_task(

@@ -164,6 +164,9 @@ class UpstreamConfig:
     max_request_bytes: int = setting(MIB, to.at_least(0))
     max_response_bytes: int = setting(MIB, to.at_least(1))  # read from a response at most
     # request headers or metadata entries, forwarded ones included
+    # http: the upstream reads every request body, whatever it answers: a request with a body
+    # may keep its connection alive (otherwise it goes with Connection: close).
+    reads_request_bodies: bool = setting(False, to.boolean)
     max_headers: int = setting(64, to.at_least(0))
     max_header_bytes: int = setting(16 * 1024, to.at_least(0))  # their names and values
     # Identity, method-override and URL-rewrite headers (X-Forwarded-For, X-HTTP-Method-Override,

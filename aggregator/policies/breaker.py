@@ -1,26 +1,43 @@
-"""A circuit breaker per upstream: pybreaker owns the state, we drive it around coroutines.
+"""A circuit breaker per upstream: pybreaker's own state machine, driven around coroutines.
 
-pybreaker is synchronous (its ``call_async`` needs tornado and miscounts, and it lets every
-call through in half-open). So we ask before an attempt whether it may go, letting exactly one
-trial through in half-open, ``await`` the attempt, then record its result with pybreaker's
-fast synchronous calls. Cancellation is never counted.
+pybreaker owns the state (closed, open, half-open, in its storage), the failure counter, the
+transitions (closed -> open at ``fail_max`` failures in a row, open -> half-open once
+``reset_timeout`` has passed, half-open -> closed or open on the trial's result) and the
+listeners that report them. This module asks it before an attempt and tells it after:
 
-What counts as a failure: connect failures, resets, timeouts, HTTP 5xx, and gRPC UNAVAILABLE,
-DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS. Not 4xx, 429 or other gRPC codes: those say
-the upstream is up and answering.
+- Before: ``pybreaker.CircuitBreaker.call`` with a generator function. pybreaker runs its state's
+  own ``before_call`` (CircuitBreakerError while open and ``reset_timeout`` has not passed; the
+  move to half-open once it has) and hands the generator back unstarted: nothing is counted.
+- After: the attempt's result, through ``call`` again with a function that returns (a success)
+  or raises (a failure), pybreaker's fast synchronous path.
+
+What pybreaker cannot do for asyncio, and so is done here, minimally:
+
+- It runs the guarded function synchronously inside ``call``; ``call_async`` needs tornado,
+  holds a thread lock across the ``await`` and counts an unawaited half-open trial as a success.
+  So the attempt is awaited here, between the two calls above.
+- Half-open lets every call through; we let one trial be in flight at a time.
+- An excluded exception counts as a success, and a cancellation as a failure; what says nothing
+  of the upstream (policies/blame.py: a caller's bad input, our lateness, cancellation) is
+  therefore never handed to it at all.
+- Its clock is ``datetime.now(UTC)``, the wall clock, not injectable. The storage here keeps the
+  time the circuit opened on our ``Clock`` (aggregator/timers.py) and hands pybreaker the wall
+  time that is that long ago: its own comparison then measures our clock's elapsed time, which
+  tests advance by hand and which no wall-clock step can move.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 
 import pybreaker
 
 from aggregator.errors import TargetFailure
 from aggregator.metrics import CIRCUIT_STATES
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("aggregator.breaker")
@@ -28,6 +45,29 @@ log = logging.getLogger("aggregator.breaker")
 
 class _Fault(Exception):
     """What we hand pybreaker to count one failure."""
+
+
+class _ClockedStorage(pybreaker.CircuitMemoryStorage):
+    """pybreaker's memory storage, with the time the circuit opened kept on ``clock``."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(pybreaker.STATE_CLOSED)
+        self._clock = clock
+        self._opened: float | None = None
+
+    @property
+    def opened_at(self) -> datetime | None:
+        if self._opened is None:
+            return None
+        return datetime.now(UTC) - timedelta(seconds=self._clock.monotonic() - self._opened)
+
+    @opened_at.setter
+    def opened_at(self, now: datetime) -> None:  # pybreaker passes its wall-clock now
+        self._opened = self._clock.monotonic()
+
+    def open_for(self) -> float:
+        """Seconds since the circuit last opened (0 if it never did)."""
+        return 0.0 if self._opened is None else self._clock.monotonic() - self._opened
 
 
 class _StateListener(pybreaker.CircuitBreakerListener):
@@ -50,10 +90,11 @@ class Breaker:
         fail_max: int,
         reset_timeout: float,
         on_state: Callable[[int], None] = lambda state: None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._upstream = upstream
         self._on_state = on_state
-        self._storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._storage = _ClockedStorage(clock)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout,
@@ -62,9 +103,9 @@ class Breaker:
             name=upstream,
         )
         self._trial_in_flight = False
-        # pybreaker's state, mirrored by the listener: reading it through pybreaker's
-        # properties on every attempt is a noticeable share of a closed breaker's cost.
-        self._state = pybreaker.STATE_CLOSED
+        # Closed, as pybreaker's listener last said: the common case checked without going
+        # through pybreaker's properties and lock on every attempt.
+        self._closed = True
         on_state(CIRCUIT_STATES["closed"])
 
     def __repr__(self) -> str:
@@ -75,19 +116,20 @@ class Breaker:
 
     @property
     def state(self) -> str:
-        return self._state
+        return self._cb.current_state
 
     def admit(self) -> bool:
         """Lets an attempt go (True if it is the half-open trial) or raises CIRCUIT_OPEN."""
-        state = self._state
-        if state == pybreaker.STATE_CLOSED:
+        if self._closed:
             return False
-        if state == pybreaker.STATE_OPEN and self._reopens_in() > 0:
-            raise self._open_failure()
         if self._trial_in_flight:
             raise self._open_failure()
-        if state == pybreaker.STATE_OPEN:
-            self._cb.half_open()
+        try:
+            self._cb.call(_unstarted)  # pybreaker's own before_call: open, or now half-open
+        except pybreaker.CircuitBreakerError:
+            raise self._open_failure() from None
+        if self._closed:  # closed meanwhile (another trial's success)
+            return False
         self._trial_in_flight = True
         return True
 
@@ -95,41 +137,40 @@ class Breaker:
         """Records an attempt's result: True failed, False succeeded, None says nothing."""
         if trial:
             self._trial_in_flight = False
-        state = self.state
-        # In half-open only the trial decides; late results of older attempts say nothing.
-        if failed is None or state == pybreaker.STATE_OPEN:
+        if failed is None:
             return
-        if not failed and state == pybreaker.STATE_CLOSED and self._cb.fail_counter == 0:
-            return  # the common case: a success changes nothing
-        if state == pybreaker.STATE_HALF_OPEN and not trial:
-            return
+        if self._closed:
+            if not failed and self._cb.fail_counter == 0:
+                return  # the common case: a success changes nothing
+        elif not trial:
+            return  # open or half-open: only the trial's result decides
         with contextlib.suppress(_Fault, pybreaker.CircuitBreakerError):
             self._cb.call(_raise if failed else _succeed)
-
-    def _reopens_in(self) -> float:
-        opened_at = self._storage.opened_at
-        if opened_at is None:
-            return 0.0
-        elapsed = (datetime.now(UTC) - opened_at).total_seconds()
-        return self._cb.reset_timeout - elapsed
 
     def _open_failure(self) -> TargetFailure:
         if self._trial_in_flight:
             detail = "a trial call is in flight"
         else:
-            detail = f"retrying in {max(self._reopens_in(), 0):.1f}s"
+            left = self._cb.reset_timeout - self._storage.open_for()
+            detail = f"retrying in {max(left, 0):.1f}s"
         return TargetFailure(
             pb.OUTCOME_CIRCUIT_OPEN,
             f"circuit breaker for {self._upstream} is open ({detail}); not called",
         )
 
     def _changed(self, old: str, new: str) -> None:
-        self._state = new
+        self._closed = new == pybreaker.STATE_CLOSED
         log.warning(
             "circuit breaker for %s: %s -> %s", self._upstream, old or "start", new,
             extra={"event": "circuit_state", "upstream": self._upstream, "state": new},
         )  # fmt: skip
         self._on_state(CIRCUIT_STATES[new])
+
+
+def _unstarted() -> Iterator[None]:
+    """Handed to pybreaker's ``call`` to ask whether an attempt may go: a generator function,
+    so pybreaker returns its wrapper unstarted and counts nothing."""
+    yield
 
 
 def _raise() -> None:

@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from aggregator.config import CachePolicy, UpstreamConfig
 from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.policies.deadline import Deadline
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams import Reply
 
 log = logging.getLogger("aggregator.cache")
@@ -90,7 +90,8 @@ class Backend(Protocol):
 class MemoryBackend:
     """LRU bounded by entries and bytes; entries past their stale window are dropped on read."""
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._entries: OrderedDict[bytes, tuple[Entry, float]] = OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
@@ -104,7 +105,7 @@ class MemoryBackend:
         if found is None:
             return None
         entry, expires = found
-        if time.time() >= expires:
+        if self._clock.time() >= expires:
             self._drop(key)
             return None
         self._entries.move_to_end(key)
@@ -161,14 +162,18 @@ class RedisBackend:
 
 
 class ResponseCache:
-    def __init__(self, upstream: UpstreamConfig, policy: CachePolicy) -> None:
+    def __init__(
+        self, upstream: UpstreamConfig, policy: CachePolicy, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.policy = policy
+        # Wall-clock time: entries in Redis are read by other replicas and processes.
+        self._clock = clock
         self.namespace = namespace(upstream, policy)
         readable = f"{policy.key_prefix}:{upstream.name}" if policy.key_prefix else upstream.name
         self.backend: Backend = (
             RedisBackend(policy.redis_url, readable)
             if policy.backend == "redis"
-            else MemoryBackend(policy.max_entries, policy.max_bytes)
+            else MemoryBackend(policy.max_entries, policy.max_bytes, clock)
         )
 
     def __repr__(self) -> str:
@@ -190,7 +195,7 @@ class ResponseCache:
         ttl = _ttl(self.policy.ttl, reply.cache_control)
         if not reply.ok or ttl <= 0 or len(reply.body) > self.policy.max_bytes // 8:
             return
-        now = time.time()
+        now = self._clock.time()
         entry = Entry(reply=reply, stored_at=now, fresh_until=now + ttl)
         await self.backend.put(key, entry, ttl + self.policy.stale_if_error)
 

@@ -39,10 +39,21 @@ class Alarm:
 
     ``rang`` once it cancelled the task; ``by_caller`` then says whether the deadline (the
     caller's limit) rang rather than the upstream's own timeout: only the latter says
-    anything about the upstream's health.
+    anything about the upstream's health; ``late``, by how many seconds the event loop ran it
+    after its time (a stall here, not slowness there).
     """
 
-    __slots__ = ("_deadline", "_end", "_set_for", "_task", "_timer", "_timers", "by_caller", "rang")
+    __slots__ = (
+        "_deadline",
+        "_end",
+        "_set_for",
+        "_task",
+        "_timer",
+        "_timers",
+        "by_caller",
+        "late",
+        "rang",
+    )
 
     def __init__(
         self, timers: Timers, task: asyncio.Task[object], end: float, deadline: Deadline
@@ -53,6 +64,7 @@ class Alarm:
         self._deadline = deadline
         self.rang = False
         self.by_caller = False
+        self.late = 0.0
         self._set_for = min(end, deadline.at)
         self._timer: Timer = timers.call_at(self._set_for, self._ring)
 
@@ -67,6 +79,7 @@ class Alarm:
             self._timer = self._timers.call_at(when, self._ring)
             return
         self.rang = True
+        self.late = self._timer.late
         self.by_caller = self._deadline.at < self._end
         self._task.cancel()
 

@@ -4,18 +4,20 @@ limits wrap single attempts, the same way for REST and gRPC upstreams.
 Every attempt (first, retry or hedge) takes a rate-limit token, asks the breaker, holds a
 bulkhead slot, and runs under the smaller of the upstream's ``timeout`` and the time left.
 
-An upstream of several endpoints (a Fleet, aggregator/upstreams/fleet.py) has each attempt
-sent to one endpoint it picks, a retry or hedge to another than the target's earlier ones, and
-hears how each went (outlier detection); its breaker then counts a failure only when every
-endpoint taking calls failed its last attempt. ``max_concurrency: auto`` resizes the bulkhead
-with a GradientLimit fed by each answered attempt's latency.
+Each attempt goes to the endpoint the upstream's balancer picks (aggregator/upstreams/fleet.py:
+one endpoint for a literal address, a Fleet otherwise), a retry or hedge to another than the
+target's earlier ones, and the balancer hears how each went (outlier detection); the breaker
+counts a failure only when every endpoint taking calls failed its last attempt.
+``max_concurrency: auto`` resizes the bulkhead with a GradientLimit fed by each answered
+attempt's latency, each call lowering it once at most.
 
 Shared state (the breaker, an endpoint's outlier state, the adaptive limit, the retry budget,
-a coalesced call) answers only to what the upstream says: a timeout set by the caller's own
-limit (its target ``timeout`` or the call's deadline) is that caller's alone. It is never
-counted against the breaker or an endpoint, never sampled by the adaptive limit, never
-retried, and a coalesced call runs until the latest of its waiters' deadlines, each waiter
-leaving at its own.
+a coalesced call) answers only to what the upstream did, as policies/blame.py decides for every
+result: a caller's bad input, a timeout set by the caller's own limit (its target ``timeout``
+or the call's deadline) and a timeout that fired while this process's event loop was late are
+never counted against the breaker or an endpoint, nor sampled by the adaptive limit. A
+caller's timeout is never retried, and a coalesced call runs until the latest of its waiters'
+deadlines, each waiter leaving at its own.
 """
 
 from __future__ import annotations
@@ -33,39 +35,32 @@ from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.metrics import UpstreamMetrics
 from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.policies.blame import Blame, Unblamed, blame, failed
 from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
 from aggregator.policies.global_limits import SharedLimits, rate_limiter
 from aggregator.policies.limits import Bulkhead, GradientLimit
-from aggregator.timers import Timers
-from aggregator.upstreams import Reply, Upstream
-from aggregator.upstreams.fleet import Fleet, Member
+from aggregator.timers import SYSTEM_CLOCK, Clock, Timers
+from aggregator.upstreams.seam import Balancer, Member, Reply, Upstream
 from aggregator.v1 import aggregator_pb2 as pb
 
 Result = Reply | TargetFailure
 
 _RETRY_HTTP_STATUSES = frozenset({429, 502, 503, 504})
-_BREAKER_GRPC_CODES = frozenset(
-    code.value[0]
-    for code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-    )
-)
 _CODES_BY_NAME = {code.name: code.value[0] for code in grpc.StatusCode}
 _DEFAULT_BUDGET = (0.2, 3.0)  # for hedges when no retry policy is configured
-# Outcomes the upstream had no part in: our own limits, an open breaker, the server stopping.
-_SAYS_NOTHING_OF_HEALTH = (pb.OUTCOME_REJECTED, pb.OUTCOME_CIRCUIT_OPEN, pb.OUTCOME_CANCELLED)
+# A timeout whose timer the event loop ran more than this late is this process's, not the
+# upstream's: the answer may have been in, unread (docs/resilience.md).
+LATE_TOLERANCE = 0.100
+# Answered attempts that never feed the adaptive limit: not the upstream's doing.
+_UNSAMPLED = (Blame.CALLER, Blame.OURS)
 
 
-class _CallerTimeout(TargetFailure):
+class _CallerTimeout(Unblamed):
     """A timeout the caller's own limit set, not the upstream's ``timeout``: it says nothing
-    of the upstream's health (SPEC §15), so the breaker does not count it."""
+    of the upstream's health (docs/resilience.md), and no retry could finish within it."""
 
 
 class _Sent:
@@ -76,7 +71,7 @@ class _Sent:
 
     def __init__(self) -> None:
         self.count = 0
-        self.tried: list[Member] | None = None  # made on a fleet's first attempt only
+        self.tried: list[Member] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,20 +83,24 @@ class Answer:
     cache: pb.CacheStatus = pb.CACHE_STATUS_UNSPECIFIED
 
 
-class Endpoint:
+class GuardedUpstream:
+    """An upstream behind its policy stack (the module docstring): what the fan-out calls."""
+
     def __init__(
         self,
-        upstream: Upstream,
+        balancer: Balancer,
         config: UpstreamConfig,
         metrics: UpstreamMetrics,
         all_upstreams: Bulkhead,
         timers: Timers | None = None,
+        clock: Clock = SYSTEM_CLOCK,
         shared_limits: SharedLimits | None = None,
     ) -> None:
         self.name = config.name
+        self._clock = clock
         self._timers = timers or Timers()
         self.metrics = metrics
-        self._upstream = upstream
+        self._balancer = balancer
         self._config = config
         self._loop = asyncio.get_running_loop()
         retry = config.retry
@@ -126,28 +125,32 @@ class Endpoint:
         )
         if self.adaptive is None:
             metrics.concurrency_limit.set(config.max_concurrency)
-        self._fleet = upstream if isinstance(upstream, Fleet) else None
         self._all_upstreams = all_upstreams
         self.bucket = rate_limiter(config, shared_limits)
         breaker = config.circuit_breaker
         self.breaker = (
-            Breaker(config.name, breaker.fail_max, breaker.reset_timeout, metrics.circuit_state.set)
+            Breaker(
+                config.name,
+                breaker.fail_max,
+                breaker.reset_timeout,
+                metrics.circuit_state.set,
+                clock,
+            )
             if breaker
             else None
         )
         # Moving average of answered attempts (any status: a 503 measures the round trip as
         # well as a 200), to tell whether a retry can finish before the deadline.
         self._latency = 0.0
-        self.cache = ResponseCache(config, config.cache) if config.cache else None
+        self.cache = ResponseCache(config, config.cache, clock) if config.cache else None
         self._single_attempt = config.retry is None and config.hedge is None
         self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
-        fleet = f" {self._fleet!r}" if self._fleet is not None else ""
         adaptive = f" {self.adaptive!r}" if self.adaptive is not None else ""
         return (
-            f"<Endpoint {self.name} {self.bulkhead!r}{adaptive} {self.breaker!r} "
-            f"{self.budget!r}{fleet}>"
+            f"<GuardedUpstream {self.name} {self.bulkhead!r}{adaptive} {self.breaker!r} "
+            f"{self.budget!r} {self._balancer!r}>"
         )
 
     async def call(
@@ -182,7 +185,7 @@ class Endpoint:
         # caller chose (its traceparent is our attempt's own, made per attempt: not keyed).
         key = cache.key(request, tracing.outgoing())
         entry = await cache.get(key)
-        if entry is not None and entry.fresh(time.time()):
+        if entry is not None and entry.fresh(self._clock.time()):
             self.metrics.cache["hit"].inc()
             return Answer(entry.reply, 0, pb.CACHE_STATUS_HIT)
         sent = _Sent()
@@ -199,7 +202,11 @@ class Endpoint:
                 answer = Answer(answer.result, 0)
         except TimeoutError:  # this caller's own limit; the shared call goes on for others
             answer = Answer(self._caller_timeout(limit.reason), sent.count)
-        if _is_good(answer.result) or entry is None or not cache.stale_usable(entry, time.time()):
+        if (
+            _is_good(answer.result)
+            or entry is None
+            or not cache.stale_usable(entry, self._clock.time())
+        ):
             self.metrics.cache["miss"].inc()
             return Answer(answer.result, answer.attempts, pb.CACHE_STATUS_MISS)
         self.metrics.cache["stale"].inc()
@@ -297,10 +304,7 @@ class Endpoint:
                 await self._hold_slots(limit)
             try:
                 sent.count += 1
-                if self._fleet is None:
-                    result = await self._timed(self._upstream, request, limit, request_id)
-                else:
-                    result = await self._on_fleet(self._fleet, request, limit, request_id, sent)
+                result = await self._on_endpoint(request, limit, request_id, sent)
             finally:
                 self._all_upstreams.release()
                 self.bulkhead.release()
@@ -314,39 +318,37 @@ class Endpoint:
     def _breaker_verdict(self, result: Result | None) -> bool | None:
         """What the breaker counts: with several endpoints, a failure only when every endpoint
         taking calls failed its last attempt (one bad endpoint is outlier detection's)."""
-        verdict = None if result is None else _breaker_failure(result)
-        if verdict and self._fleet is not None and not self._fleet.all_failing():
+        verdict = None if result is None else failed(blame(result))
+        if verdict and not self._balancer.all_failing():
             return None
         return verdict
 
-    async def _on_fleet(
+    async def _on_endpoint(
         self,
-        fleet: Fleet,
         request: HttpRequest | GrpcRequest,
         limit: Deadline,
         request_id: str,
         sent: _Sent,
     ) -> Reply:
-        """The attempt on one endpoint of the fleet, another than the target's earlier attempts
-        when there is one; a connect refused (nothing sent) moves on to an untried endpoint at
-        once. Each endpoint hears how its attempt went (outlier detection)."""
+        """The attempt on the endpoint the balancer picks, another than the target's earlier
+        attempts when there is one; a connect refused (nothing sent) moves on to an untried
+        endpoint at once. Each endpoint hears how its attempt went (outlier detection)."""
         tried = sent.tried
-        if tried is None:
-            tried = sent.tried = []
+        fleet = self._balancer
         while True:
             member = await fleet.choose(tried, limit.at)
             tried.append(member)
-            failed: bool | None = None
+            verdict: bool | None = None
             try:
                 reply = await self._timed(member.upstream, request, limit, request_id)
-                failed = _breaker_failure(reply)
+                verdict = failed(blame(reply))
                 return reply
             except TargetFailure as failure:
-                failed = _breaker_failure(failure)
+                verdict = failed(blame(failure))
                 if not failure.unsent or not fleet.untried(tried):
                     raise
             finally:
-                fleet.done(member, failed)
+                fleet.done(member, verdict)
 
     def _take_slots(self) -> bool:
         """Both slots at once if both are free: the common case, without awaiting."""
@@ -399,10 +401,10 @@ class Endpoint:
             except (asyncio.CancelledError, TimeoutError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not expired:
                     raise  # the caller's cancellation (or someone's besides ours)
-                failure = self._timeout(alarm.by_caller, limit.reason)
+                failure = self._timeout(alarm, limit.reason)
                 _annotate_failure(span, failure)
-                if self.adaptive is not None and not alarm.by_caller:
-                    self.adaptive.sample(own_timeout, self.bulkhead.inflight)
+                if self.adaptive is not None and blame(failure) is Blame.UPSTREAM:
+                    self.adaptive.sample(own_timeout, self.bulkhead.inflight, request_id)
                 raise failure from None
             except TargetFailure as failure:
                 _annotate_failure(span, failure)
@@ -419,15 +421,22 @@ class Endpoint:
             if span is not None:
                 tracing.annotate(span, _reply_attributes(reply))
         self._latency = 0.8 * self._latency + 0.2 * took
-        if self.adaptive is not None:
-            self.adaptive.sample(took, self.bulkhead.inflight)
+        if self.adaptive is not None and blame(reply) not in _UNSAMPLED:
+            self.adaptive.sample(took, self.bulkhead.inflight, request_id)
         return reply
 
-    def _timeout(self, by_caller: bool, reason: str) -> TargetFailure:
-        """OUTCOME_TIMEOUT, naming the limit that fired: the caller's or the upstream's own."""
-        if by_caller:
+    def _timeout(self, alarm: Alarm, reason: str) -> TargetFailure:
+        """OUTCOME_TIMEOUT, naming the limit that fired: the caller's or the upstream's own;
+        the latter is not the upstream's when the loop ran the alarm late (a stall here)."""
+        if alarm.by_caller:
             return self._caller_timeout(reason)
         own = f"upstream timeout {self._config.timeout * 1000:g}ms"
+        if alarm.late > LATE_TOLERANCE:
+            return Unblamed(
+                pb.OUTCOME_TIMEOUT,
+                f"{self.name} did not answer within {own} (this server was "
+                f"{alarm.late * 1000:.0f}ms late to read it: not held against {self.name})",
+            )
         return TargetFailure(pb.OUTCOME_TIMEOUT, f"{self.name} did not answer within {own}")
 
     def _caller_timeout(self, reason: str) -> _CallerTimeout:
@@ -459,14 +468,11 @@ class Endpoint:
         return delay
 
     def admin_stats(self) -> dict[str, Any]:
-        """What the admin page shows of this upstream's policies (SPEC §13): its endpoints
-        (SPEC §12: one, or a fleet's active and ejected ones) and its concurrency limit (fixed,
+        """What the admin page shows of this upstream's policies (docs/admin.md): its endpoints
+        (docs/fleet.md: one, or a fleet's active and ejected ones) and its concurrency limit (fixed,
         or where the adaptive limit stands)."""
-        endpoints = {"active": 1, "ejected": 0}
-        if self._fleet is not None:
-            members = self._fleet.members
-            ejected = sum(1 for member in members if member.ejected_until)
-            endpoints = {"active": len(members) - ejected, "ejected": ejected}
+        active, ejected = self._balancer.counts()
+        endpoints = {"active": active, "ejected": ejected}
         return {
             "kind": self._config.kind,
             "endpoints": endpoints,
@@ -476,7 +482,7 @@ class Endpoint:
         }
 
     async def aclose(self) -> None:
-        await self._upstream.aclose()
+        await self._balancer.aclose()
         if self.cache is not None:
             await self.cache.aclose()
 
@@ -507,16 +513,3 @@ def _is_good(result: Result) -> bool:
     if not isinstance(result, Reply):
         return False
     return result.ok or (400 <= result.http_status < 500 and result.http_status != 429)
-
-
-def _breaker_failure(result: Result) -> bool | None:
-    """Whether ``result`` counts against the breaker (None: it says nothing about health)."""
-    if isinstance(result, TargetFailure):
-        if isinstance(result, _CallerTimeout):
-            return None
-        if result.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT) or result.protocol_error:
-            return True
-        return None if result.outcome in _SAYS_NOTHING_OF_HEALTH else False
-    if result.http_status:
-        return result.http_status >= 500
-    return result.grpc_code in _BREAKER_GRPC_CODES

@@ -139,6 +139,7 @@ class GradientLimit:
     _SMOOTHING = 0.2
     _LONG_WINDOW = 600
     _WARMUP = 10
+    _CALLS = 4096  # calls remembered as having lowered the limit (the oldest forgotten first)
 
     def __init__(self, bulkhead: Bulkhead, maximum: int, on_limit: Callable[[float], None]) -> None:
         self._bulkhead = bulkhead
@@ -147,6 +148,7 @@ class GradientLimit:
         self._estimate = float(min(self.INITIAL, maximum))
         self._long_rtt = 0.0
         self._samples = 0
+        self._lowered: collections.OrderedDict[str, None] = collections.OrderedDict()
         bulkhead.resize(int(self._estimate))
         on_limit(int(self._estimate))
 
@@ -160,31 +162,48 @@ class GradientLimit:
     def limit(self) -> int:
         return int(self._estimate)
 
-    def sample(self, rtt: float, inflight: int) -> None:
-        """One answered attempt that took ``rtt`` seconds with ``inflight`` attempts out."""
+    def sample(self, rtt: float, inflight: int, call: str | None = None) -> None:
+        """One answered attempt of ``call`` that took ``rtt`` seconds with ``inflight``
+        attempts out. A limit is shared by every caller: one call lowers it once at most (its
+        other samples that would lower it are left out, from the average too), so that one
+        caller's wide calls to a slow path cannot shrink it for everyone (issue 23, #14). A sample
+        of no ``call`` is a call of its own."""
         rtt = max(rtt, 1e-6)
-        long_rtt = self._average(rtt)
+        samples, long_rtt = self._averaged(rtt)
+        estimate = self._estimate
+        new = estimate
+        if inflight >= estimate / 2:
+            gradient = max(0.5, min(1.0, self._TOLERANCE * long_rtt / rtt))
+            new = estimate * gradient + self._QUEUE
+            new = estimate * (1 - self._SMOOTHING) + new * self._SMOOTHING
+            if new < estimate and not self._may_lower(call):
+                return
+        self._samples, self._long_rtt = samples, long_rtt
         if long_rtt / rtt > 2:
             self._long_rtt *= 0.95
-        estimate = self._estimate
-        if inflight < estimate / 2:
-            return
-        gradient = max(0.5, min(1.0, self._TOLERANCE * long_rtt / rtt))
-        new = estimate * gradient + self._QUEUE
-        new = estimate * (1 - self._SMOOTHING) + new * self._SMOOTHING
         self._estimate = max(1.0, min(float(self._maximum), new))
         if int(self._estimate) != int(estimate):
             self._bulkhead.resize(int(self._estimate))
             self._on_limit(int(self._estimate))
 
-    def _average(self, rtt: float) -> float:
+    def _may_lower(self, call: str | None) -> bool:
+        """Whether ``call`` has not lowered the limit yet (and now has)."""
+        if call is None:
+            return True
+        if call in self._lowered:
+            return False
+        self._lowered[call] = None
+        if len(self._lowered) > self._CALLS:
+            self._lowered.popitem(last=False)
+        return True
+
+    def _averaged(self, rtt: float) -> tuple[int, float]:
+        """The sample count and long average with ``rtt`` in them (not yet kept)."""
         if self._samples < self._WARMUP:
-            self._samples += 1
-            self._long_rtt += (rtt - self._long_rtt) / self._samples
-        else:
-            factor = 2.0 / (self._LONG_WINDOW + 1)
-            self._long_rtt = self._long_rtt * (1 - factor) + rtt * factor
-        return self._long_rtt
+            samples = self._samples + 1
+            return samples, self._long_rtt + (rtt - self._long_rtt) / samples
+        factor = 2.0 / (self._LONG_WINDOW + 1)
+        return self._samples, self._long_rtt * (1 - factor) + rtt * factor
 
 
 def _at(deadline: float | Deadline) -> float:

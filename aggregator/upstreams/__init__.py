@@ -1,77 +1,62 @@
-"""The seam every kind of upstream implements, so policies wrap any upstream the same way."""
+"""Upstreams: each kind's transport (http.py, grpc.py), the fleet of endpoints a name resolves
+to (fleet.py), and ``open_upstreams``, which builds them from the config. The seam they share,
+``Reply`` and ``Upstream``, is in seam.py."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+import asyncio
+from collections.abc import Callable, Mapping
 
 from aggregator.config import UpstreamConfig
 from aggregator.metrics import UpstreamMetrics
-from aggregator.plan import GrpcRequest, HttpRequest
+from aggregator.schema import load_descriptor_set
+from aggregator.timers import SYSTEM_CLOCK, Clock
+from aggregator.upstreams.descriptors import Descriptors, Reflected
+from aggregator.upstreams.fleet import (
+    Fleet,
+    FleetMetrics,
+    Resolver,
+    Single,
+    entries,
+    system_resolver,
+)
+from aggregator.upstreams.grpc import GrpcUpstream
+from aggregator.upstreams.http import HttpUpstream
+from aggregator.upstreams.seam import Balancer, Reply, Upstream
 
-if TYPE_CHECKING:
-    from aggregator.upstreams.descriptors import Descriptors
-    from aggregator.upstreams.fleet import Fleet, Resolver
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """What an upstream answered, good or bad. Transport failures raise TargetFailure instead."""
-
-    ok: bool
-    body: bytes
-    http_status: int = 0
-    grpc_code: int = 0
-    content_type: str = ""
-    # Why a reply that is not ok is not ok, as a sentence fragment ("HTTP 503", ...).
-    reason: str = ""
-    # Seconds the upstream asked us to wait before retrying (HTTP Retry-After).
-    retry_after: float | None = None
-    cache_control: str = ""
-
-
-class Upstream(Protocol):
-    """One configured upstream: owns its connections for the server's lifetime."""
-
-    name: str
-
-    async def call(
-        self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
-    ) -> Reply:
-        """Makes one attempt; raises TargetFailure when no answer came back."""
-        ...
-
-    async def aclose(self) -> None: ...
+__all__ = ["Balancer", "Reply", "Upstream", "open_upstream", "open_upstreams"]
 
 
 def open_upstreams(
     configs: Mapping[str, UpstreamConfig],
     metrics: Mapping[str, UpstreamMetrics] | None = None,
     resolver: Resolver | None = None,
-) -> dict[str, Upstream]:
+    clock: Clock = SYSTEM_CLOCK,
+) -> dict[str, Balancer]:
     """Builds every configured upstream; call inside the running event loop. An upstream of
-    one IP address is called directly; any other is a Fleet of endpoints (SPEC §12)."""
+    one IP address is called directly; any other is a Fleet of endpoints (docs/fleet.md)."""
     return {
-        name: open_upstream(config, None if metrics is None else metrics[name], resolver)
+        name: open_upstream(config, None if metrics is None else metrics[name], resolver, clock)
         for name, config in configs.items()
     }
 
 
 def open_upstream(
-    config: UpstreamConfig, metrics: UpstreamMetrics | None = None, resolver: Resolver | None = None
-) -> Upstream:
-    from aggregator.upstreams.fleet import Fleet, FleetMetrics, entries, system_resolver
-    from aggregator.upstreams.grpc import GrpcUpstream
-    from aggregator.upstreams.http import HttpUpstream
-
+    config: UpstreamConfig,
+    metrics: UpstreamMetrics | None = None,
+    resolver: Resolver | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Balancer:
+    descriptors = _descriptors(config) if config.kind == "grpc" else None
     found = entries(config)
-    if len(found) == 1 and found[0].literal:  # no balancing: today's path, untouched
-        return HttpUpstream(config) if config.kind == "http" else GrpcUpstream(config)
+    if len(found) == 1 and found[0].literal:  # one endpoint, never ejected
+        if config.kind == "http":
+            return Single(HttpUpstream(config, clock=clock))
+        return Single(GrpcUpstream(config), descriptors)
 
     def open_member(entry: str, address: str) -> Upstream:
         if config.kind == "http":
-            return HttpUpstream(config, entry, connect_to=address)
+            return HttpUpstream(config, entry, connect_to=address, clock=clock)
         return GrpcUpstream(config, entry, connect_to=address)
 
     fleet_metrics = None
@@ -79,30 +64,28 @@ def open_upstream(
         fleet_metrics = FleetMetrics(
             metrics.endpoints_active.set, metrics.endpoints_ejected.set, metrics.ejections.inc
         )
-    fleet = Fleet(config, open_member, resolver or system_resolver, fleet_metrics)
-    if config.kind == "grpc":
-        fleet.descriptors = _fleet_descriptors(fleet, config)
-    return fleet
+    return Fleet(
+        config, open_member, resolver or system_resolver, fleet_metrics, clock, descriptors
+    )
 
 
-def _fleet_descriptors(fleet: Fleet, config: UpstreamConfig) -> Descriptors:
-    """A gRPC fleet's descriptors: from its file, or the reflection of one of its endpoints."""
-    import asyncio
-
-    from aggregator.schema import load_descriptor_set
-    from aggregator.upstreams.descriptors import Descriptors, Reflected
-    from aggregator.upstreams.grpc import GrpcUpstream
-
+def _descriptors(config: UpstreamConfig) -> Callable[[Balancer], Descriptors]:
+    """A gRPC upstream's descriptors: from its file, or the reflection of one of its endpoints
+    (made with the balancer, which picks that endpoint)."""
     if config.descriptors != "reflection":
-        return Descriptors(config.name, schema=load_descriptor_set(config.descriptors))
+        schema = load_descriptor_set(config.descriptors)
+        return lambda balancer: Descriptors(config.name, schema=schema)
 
-    async def reflected() -> Reflected:
-        deadline = asyncio.get_running_loop().time() + config.timeout
-        member = await fleet.choose((), deadline)
-        try:
-            assert isinstance(member.upstream, GrpcUpstream)
-            return await member.upstream.reflected()
-        finally:
-            fleet.done(member, None)
+    def reflecting(balancer: Balancer) -> Descriptors:
+        async def reflected() -> Reflected:
+            deadline = asyncio.get_running_loop().time() + config.timeout
+            member = await balancer.choose((), deadline)
+            try:
+                assert isinstance(member.upstream, GrpcUpstream)
+                return await member.upstream.reflected()
+            finally:
+                balancer.done(member, None)
 
-    return Descriptors(config.name, fetch=reflected)
+        return Descriptors(config.name, fetch=reflected)
+
+    return reflecting

@@ -1,4 +1,4 @@
-"""An upstream that is a fleet (SPEC §12): its endpoints, how a call picks one, and when one
+"""An upstream that is a fleet (docs/fleet.md): its endpoints, how a call picks one, and when one
 is taken out.
 
 Every entry of an upstream's ``url`` (http) or ``address`` (grpc) is looked up, and every
@@ -21,9 +21,11 @@ more (Envoy's rule too). Unlike Envoy, readmission runs on a timer per ejected e
 than on a sweep every ``interval``. When every endpoint is ejected (possible at 100%), calls go
 to all of them, as Envoy's panic mode does.
 
-What is a failure here is decided by the policies (aggregator/policies/endpoint.py): connect
-failures, resets, the upstream's own timeouts, 5xx and gRPC UNAVAILABLE; a caller's own
-deadline, a cancellation, a 4xx say nothing of an endpoint (SPEC §15).
+What is a failure here is decided by one rule, aggregator/policies/blame.py, which the policies
+(aggregator/policies/endpoint.py) apply to each attempt before telling ``done``: connect
+failures, resets, the upstream's own timeouts, 5xx and gRPC UNAVAILABLE, INTERNAL...; a
+caller's bad input, its own deadline, a cancellation, our own lateness say nothing of an
+endpoint (docs/resilience.md). Ejection runs on a ``Clock`` (aggregator/timers.py).
 
 gRPC: one channel per endpoint (not grpc's own ``round_robin`` policy over a ``dns:///`` name),
 so that both kinds of upstream share this one balancer, its ejection, its metrics, and a retry
@@ -43,9 +45,9 @@ from urllib.parse import urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
-from aggregator.plan import GrpcRequest, HttpRequest
-from aggregator.upstreams import Reply, Upstream
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams.descriptors import Descriptors
+from aggregator.upstreams.seam import Balancer, Member, Upstream
 from aggregator.v1 import aggregator_pb2 as pb
 
 log = logging.getLogger("aggregator.fleet")
@@ -97,44 +99,44 @@ def entries(config: UpstreamConfig) -> list[Entry]:
     return found
 
 
-class Member:
-    """One endpoint: an address of an entry, the upstream that calls it, and its health."""
+class Single:
+    """The balancer of an upstream at one literal address: its one endpoint takes every
+    attempt, and is never ejected (the breaker alone guards it)."""
 
-    __slots__ = (
-        "address",
-        "ejected_until",
-        "ejections",
-        "failures",
-        "key",
-        "outstanding",
-        "readmission",
-        "readmitted_at",
-        "removed",
-        "upstream",
-    )
-
-    def __init__(self, key: tuple[str, str], address: str, upstream: Upstream) -> None:
-        self.key = key  # (entry, ip)
-        self.address = address  # ip:port, for logs only (never a metric label)
-        self.upstream = upstream
-        self.outstanding = 0  # calls in flight
-        self.failures = 0  # consecutive
-        self.ejections = 0  # times ejected
-        self.ejected_until = 0.0  # loop time; 0 when taking calls
-        self.readmission: asyncio.TimerHandle | None = None
-        self.readmitted_at = 0.0  # loop time of its last readmission
-        self.removed = False  # left DNS: drains, then closes
+    def __init__(
+        self, upstream: Upstream, descriptors: Callable[[Balancer], Descriptors] | None = None
+    ) -> None:
+        self.name = upstream.name
+        self._member = Member(("", ""), "", upstream)
+        self.descriptors = descriptors(self) if descriptors is not None else None
 
     def __repr__(self) -> str:
-        state = "ejected" if self.ejected_until else "active"
-        return (
-            f"<Member {self.address} [{state}, {self.outstanding} in flight, "
-            f"{self.failures} failures in a row, ejected {self.ejections} times]>"
-        )
+        return f"<Single {self._member.upstream!r}>"
+
+    async def choose(self, tried: Sequence[Member], deadline: float) -> Member:
+        self._member.outstanding += 1
+        return self._member
+
+    def done(self, member: Member, failed: bool | None) -> None:
+        member.outstanding -= 1
+
+    def all_failing(self) -> bool:
+        return True  # asked of a failed attempt: its one endpoint is the upstream
+
+    def untried(self, tried: Sequence[Member]) -> bool:
+        return not tried
+
+    def counts(self) -> tuple[int, int]:
+        return 1, 0
+
+    async def aclose(self) -> None:
+        if self.descriptors is not None:
+            await self.descriptors.aclose()
+        await self._member.upstream.aclose()
 
 
 class FleetMetrics:
-    """What the fleet reports (SPEC §12): set by the fleet, labelled by upstream only."""
+    """What the fleet reports (docs/fleet.md): set by the fleet, labelled by upstream only."""
 
     def __init__(
         self,
@@ -153,10 +155,7 @@ def _no_metrics() -> FleetMetrics:
 
 class Fleet:
     """The endpoints of one upstream. ``choose`` picks one for an attempt, ``done`` hears how
-    it went; the policies call both around each attempt (aggregator/policies/endpoint.py).
-
-    Also an ``Upstream`` on its own (``call``), for code that does not balance attempts itself.
-    """
+    it went; the policies call both around each attempt (aggregator/policies/endpoint.py)."""
 
     def __init__(
         self,
@@ -164,15 +163,19 @@ class Fleet:
         open_member: Opener,
         resolver: Resolver = system_resolver,
         metrics: FleetMetrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        descriptors: Callable[[Balancer], Descriptors] | None = None,
     ) -> None:
+        """``descriptors``: makes a gRPC fleet's message types, for JSON targets, from the
+        fleet (whose endpoints its reflection may ask)."""
         self.name = config.name
+        self._clock = clock
         self._config = config
         self._outlier = config.outlier_detection
         self._open = open_member
         self._resolver = resolver
         self.metrics = metrics or _no_metrics()
         self._round_robin = config.balancer == "round_robin"
-        self._loop = asyncio.get_running_loop()
         self._entries = entries(config)
         self._members: dict[tuple[str, str], Member] = {}
         self._active: list[Member] = []  # taking calls
@@ -180,8 +183,7 @@ class Fleet:
         self._closing: set[asyncio.Task[None]] = set()
         self._failing: set[str] = set()  # names whose last lookup failed (logged once)
         self._ready = asyncio.Event()
-        # A gRPC fleet's message types, for JSON targets (set by open_upstream).
-        self.descriptors: Descriptors | None = None
+        self.descriptors = descriptors(self) if descriptors is not None else None
         names = [entry for entry in self._entries if not entry.literal]
         self._update({(entry, entry.host) for entry in self._entries if entry.literal}, names)
         self._resolving: asyncio.Task[None] | None = None
@@ -202,6 +204,10 @@ class Fleet:
     @property
     def members(self) -> list[Member]:
         return list(self._members.values())
+
+    def counts(self) -> tuple[int, int]:
+        ejected = sum(1 for member in self._members.values() if member.ejected_until)
+        return len(self._members) - ejected, ejected
 
     # Resolution -----------------------------------------------------------------------------
 
@@ -366,7 +372,7 @@ class Fleet:
         allowed = max(1 if count >= 2 else 0, count * self._outlier.max_ejection_percent // 100)
         if ejected >= allowed:
             return
-        now = self._loop.time()
+        now = self._clock.monotonic()
         base = self._outlier.base_ejection_time
         if member.ejections:  # one fewer for each base_ejection_time it stayed healthy, as Envoy
             healthy = int((now - member.readmitted_at) / base)
@@ -375,7 +381,7 @@ class Fleet:
         seconds = min(base * member.ejections, MAX_EJECTION_TIME)
         member.ejected_until = now + seconds
         member.failures = 0
-        member.readmission = self._loop.call_at(member.ejected_until, self._readmit, member)
+        member.readmission = self._clock.call_later(seconds, lambda: self._readmit(member))
         self.metrics.ejection()
         self._rebuild()
         log.warning(
@@ -387,28 +393,11 @@ class Fleet:
     def _readmit(self, member: Member) -> None:
         member.readmission = None
         member.ejected_until = 0.0
-        member.readmitted_at = self._loop.time()
+        member.readmitted_at = self._clock.monotonic()
         if member.removed:
             return
         self._rebuild()
         log.info("upstream %s: endpoint %s takes calls again", self.name, member.address)
-
-    # As a plain Upstream ----------------------------------------------------------------------
-
-    async def call(
-        self, request: HttpRequest | GrpcRequest, timeout: float, request_id: str
-    ) -> Reply:
-        member = await self.choose((), self._loop.time() + timeout)
-        result: bool | None = None
-        try:
-            reply = await member.upstream.call(request, timeout, request_id)
-            result = reply.http_status >= 500
-            return reply
-        except TargetFailure as failure:
-            result = failure.outcome in (pb.OUTCOME_UNAVAILABLE, pb.OUTCOME_TIMEOUT)
-            raise
-        finally:
-            self.done(member, result)
 
     async def aclose(self) -> None:
         if self.descriptors is not None:

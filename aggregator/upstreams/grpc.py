@@ -9,18 +9,12 @@ import grpc
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
-from aggregator.schema import load_descriptor_set
 from aggregator.security import hops
 from aggregator.security.files import Watched
 from aggregator.security.tls import channel_credentials, upstream_files
-from aggregator.upstreams import Reply
-from aggregator.upstreams.descriptors import (
-    REFLECTION,
-    Descriptors,
-    Reflected,
-    fetch_by_reflection,
-)
-from aggregator.upstreams.status_details import read_details
+from aggregator.upstreams.descriptors import REFLECTION, Reflected, fetch_by_reflection
+from aggregator.upstreams.seam import Reply
+from aggregator.upstreams.status_details import MAX_SIZE, clean, read_details
 from aggregator.v1 import aggregator_pb2 as pb
 
 _CHANNEL_OPTIONS = (
@@ -32,6 +26,17 @@ _CHANNEL_OPTIONS = (
 # channel ("Stream removed (CLIENT: Received message larger than max (2097152 vs. 1048576))").
 _TOO_LARGE = "Received message larger than max"
 _NO_CONNECTION = "failed to connect to all addresses"
+# How gRPC servers answer a request whose bytes do not parse as the method's message: the
+# caller's doing, never held against the upstream (policies/blame.py). grpc Python's sync
+# server (INTERNAL), its asyncio server (UNKNOWN, protobuf's DecodeError), grpc-go (Internal),
+# grpc-java (INTERNAL). Matched only in the upstream's own message, under INTERNAL or UNKNOWN.
+_UNREADABLE_REQUEST = (
+    "Exception deserializing request",
+    "DecodeError'>: Error parsing message",
+    "grpc: error unmarshalling request",
+    "Invalid protobuf byte sequence",
+)
+_UNREADABLE_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 # Method names come from callers: only short ones are kept, within a total size in characters
 # (a longer name is valid, and gets a callable of its own for its call).
 _CACHED_METHOD = 256
@@ -86,11 +91,6 @@ class GrpcUpstream:
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
         self._methods_size = 0  # characters of the names in _methods
         self._reflection = REFLECTION
-        self.descriptors = (
-            Descriptors(self.name, fetch=self.reflected)
-            if config.descriptors == "reflection"
-            else Descriptors(self.name, schema=load_descriptor_set(config.descriptors))
-        )
 
     async def reflected(self) -> Reflected:
         """The upstream's descriptors from its reflection, within its timeout: the package
@@ -161,7 +161,6 @@ class GrpcUpstream:
         return callable_
 
     async def aclose(self) -> None:
-        await self.descriptors.aclose()
         for task in self._retiring:
             task.cancel()
         if self._retiring:
@@ -181,9 +180,15 @@ def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
+def _unreadable_request(code: grpc.StatusCode, details: str) -> bool:
+    return code in _UNREADABLE_CODES and any(words in details for words in _UNREADABLE_REQUEST)
+
+
 def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply:
     code = exc.code()
-    details = exc.details() or code.name
+    # The upstream's own words, cleaned as its details are: one line, printable, bounded.
+    details = clean(exc.details() or "", MAX_SIZE) or code.name
+    unreadable = _unreadable_request(code, details)  # its own words, before its details
     extra = read_details(exc.trailing_metadata())
     if extra.words:  # the upstream's error details, after its own message
         details = f"{details} ({extra.words})"
@@ -217,4 +222,5 @@ def _failed_reply(name: str, exc: grpc.aio.AioRpcError, max_bytes: int) -> Reply
         grpc_code=code.value[0],
         reason=f"gRPC {code.name}: {details}",
         retry_after=extra.retry_after,
+        unreadable_request=unreadable,
     )

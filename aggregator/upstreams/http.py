@@ -15,7 +15,7 @@ from aggregator.errors import TargetFailure
 from aggregator.plan import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
-from aggregator.upstreams import Reply
+from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams.http1 import (
     BrokenResponse,
     Closed,
@@ -25,6 +25,7 @@ from aggregator.upstreams.http1 import (
     Response,
     TooLarge,
 )
+from aggregator.upstreams.seam import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import NO_BODY_METHODS
 
@@ -34,8 +35,6 @@ _QUERY_SAFE = "?/:@"  # as yarl, which aiohttp used: space as "+", the rest esca
 _BARE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a "%" that begins no escape: "%25"
 _GZIP_MAGIC = b"\x1f\x8b"
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})  # methods that send Content-Length: 0 empty
-# Methods whose requests have no body in HTTP's semantics: a server may answer without reading
-# one, and then reads it as the next request on the connection (request smuggling). Never sent.
 # Each gzip member costs a decoder of its own (some 40 KiB and microseconds to make): a body of
 # thousands of empty members is work for nothing. Concatenated gzip files have a few.
 MAX_GZIP_MEMBERS = 64
@@ -54,10 +53,17 @@ _DECODERS = {
 class HttpUpstream:
     """Calls one configured base URL; the only host it ever contacts is that URL's host."""
 
-    def __init__(self, config: UpstreamConfig, url: str = "", connect_to: str = "") -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        url: str = "",
+        connect_to: str = "",
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         """``url``: one entry of the upstream's ``url`` (its first by default); ``connect_to``:
         the one address of it that this instance connects to (an endpoint of a fleet)."""
         self.name = config.name
+        self._reads_bodies = config.reads_request_bodies
         self._base = url or config.url
         parts = urlsplit(self._base)
         secure = parts.scheme == "https"
@@ -84,6 +90,7 @@ class HttpUpstream:
             max_idle=config.max_concurrency,
             ssl_context=self._ssl_context if secure else None,
             connect_to=connect_to,
+            clock=clock,
         )
 
     def __repr__(self) -> str:
@@ -119,9 +126,12 @@ class HttpUpstream:
 
     def _encode(self, request: HttpRequest, request_id: str) -> tuple[bytes, bool]:
         """The whole request as it goes on the wire, head and body, and whether it must be the
-        last on its connection: a body on a method other than POST, PUT and PATCH goes with
-        ``Connection: close`` (a server that does not read it stops there instead of reading it
-        as a request); a body on GET, HEAD, OPTIONS, TRACE or CONNECT is refused."""
+        last on its connection. A server may answer without reading a body (a 401 before the
+        upload), and then read the body as the next request on the connection (request
+        smuggling): so a request with a body goes with ``Connection: close`` and its connection
+        is never reused, unless the upstream is declared to read every body
+        (``reads_request_bodies``, for POST, PUT and PATCH); a body on GET, HEAD, OPTIONS,
+        TRACE or CONNECT is refused (docs/security.md)."""
         body = request.body
         if body is not None and request.method in NO_BODY_METHODS:
             raise TargetFailure(
@@ -150,7 +160,7 @@ class HttpUpstream:
         if body is not None:
             if not typed:
                 lines.append("Content-Type: application/octet-stream\r\n")
-            last = request.method not in _WITH_BODY
+            last = not (self._reads_bodies and request.method in _WITH_BODY)
             if last:
                 lines.append("Connection: close\r\n")
             lines.append(f"Content-Length: {len(body)}\r\n\r\n")

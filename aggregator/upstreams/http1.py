@@ -22,13 +22,14 @@ import itertools
 import select
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohappyeyeballs
 import httptools
+
+from aggregator.timers import SYSTEM_CLOCK, Cancellable, Clock
 
 # A header line longer than this, or a head larger than _MAX_HEAD, is a broken response (the
 # limits of aiohttp's client and of most servers: nothing legitimate comes near them).
@@ -107,11 +108,13 @@ class Pool:
         ssl_context: Callable[[], ssl.SSLContext] | None = None,
         keepalive: float = _KEEPALIVE,
         connect_to: str = "",
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         # ``host`` names the origin (TLS's server name); ``connect_to``, when given, is the IP
-        # address of the one endpoint of it this pool connects to (SPEC §12).
+        # address of the one endpoint of it this pool connects to (docs/fleet.md).
         self._host = host
         self._port = port
+        self._clock = clock  # keep-alive expiry and the DNS cache run on it
         literal = _literal_info(connect_to or host, port)
         self._addresses: list[AddressInfo] = [literal] if literal is not None else []
         self._resolved_until = float("inf") if literal is not None else 0.0
@@ -121,7 +124,7 @@ class Pool:
         self._keepalive = keepalive
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
-        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep: Cancellable | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -156,7 +159,7 @@ class Pool:
         idle = self._idle
         # After a certificate rotation, connections made with the old context are not reused.
         context = self._ssl_context() if self._ssl_context is not None else None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         while idle:
             connection = idle.pop()
             if (
@@ -209,12 +212,12 @@ class Pool:
         return connection
 
     async def _resolved(self) -> list[AddressInfo]:
-        if time.monotonic() < self._resolved_until:  # an IP literal: for ever
+        if self._clock.monotonic() < self._resolved_until:  # an IP literal: for ever
             return self._addresses
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
         self._addresses = [(int(f), int(t), p, c, a) for f, t, p, c, a in infos]
-        self._resolved_until = time.monotonic() + _DNS_TTL
+        self._resolved_until = self._clock.monotonic() + _DNS_TTL
         return self._addresses
 
     def opened(self, connection: _Connection) -> None:
@@ -234,19 +237,18 @@ class Pool:
         if self._closed or len(self._idle) >= self._max_idle or keep <= 0:
             connection.close()
             return
-        connection.expires = time.monotonic() + keep
+        connection.expires = self._clock.monotonic() + keep
         self._idle.append(connection)
         if self._sweep is None:
             self._arm_sweep()
 
     def _arm_sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sweep = loop.call_later(self._keepalive / 2, self._sweep_idle)
+        self._sweep = self._clock.call_later(self._keepalive / 2, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         """Closes the idle connections past their time (a request never takes one: _take)."""
         self._sweep = None
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for connection in [c for c in self._idle if c.expires <= now]:
             self._idle.remove(connection)
             connection.close()

@@ -55,7 +55,7 @@ def read_details(metadata: Iterable[Any] | None) -> Details:
 def _words(packed: any_pb2.Any, name: str) -> str:
     reader = _READERS.get(name)
     if reader is None:
-        return _clean(packed.type_url, 120)
+        return clean(packed.type_url, 120)
     detail = reader[0]()
     try:
         detail.ParseFromString(packed.value)
@@ -75,12 +75,12 @@ def _retry_delay(packed: any_pb2.Any) -> float | None:
 
 
 def _error_info(info: Any) -> str:
-    return f"ErrorInfo {_clean(info.reason)} ({_clean(info.domain)})"
+    return f"ErrorInfo {clean(info.reason)} ({clean(info.domain)})"
 
 
 def _bad_request(bad: Any) -> str:
     violations = [
-        f"{_clean(v.field)}: {_clean(v.description)}" for v in bad.field_violations[:_MAX_ITEMS]
+        f"{clean(v.field)}: {clean(v.description)}" for v in bad.field_violations[:_MAX_ITEMS]
     ]
     return "BadRequest " + ", ".join(violations)
 
@@ -90,26 +90,24 @@ def _retry_info(info: Any) -> str:
 
 
 def _resource_info(info: Any) -> str:
-    owner = f" owned by {_clean(info.owner)}" if info.owner else ""
-    what = f"{_clean(info.resource_type)} {_clean(info.resource_name)!r}"
-    return f"ResourceInfo {what}{owner}: {_clean(info.description)}"
+    owner = f" owned by {clean(info.owner)}" if info.owner else ""
+    what = f"{clean(info.resource_type)} {clean(info.resource_name)!r}"
+    return f"ResourceInfo {what}{owner}: {clean(info.description)}"
 
 
 def _precondition(failure: Any) -> str:
-    items = [f"{_clean(v.type)} {_clean(v.subject)}: {_clean(v.description)}"
+    items = [f"{clean(v.type)} {clean(v.subject)}: {clean(v.description)}"
              for v in failure.violations[:_MAX_ITEMS]]  # fmt: skip
     return "PreconditionFailure " + ", ".join(items)
 
 
 def _quota(failure: Any) -> str:
-    items = [
-        f"{_clean(v.subject)}: {_clean(v.description)}" for v in failure.violations[:_MAX_ITEMS]
-    ]
+    items = [f"{clean(v.subject)}: {clean(v.description)}" for v in failure.violations[:_MAX_ITEMS]]
     return "QuotaFailure " + ", ".join(items)
 
 
 def _localized(localized: Any) -> str:
-    return _clean(localized.message)
+    return clean(localized.message)
 
 
 def _debug(_: Any) -> str:
@@ -128,8 +126,10 @@ _READERS: dict[str, tuple[Callable[[], Any], Callable[[Any], str]]] = {
 }
 
 
-def _clean(text: str, limit: int = 200) -> str:
-    """One line of printable text, at most ``limit`` characters."""
+def clean(text: str, limit: int = 200) -> str:
+    """One line of printable text, at most ``limit`` characters: how every word an upstream
+    sends about an error is kept (its details here, its grpc-message in grpc.py), so none can
+    break a log line or the admin page with a CR, LF or control character."""
     line = " ".join("".join(ch if ch.isprintable() else " " for ch in text[: limit * 2]).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

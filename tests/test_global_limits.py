@@ -73,6 +73,21 @@ async def test_gcra_admits_the_burst_then_the_rate_and_prefixes_keep_limits_apar
         await other.aclose()
 
 
+async def test_many_admissions_at_once_all_reach_redis(redis):
+    """More admissions in flight than the pool has connections: they queue for one, none is
+    refused by the client (counted as a backend failure) and the burst still holds."""
+    url, _ = redis
+    errors = Counter("errors", "", registry=CollectorRegistry())
+    shared = SharedLimits(LimitsConfig("redis", url, "many", "deny", 2.0), errors)
+    try:
+        key = shared.key("upstream", "u")
+        decisions = await asyncio.gather(*(shared.admit(key, 0.01, 50, 0.0) for _ in range(300)))
+        assert errors._value.get() == 0  # type: ignore[attr-defined]
+        assert sum(bool(d and d.admitted) for d in decisions) == 50
+    finally:
+        await shared.aclose()
+
+
 def waits(decisions: list[Decision | None]) -> list[float]:
     return [d.wait if d else -1.0 for d in decisions]
 

@@ -72,6 +72,9 @@ return {1, math.ceil(wait)}
 # After a failed round trip, admissions skip Redis this long (decided by on_backend_error).
 RETRY_BACKEND_AFTER = 1.0
 LOG_EVERY = 60.0
+# Connections to Redis a process holds at most: a round trip takes well under a millisecond,
+# so 32 connections carry tens of thousands of admissions a second.
+POOL_SIZE = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +99,17 @@ class SharedLimits:
         self._config = config
         self._errors = errors
         self._timeout = config.timeout
-        # No retries of its own (the timeout bounds the whole round trip) and socket timeouts
-        # only as a backstop: asyncio.timeout below is what bounds an admission.
-        self._client: Any = aioredis.from_url(
-            config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
+        # A bounded pool that makes an admission wait for a free connection (within the
+        # timeout) instead of failing at once: redis-py's default pool refuses the 101st
+        # admission in flight ("Too many connections"). No retries of its own. asyncio.timeout
+        # below bounds an admission; the socket timeouts bound redis-py's own clean-up of a
+        # connection cut by it (it waits for the close that long).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=POOL_SIZE, timeout=None,
+            socket_timeout=config.timeout, socket_connect_timeout=config.timeout,
             retry=Retry(NoBackoff(), 0),
         )  # fmt: skip
+        self._client: Any = aioredis.Redis.from_pool(pool)  # closed with the client
         self._script = self._client.register_script(GCRA)
         self._loop = asyncio.get_running_loop()
         self._down_until = 0.0

@@ -6,10 +6,11 @@ new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
 came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
-admission, ad-hoc targets where only named aggregates may run (PERMISSION_DENIED,
-server.allow_ad_hoc), which named aggregate or which upstreams the request names that the caller
-may not run or call (PERMISSION_DENIED: one pass over the request as received, so an
-unauthorized caller costs no planning), the request itself or the named aggregate's parameters
+admission, the caller's quota (RESOURCE_EXHAUSTED, policies/quotas.py), ad-hoc targets where
+only named aggregates may run (PERMISSION_DENIED, server.allow_ad_hoc), which named aggregate or
+which upstreams the request names that the caller may not run or call (PERMISSION_DENIED: one
+pass over the request as received, so an unauthorized caller costs no planning), the request
+itself or the named aggregate's parameters
 (INVALID_ARGUMENT), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 

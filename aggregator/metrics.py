@@ -61,6 +61,9 @@ def attempt_result(result: Answered | TargetFailure | None) -> str:
     return "ok" if result.ok else "error"
 
 
+QUOTA_REASONS = ("rate_limit", "concurrency")  # a caller's quota (auth.callers.<name>)
+
+
 class UpstreamMetrics:
     """The children of every per-upstream metric, for one upstream."""
 
@@ -122,6 +125,7 @@ class Metrics:
         registry: CollectorRegistry,
         upstreams: Iterable[str],
         aggregates: Iterable[str] = (),
+        callers: Iterable[str] = (),
     ) -> None:
         # No `_created` series: one per labelled child, they were two thirds of a fresh
         # server's /metrics and no query of the dashboard reads them (process-wide switch).
@@ -208,6 +212,26 @@ class Metrics:
         self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         _add_runtime_collectors(self.exposition)
+        self._quota_metrics(registry, callers)
+
+    def _quota_metrics(self, registry: CollectorRegistry, callers: Iterable[str]) -> None:
+        """Callers' quotas and the limits backend (docs/operations.md, "Many replicas")."""
+        self.caller_rejections = Counter(
+            "aggregator_caller_rejections",
+            "Calls refused by their caller's quota (auth.callers), by caller and reason.",
+            ["caller", "reason"], registry=registry,
+        )  # fmt: skip
+        # Caller names come from the config: a label value no request can add.
+        self.caller_rejections_by = {
+            (caller, reason): self.caller_rejections.labels(caller, reason)
+            for caller in callers
+            for reason in QUOTA_REASONS
+        }
+        self.limit_backend_errors = Counter(
+            "aggregator_limit_backend_errors",
+            "Admissions limits.backend (Redis) did not decide, decided by on_backend_error.",
+            registry=registry,
+        )
 
     def add_aggregates(self, labels: Iterable[str]) -> None:
         """Binds the children of aggregates not seen yet (a config reload may add some)."""

@@ -43,8 +43,10 @@ RESTART_KEYS = (
     "server.address", "server.health_address", "server.metrics_address", "server.admin_address",
     "server.workers", "server.tls", "server.event_loop", "server.max_request_bytes",
     "server.max_upstream_inflight", "server.admin_recent", "server.admin_hosts",
-    "server.admin_allow_remote", "server.log_format", "tracing",
+    "server.admin_allow_remote", "server.log_format", "tracing", "limits",
 )  # fmt: skip
+# Callers' quotas keep their counters for the process's life (policies/quotas.py).
+QUOTAS = "auth.callers.<name>.rate_limit and max_concurrent_calls"
 RESULTS = ("ok", "error")
 
 
@@ -347,6 +349,13 @@ def needs_restart(old: Config, new: Config) -> Iterator[str]:
     for key in RESTART_KEYS:
         if _at(old, key) != _at(new, key):
             yield key
+    if _quotas(old) != _quotas(new):
+        yield QUOTAS
+
+
+def _quotas(config: Config) -> dict[str, tuple[Any, ...]]:
+    callers = config.auth.callers if config.auth is not None else {}
+    return {name: (c.rate_limit, c.max_concurrent_calls) for name, c in callers.items()}
 
 
 def _at(config: Config, key: str) -> Any:

@@ -6,10 +6,11 @@ new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
 came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),
-admission, ad-hoc targets where only named aggregates may run (PERMISSION_DENIED,
-server.allow_ad_hoc), which named aggregate or which upstreams the request names that the caller
-may not run or call (PERMISSION_DENIED: one pass over the request as received, so an
-unauthorized caller costs no planning), the request itself or the named aggregate's parameters
+admission, the caller's quota (RESOURCE_EXHAUSTED, policies/quotas.py), ad-hoc targets where
+only named aggregates may run (PERMISSION_DENIED, server.allow_ad_hoc), which named aggregate or
+which upstreams the request names that the caller may not run or call (PERMISSION_DENIED: one
+pass over the request as received, so an unauthorized caller costs no planning), the request
+itself or the named aggregate's parameters
 (INVALID_ARGUMENT), then each upstream's rules on what reaches it (INVALID_ARGUMENT).
 """
 
@@ -48,7 +49,9 @@ from aggregator.metrics import Metrics
 from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
 from aggregator.policies.endpoint import GuardedUpstream
+from aggregator.policies.global_limits import SharedLimits
 from aggregator.policies.limits import Bulkhead
+from aggregator.policies.quotas import Quotas
 from aggregator.reflection import enable_reflection
 from aggregator.reload import ConfigFile, Reloader, State
 from aggregator.security import hops
@@ -122,6 +125,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         catalog: Catalog | None = None,
         descriptors: Mapping[str, Descriptors] | None = None,
         recent: Recent | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         # What each call runs with, taken at its start (a reload swaps it: aggregator/reload.py):
         # the config, the named aggregates planned once (config load planned them too, to check
@@ -134,6 +138,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             endpoints,
             descriptors or {},
         )
+        # Callers' quotas: per process, as at start (a change needs a restart: reload.py).
+        self._quotas = quotas or Quotas(config.auth, None, metrics)
         self._metrics = metrics
         self._offload = offload
         self._loop = asyncio.get_running_loop()
@@ -249,7 +255,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             hops.enter(metadata)  # a loop through gRPC upstreams that are aggregators ends here
             call.caller = self._identify(state, context, metadata)
             self._admit()
+            quota = None
             try:
+                quota = await self._quotas.admit(call.caller)  # QuotaExceeded: none planned
                 # Planning reads every JSON payload and parameter: a large request is planned
                 # off the loop, on the one bounded executor (docs/security.md).
                 plan = await self._offload.run(
@@ -281,6 +289,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                     # that does not read waits behind them, and this frame with it.
                     del aggregation
             finally:
+                self._quotas.release(quota)
                 self.inflight -= 1
                 self._metrics.inflight.dec()
                 if self._idle is not None and not self.inflight:
@@ -530,7 +539,11 @@ class AggregatorServer:
         self._timers: Timers | None = None  # one for all upstreams (made in the loop, at start)
         self.port = 0
         self.metrics_port = 0
-        self.metrics = Metrics(registry or CollectorRegistry(), config.upstreams, config.aggregates)
+        callers = config.auth.callers if config.auth else ()
+        self.metrics = Metrics(
+            registry or CollectorRegistry(), config.upstreams, config.aggregates, callers
+        )
+        self.shared_limits: SharedLimits | None = None  # limits.backend: redis, made in start()
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -574,6 +587,8 @@ class AggregatorServer:
         )
         # One for all upstreams: attempts that start together share a timer.
         self._timers = Timers()
+        if self.config.limits.backend == "redis":
+            self.shared_limits = SharedLimits(self.config.limits, self.metrics.limit_backend_errors)
         upstreams = self.config.upstreams
         opened = {name: self.open_endpoint(config) for name, config in upstreams.items()}
         endpoints = {name: endpoint for name, (endpoint, _) in opened.items()}
@@ -581,6 +596,7 @@ class AggregatorServer:
         self._service = AggregatorService(
             self.config, endpoints, self.metrics, self.offload,
             catalog=self._catalog, descriptors=descriptors, recent=self.recent,
+            quotas=Quotas(self.config.auth, self.shared_limits, self.metrics),
         )  # fmt: skip
         if self._source is not None:
             self.reloader = Reloader(
@@ -618,8 +634,9 @@ class AggregatorServer:
         metrics = self.metrics.upstream(config.name)
         upstream = open_upstream(config, metrics, clock=self._clock)
         endpoint = GuardedUpstream(
-            upstream, config, metrics, self.upstream_inflight, self._timers, self._clock
-        )
+            upstream, config, metrics, self.upstream_inflight, self._timers, self._clock,
+            self.shared_limits,
+        )  # fmt: skip
         return endpoint, upstream.descriptors
 
     def _applied(self, config: Config) -> None:
@@ -738,6 +755,8 @@ class AggregatorServer:
         await asyncio.gather(*(endpoint.aclose() for endpoint in self.endpoints.values()))
         if self.reloader is not None:
             await self.reloader.aclose()
+        if self.shared_limits is not None:
+            await self.shared_limits.aclose()
         self.offload.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from bench.procs import Child, ProcessFailed, cpu_plan, python_module
-from bench.scenarios import FLOOR, SIDES, aggregator_config, naive_upstreams
+from bench.scenarios import FLOOR, SCENARIOS, SIDES, aggregator_config, naive_upstreams
 
 _START_TIMEOUT = 30.0
 
@@ -62,7 +62,8 @@ class Harness:
         ports = self.upstreams.read_line(_START_TIMEOUT)
         http_urls = {name: f"http://127.0.0.1:{port}" for name, port in ports["http_ports"].items()}
         grpc_address = f"127.0.0.1:{ports['grpc_port']}"
-        self.servers["aggregator"] = self._start_aggregator(http_urls, grpc_address)
+        redis_url = self._start_redis() if "limits-redis" in SCENARIOS else ""
+        self.servers["aggregator"] = self._start_aggregator(http_urls, grpc_address, redis_url)
         peers = json.dumps(naive_upstreams(http_urls, grpc_address))
         peer_sides = (("naive", ()), ("sequential", ("--sequential",)), (FLOOR, ("--floor",)))
         for side, extra in peer_sides:
@@ -89,9 +90,26 @@ class Harness:
         # SIGINT makes py-spy write its output and exit.
         self._spawn("py-spy", argv, server=False, stdout_to_log=True, stop_signal=signal.SIGINT)
 
-    def _start_aggregator(self, http_urls: dict[str, str], grpc_address: str) -> Child:
+    def _start_redis(self) -> str:
+        """A redis-server for limits.backend: redis (the limits-redis scenario), ready."""
+        port = _free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        self._spawn("redis", [*argv, "--appendonly", "no"], server=False, stdout_to_log=True)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+                return f"redis://127.0.0.1:{port}/0"
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ProcessFailed("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def _start_aggregator(
+        self, http_urls: dict[str, str], grpc_address: str, redis_url: str
+    ) -> Child:
         port, metrics_port = _free_port(), _free_port()
-        config = aggregator_config(http_urls, grpc_address, port, metrics_port)
+        config = aggregator_config(http_urls, grpc_address, port, metrics_port, redis_url)
         config_path = self.log_dir / "aggregator.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.addresses["aggregator"] = f"127.0.0.1:{port}"

@@ -8,6 +8,7 @@ ASCII). Each REST upstream name has a port of its own on that app, as distinct s
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -267,8 +268,33 @@ SCENARIOS["fleet-rr"] = Scenario(
     aggregator_suffix=ROUND_ROBIN_SUFFIX,
 )
 
+# An upstream rate limit held in Redis (limits.backend: redis, scope: global) against the same
+# limit held in the process: five REST targets through "-local" and "-global" twins whose limit
+# never refuses, so the difference between the two is what one admission costs (five a call).
+# The harness starts a redis-server for it (on the harness's CPUs, as a Redis elsewhere).
+LOCAL_LIMIT_SUFFIX, GLOBAL_LIMIT_SUFFIX = "-local", "-global"
+_NEVER_REFUSES = {"rate": 1e9, "burst": 1_000_000}
+SCENARIOS["limits-memory"] = Scenario(
+    "limits-memory",
+    "five REST targets at 20 ms, each upstream with a rate_limit held in the process",
+    _rest(20, 20, 20, 20, 20),
+    (Point(1), Point(16)),
+    aggregator_suffix=LOCAL_LIMIT_SUFFIX,
+)
+SCENARIOS["limits-redis"] = Scenario(
+    "limits-redis",
+    "the same with the rate_limits held in Redis for every replica (limits.backend: redis, "
+    "scope: global): one Redis round trip an admission",
+    _rest(20, 20, 20, 20, 20),
+    (Point(1), Point(16)),
+    aggregator_suffix=GLOBAL_LIMIT_SUFFIX,
+)
+
 # Scenarios that cannot run, and why.
 SKIPPED: dict[str, str] = {}
+if shutil.which("redis-server") is None:
+    SKIPPED["limits-redis"] = "skipped: redis-server is not installed (make test installs it)"
+    del SCENARIOS["limits-redis"]
 if HEDGE_DELAY_MS is None:
     SKIPPED["tail-hedged"] = (
         "skipped: hedging is not implemented yet (set HEDGE_DELAY_MS in bench/scenarios.py)"
@@ -276,7 +302,11 @@ if HEDGE_DELAY_MS is None:
 
 
 def aggregator_config(
-    http_urls: Mapping[str, str], grpc_address: str, port: int, metrics_port: int
+    http_urls: Mapping[str, str],
+    grpc_address: str,
+    port: int,
+    metrics_port: int,
+    redis_url: str = "",
 ) -> dict[str, Any]:
     """A production-like config: defaults plus breaker, bulkhead (max_concurrency), metrics."""
     policies = {
@@ -295,6 +325,9 @@ def aggregator_config(
             upstreams[name + HEDGED_SUFFIX] = {**upstreams[name], **hedge}
     for name in REST_UPSTREAMS:
         upstreams[name + CACHED_SUFFIX] = {**upstreams[name], "cache": {"ttl": "60s"}}
+        for suffix, scope in ((LOCAL_LIMIT_SUFFIX, "local"), (GLOBAL_LIMIT_SUFFIX, "global")):
+            limit = {**_NEVER_REFUSES, "scope": scope}
+            upstreams[name + suffix] = {**upstreams[name], "rate_limit": limit}
     # No breaker: on this shared machine a stall past the 150 ms timeout on every endpoint at
     # once opens it for 30 s, and the figures would measure that instead of the balancing.
     fleet = {
@@ -322,6 +355,9 @@ def aggregator_config(
         },
         "upstreams": upstreams,
         "aggregates": {s.named: named_aggregate(s) for s in SCENARIOS.values() if s.named},
+        # The default timeout (5 ms), as in production: a round trip past it is counted in
+        # aggregator_limit_backend_errors_total and decided by the process's own limit.
+        **({"limits": {"backend": "redis", "redis_url": redis_url}} if redis_url else {}),
     }
 
 

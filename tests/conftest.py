@@ -55,10 +55,11 @@ def make_config(
     server: dict[str, Any] | None = None,
     auth: dict[str, Any] | None = None,
     aggregates: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
     **upstreams: Any,
 ) -> Config:
     """rest, rpc and a refused-port upstream ``dead``; keyword arguments add or override
-    upstreams; ``aggregates`` is the config's named aggregates."""
+    upstreams; ``aggregates`` is the config's named aggregates, ``limits`` its limits."""
     document: dict[str, Any] = {
         "server": {
             "address": "127.0.0.1:0",
@@ -77,6 +78,8 @@ def make_config(
         document["auth"] = auth
     if aggregates is not None:
         document["aggregates"] = aggregates
+    if limits is not None:
+        document["limits"] = limits
     return config_from_mapping(document)
 
 
@@ -93,9 +96,10 @@ async def start_server(
         auth: dict[str, Any] | None = None,
         aggregates: dict[str, Any] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        limits: dict[str, Any] | None = None,
         **upstreams: Any,
     ) -> tuple[AggregatorServer, pb_grpc.AggregatorStub]:
-        config = make_config(rest, rpc, server, auth, aggregates, **upstreams)
+        config = make_config(rest, rpc, server, auth, aggregates, limits, **upstreams)
         aggregator = AggregatorServer(config, clock=clock)
         port = await aggregator.start()
         servers.append(aggregator)

@@ -37,6 +37,7 @@ from aggregator.config.schema import (
     Config,
     HedgePolicy,
     JwtConfig,
+    LimitsConfig,
     OutlierDetection,
     ParamConfig,
     RateLimit,
@@ -45,6 +46,7 @@ from aggregator.config.schema import (
     ServerTls,
     TracingConfig,
     UpstreamConfig,
+    UpstreamRateLimit,
     UpstreamTls,
 )
 from aggregator.durations import parse_duration
@@ -65,6 +67,7 @@ __all__ = [
     "ConfigError",
     "HedgePolicy",
     "JwtConfig",
+    "LimitsConfig",
     "OutlierDetection",
     "ParamConfig",
     "RateLimit",
@@ -74,6 +77,7 @@ __all__ = [
     "ServerTls",
     "TracingConfig",
     "UpstreamConfig",
+    "UpstreamRateLimit",
     "UpstreamTls",
     "config_from_mapping",
     "key_label",

@@ -23,7 +23,9 @@ from aggregator.config.schema import (
     CallerConfig,
     Config,
     JwtConfig,
+    LimitsConfig,
     ParamConfig,
+    RateLimit,
     ServerConfig,
     TracingConfig,
     UpstreamConfig,
@@ -66,12 +68,14 @@ def read_config(raw: Any) -> Read:
     tracing_config = (
         reader.simple_section(tracing, TracingConfig, "tracing")[0] if tracing is not None else None
     )
+    limits = _read_limits(reader, top.get("limits"))
     config = Config(
         server=server,
         upstreams=upstreams,
         auth=auth_config,
         tracing=tracing_config,
         aggregates=aggregates,
+        limits=limits,
     )
     return Read(config, reader.problems, frozenset(known - set(upstreams)))
 
@@ -119,6 +123,13 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     return config_from_mapping(parse_yaml(text, source))
 
 
+def _read_limits(reader: Reader, raw: Any) -> LimitsConfig:
+    limits, _ = reader.simple_section(raw, LimitsConfig, "limits")
+    if limits.backend == "redis" and not limits.redis_url:
+        reader.problems.append("limits.redis_url: required when backend is redis")
+    return limits
+
+
 def _read_jwt(reader: Reader, raw: Any, path: str) -> JwtConfig:
     section = reader.section(raw, path)
     reader.unknown(section, keys_of(JwtConfig), path)
@@ -148,7 +159,10 @@ def _read_caller(
         reader.problems.append(f"{path}: needs a certificate or a token_subject to be known by")
     if "upstreams" not in section and "aggregates" not in section:
         reader.problems.append(f'{path}.upstreams: required (a list of upstream names, or "*")')
-    caller = CallerConfig(name=name, **reader.fields(section, CallerConfig, path))
+    rate_limit = {"rate_limit": lambda raw, at: reader.simple_section(raw, RateLimit, at)[0]}
+    caller = CallerConfig(
+        name=name, **reader.fields(section, CallerConfig, path, sections=rate_limit)
+    )
     for upstream in caller.upstreams:
         if upstream != "*" and upstream not in upstreams:
             reader.problems.append(f"{path}.upstreams: {upstream!r} is not a configured upstream")

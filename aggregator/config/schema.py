@@ -24,6 +24,9 @@ LOG_FORMATS: tuple[Literal["text", "json"], ...] = ("text", "json")
 EVENT_LOOPS: tuple[Literal["auto", "asyncio", "uvloop"], ...] = ("auto", "asyncio", "uvloop")
 CACHE_BACKENDS: tuple[Literal["memory", "redis"], ...] = ("memory", "redis")
 TRACE_EXPORTERS: tuple[Literal["otlp", "console"], ...] = ("otlp", "console")
+LIMIT_BACKENDS: tuple[Literal["memory", "redis"], ...] = ("memory", "redis")
+ON_BACKEND_ERROR: tuple[Literal["local", "allow", "deny"], ...] = ("local", "allow", "deny")
+RATE_LIMIT_SCOPES: tuple[Literal["local", "global"], ...] = ("local", "global")
 
 
 def setting(default: T, convert: Callable[[Any], Any], **variants: Callable[[Any], Any]) -> T:
@@ -80,6 +83,12 @@ class BreakerPolicy:
 class RateLimit:
     rate: float = field(metadata=required(to.number(0.001, 1e9), 1.0))
     burst: int = field(metadata=required(to.at_least(1), 1))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRateLimit(RateLimit):
+    # global: held for every replica together in limits.backend (docs/operations.md)
+    scope: Literal["local", "global"] = setting("local", to.choice(*RATE_LIMIT_SCOPES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +150,7 @@ class UpstreamConfig:
     retry: RetryPolicy | None = section()
     hedge: HedgePolicy | None = section()
     circuit_breaker: BreakerPolicy | None = section()
-    rate_limit: RateLimit | None = section()
+    rate_limit: UpstreamRateLimit | None = section()
     cache: CachePolicy | None = section()
     tls: UpstreamTls | None = section()  # grpc: TLS on when set; http: https:// URLs use TLS
     # Caller metadata keys copied to this upstream (HTTP headers / gRPC metadata), e.g.
@@ -240,6 +249,9 @@ class CallerConfig:
     upstreams: tuple[str, ...] = setting((), to.strings)  # the upstreams it may call; "*": all
     # the named aggregates it may run; "*" for all
     aggregates: tuple[str, ...] = setting((), to.strings)
+    # Aggregate + Collect calls a second (all replicas together with limits.backend: redis)
+    rate_limit: RateLimit | None = section()
+    max_concurrent_calls: int | None = setting(None, to.at_least(1))  # in flight, per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +292,20 @@ class TracingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Where rate limits that hold across replicas are kept (docs/operations.md)."""
+
+    backend: Literal["memory", "redis"] = setting("memory", to.choice(*LIMIT_BACKENDS))
+    redis_url: str = setting("", to.redis_url)
+    key_prefix: str = setting("aggregator", to.key_prefix)
+    # when Redis does not answer within timeout: local limits, admit, or refuse
+    on_backend_error: Literal["local", "allow", "deny"] = setting(
+        "local", to.choice(*ON_BACKEND_ERROR)
+    )
+    timeout: float = setting(0.005, to.positive_duration)  # one admission's round trip
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"section": True})
     upstreams: Mapping[str, UpstreamConfig] = field(
@@ -287,6 +313,7 @@ class Config:
     )
     auth: AuthConfig | None = section()  # None: every caller may call every upstream
     tracing: TracingConfig | None = section()  # None: off
+    limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"section": True})
     aggregates: Mapping[str, AggregateConfig] = field(
         default_factory=dict, metadata={"section": True}
     )

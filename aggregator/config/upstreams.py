@@ -15,11 +15,11 @@ from aggregator.config.schema import (
     CachePolicy,
     HedgePolicy,
     OutlierDetection,
-    RateLimit,
     RetryPolicy,
     ServerConfig,
     ServerTls,
     UpstreamConfig,
+    UpstreamRateLimit,
     UpstreamTls,
 )
 from aggregator.hosts import bare_host, is_loopback
@@ -95,7 +95,7 @@ _POLICIES: dict[str, Callable[[Reader, Any, str], Any]] = {
     "retry": _read_retry,
     "hedge": _simple(HedgePolicy),
     "circuit_breaker": _simple(BreakerPolicy),
-    "rate_limit": _simple(RateLimit),
+    "rate_limit": _simple(UpstreamRateLimit),
     "cache": _read_cache,
     "tls": _read_upstream_tls,
 }

@@ -39,7 +39,8 @@ from aggregator.policies.breaker import Breaker
 from aggregator.policies.budget import RetryBudget
 from aggregator.policies.cache import Coalescer, ResponseCache
 from aggregator.policies.deadline import Alarm, Deadline
-from aggregator.policies.limits import Bulkhead, GradientLimit, TokenBucket
+from aggregator.policies.global_limits import SharedLimits, rate_limiter
+from aggregator.policies.limits import Bulkhead, GradientLimit
 from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.timers import SYSTEM_CLOCK, Clock, Timers
 from aggregator.upstreams.seam import Balancer, Member, Reply, Upstream
@@ -93,6 +94,7 @@ class GuardedUpstream:
         all_upstreams: Bulkhead,
         timers: Timers | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.name = config.name
         self._clock = clock
@@ -124,11 +126,7 @@ class GuardedUpstream:
         if self.adaptive is None:
             metrics.concurrency_limit.set(config.max_concurrency)
         self._all_upstreams = all_upstreams
-        self.bucket = (
-            TokenBucket(config.name, config.rate_limit.rate, config.rate_limit.burst)
-            if config.rate_limit
-            else None
-        )
+        self.bucket = rate_limiter(config, shared_limits)
         breaker = config.circuit_breaker
         self.breaker = (
             Breaker(

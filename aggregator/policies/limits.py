@@ -215,6 +215,8 @@ class TokenBucket:
 
     def __init__(self, upstream: str, rate: float, burst: int) -> None:
         self._upstream = upstream
+        self.rate = rate
+        self.burst = burst
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
@@ -246,6 +248,15 @@ class TokenBucket:
             except asyncio.CancelledError:
                 self._tokens += 1.0  # give the reservation back
                 raise
+
+    def try_take(self) -> float:
+        """Takes a token when one is there (0.0); else takes none and says in how many
+        seconds one will be (a caller's quota refuses at once instead of waiting)."""
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
 
     def _refill(self) -> None:
         now = self._loop.time()

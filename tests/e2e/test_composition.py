@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -292,6 +293,14 @@ async def test_collect_merges_json_bodies_by_target_id(stub):
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
+    with redis_process() as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """A real redis-server on a free loopback port: its URL and its process (a test may stop,
+    pause or kill it)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make test`, which installs it")
@@ -306,8 +315,10 @@ def redis_server() -> Iterator[str]:
         for line in process.stdout:  # wait for its own word that it is ready
             if "Ready to accept connections" in line:
                 break
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", process
     finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused one must hear the terminate
         process.terminate()
         process.wait(timeout=10)
         if process.stdout is not None:

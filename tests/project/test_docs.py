@@ -86,6 +86,7 @@ class Block:
             "auth",
             "tracing",
             "aggregates",
+            "limits",
         }:
             return "config"
         return "unknown"
@@ -310,6 +311,7 @@ SECTIONS = {
     "upstreams.<name>": config_module.UpstreamConfig,
     "auth": config_module.AuthConfig,
     "tracing": config_module.TracingConfig,
+    "limits": config_module.LimitsConfig,
 }
 # Keys the parser requires although their dataclass field has a default, and a document
 # without them whose problems must name them.
@@ -436,9 +438,9 @@ def test_documented_defaults_are_the_code_defaults(key: str):
         f"{key}: documented {cell}, the code's default {field.default!r}"
     )
     # The parser builds these sections from EVERY_SECTION (server.tls would need real files).
-    parsed = key.startswith(("server.", "upstreams.", "tracing.")) and not key.startswith(
-        "server.tls."
-    )
+    parsed = key.startswith(
+        ("server.", "upstreams.", "tracing.", "limits.")
+    ) and not key.startswith("server.tls.")
     if stated is not None and parsed:
         assert parsed_value(key) == stated, f"{key}: the parser fills in something else"
 
@@ -483,7 +485,8 @@ _VARYING = re.compile(r"[0-9a-f]{32}|\d+(?:\.\d+)?|[█▓▒░]+| +")
 
 def _shape(line: str) -> str:
     """A line with its numbers, request id, bars and runs of spaces made alike."""
-    return _VARYING.sub(lambda match: " " if match.group().isspace() else "#", line).strip()
+    shape = _VARYING.sub(lambda match: " " if match.group().isspace() else "#", line).strip()
+    return re.sub(r"#( #)+", "#", shape)  # an axis has as many labels as its span needs
 
 
 def test_the_readmes_demo_output_is_what_the_demo_prints():

@@ -16,9 +16,9 @@ from aggregator.config import (
     Config,
     ConfigError,
     HedgePolicy,
-    RateLimit,
     RetryPolicy,
     ServerConfig,
+    UpstreamRateLimit,
     config_from_mapping,
     load_config,
     parse_config,
@@ -183,7 +183,7 @@ def test_the_spec_example_parses_to_what_it_says():
     assert catalog.retry == RetryPolicy(attempts=3, backoff=0.025, max_backoff=0.25, budget=0.2)
     assert catalog.hedge == HedgePolicy(delay=0.05)
     assert catalog.circuit_breaker == BreakerPolicy(fail_max=5, reset_timeout=30.0)
-    assert catalog.rate_limit == RateLimit(rate=200, burst=50)
+    assert catalog.rate_limit == UpstreamRateLimit(rate=200, burst=50)
     assert catalog.cache == CachePolicy(ttl=30.0, stale_if_error=300.0)
     assert (pricing.kind, pricing.address, pricing.timeout) == ("grpc", "127.0.0.1:50061", 0.3)
     assert pricing.url == ""

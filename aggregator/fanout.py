@@ -6,7 +6,7 @@ budget ran out, a required target failed, the caller went away), cancels and awa
 it started before it returns.
 
 Times are measured with ``time.perf_counter_ns()`` and reported as integer nanoseconds
-(SPEC §14): the loop's clock only schedules (deadlines, timers), since uvloop's counts whole
+(docs/api.md): the loop's clock only schedules (deadlines, timers), since uvloop's counts whole
 milliseconds.
 """
 
@@ -53,7 +53,7 @@ class Budget:
     """The time an aggregate may take, in event-loop time, and when it started on the
     measuring clock."""
 
-    seconds: float  # the budget applied (SPEC §5), reported as x-aggregate-deadline-ms
+    seconds: float  # the budget applied (docs/api.md), reported as x-aggregate-deadline-ms
     started: float
     stop_at: float  # when the server stops waiting: budget minus the margin
     # time.perf_counter_ns() at the start: the origin of every start_offset and of elapsed.

@@ -1,4 +1,4 @@
-"""Prometheus metrics of SPEC §9, with every label child bound once at start-up.
+"""Prometheus metrics of docs/operations.md, with every label child bound once at start-up.
 
 Labels are bounded: upstream and aggregate names come from the config and outcomes from the
 enum; no id, path or request value ever becomes a label.
@@ -81,7 +81,7 @@ class UpstreamMetrics:
         self.cache = {
             result: metrics.cache_requests.labels(upstream, result) for result in CACHE_RESULTS
         }
-        # SPEC §12: by upstream and state only, never by address (pod addresses churn).
+        # docs/fleet.md: by upstream and state only, never by address (pod addresses churn).
         self.endpoints_active = metrics.upstream_endpoints.labels(upstream, "active")
         self.endpoints_ejected = metrics.upstream_endpoints.labels(upstream, "ejected")
         self.ejections = metrics.endpoint_ejections.labels(upstream)

@@ -1,7 +1,7 @@
 """The gRPC server: the Aggregator service wired with health, reflection and upstream pools.
 
 ``AggregatorServer`` owns everything with a lifetime (the grpc.aio server, the plaintext
-health-only server, one pool per upstream) and shuts down as SPEC §5 says: NOT_SERVING, refuse
+health-only server, one pool per upstream) and shuts down as docs/operations.md says: NOT_SERVING, refuse
 new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
@@ -521,7 +521,7 @@ def _request_id(metadata: Sequence[tuple[str, Any]]) -> str:
 
 
 class AggregatorServer:
-    """The running service. ``start()`` binds; ``drain()`` shuts down as SPEC §5 says."""
+    """The running service. ``start()`` binds; ``drain()`` shuts down as docs/operations.md says."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The x-aggregate-* trailers (SPEC §3), kept together well under grpc's 8 KiB metadata limit.
+"""The x-aggregate-* trailers (docs/api.md), kept together well under grpc's 8 KiB metadata limit.
 
 Id lists are cut to a byte budget each and end with ``+N more``; the summary keeps its counts
 and as many failure entries as fit. The stream itself always holds the full detail.

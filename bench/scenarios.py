@@ -219,7 +219,7 @@ SCENARIOS["grpc5-json"] = Scenario(
     typed_json=True,
 )
 
-# A named aggregate (SPEC §11) against the same targets sent ad hoc: the plan is made when the
+# A named aggregate (docs/named-aggregates.md) against the same targets sent ad hoc: the plan is made when the
 # config loads, a call only binds its parameter. Each target's path is /delay/{{params.delay}}MS
 # and the call sends delay "0": binding does real work (a path segment filled and encoded), and
 # the upstream reads /delay/0120 as the 120 ms page5 sends.
@@ -248,7 +248,7 @@ def named_aggregate(scenario: Scenario) -> dict[str, Any]:
     return {"params": {"delay": {"required": True}}, "targets": targets}
 
 
-# SPEC §12: one upstream of three endpoints, one of them sick. `fleet`: least_request with
+# docs/fleet.md: one upstream of three endpoints, one of them sick. `fleet`: least_request with
 # outlier detection (the defaults: ejected after 5 failures in a row, for 30 s); `fleet-rr`:
 # round_robin without it (ejection off). The naive and sequential sides do not balance: they
 # call one healthy endpoint of the three (f0), an upper bound rather than a peer here.

@@ -22,7 +22,7 @@ from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.upstreams import GrpcUpstream, RestUpstream, grpc_upstream, refused_port, rest_upstream
 
-# SPEC §3: every call ends with all of these, on OK and on error.
+# docs/api.md: every call ends with all of these, on OK and on error.
 TRAILER_KEYS = {
     "x-aggregate-completed",
     "x-aggregate-succeeded",

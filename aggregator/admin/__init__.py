@@ -1,4 +1,4 @@
-"""The admin page (SPEC §13): what the process saw, for people and as JSON.
+"""The admin page (docs/admin.md): what the process saw, for people and as JSON.
 
 ``recent.py`` keeps the last aggregates, ``rolling.py`` each upstream's last minute, ``app.py``
 serves both; ``static/`` holds the page itself (no CDN, nothing fetched from elsewhere).

@@ -1,4 +1,4 @@
-"""The admin page's web app (SPEC §13): ``/``, ``/aggregates/<request id>`` and the JSON they
+"""The admin page's web app (docs/admin.md): ``/``, ``/aggregates/<request id>`` and the JSON they
 read, ``/api/upstreams``, ``/api/aggregates`` and ``/api/aggregates/<request id>``.
 
 Only fixed routes: the page's files are read from the package once, at start. A path that is

@@ -1,5 +1,5 @@
 """The last ``server.admin_recent`` aggregates, as compact records, and each upstream's last
-minute (SPEC §13).
+minute (docs/admin.md).
 
 A record keeps what the waterfall draws and nothing a caller sent as data: no body, no header
 or metadata value, no query string, no token. A target's path is its planned path, before any

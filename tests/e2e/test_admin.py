@@ -1,4 +1,4 @@
-"""The admin page's JSON (SPEC §13) against a real server and real upstreams: what is kept,
+"""The admin page's JSON (docs/admin.md) against a real server and real upstreams: what is kept,
 the filters, 404 and 400 answers, the privacy rule, and the memory a kept aggregate costs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An upstream is a fleet (SPEC §12): endpoints, balancing, outlier ejection, adaptive limits.
+"""An upstream is a fleet (docs/fleet.md): endpoints, balancing, outlier ejection, adaptive limits.
 
 Real upstream servers on loopback addresses (127.0.0.2 and 127.0.0.3 are loopback on Linux),
 the real aggregator in front of them.

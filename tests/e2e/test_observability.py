@@ -1,4 +1,4 @@
-"""Metrics of SPEC §9 on /metrics, and the one structured log line per aggregate."""
+"""Metrics of docs/operations.md on /metrics, and the one structured log line per aggregate."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ def circuit_state(server, upstream: str) -> float | None:
 async def test_breaker_opens_fails_fast_half_opens_with_one_trial_and_closes(start_server, rest):
     breaker = {"fail_max": 3, "reset_timeout": "300ms"}
     # The trial below times out by the upstream's own timeout: a caller's own shorter
-    # timeout would say nothing of the upstream's health, and not count (SPEC §15).
+    # timeout would say nothing of the upstream's health, and not count (docs/security.md).
     flaky = flaky_upstream(rest, circuit_breaker=breaker, timeout="300ms")
     clock = ManualClock()
     server, stub = await start_server(flaky=flaky, clock=clock)

@@ -1,4 +1,4 @@
-"""SPEC §14: measurements are exact, on uvloop too, and a target cut short keeps its times."""
+"""docs/api.md: measurements are exact, on uvloop too, and a target cut short keeps its times."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ async def test_refused_call_is_not_reported_as_completed(stub, rest, rpc):
     request = pb.AggregateRequest(targets=[http("bad", "//evil.example/x")])
     _, code, _, trailers = await collect(stub.Aggregate(request, timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    # SPEC §3: "true iff every target's outcome is OK"; this target never ran.
+    # docs/api.md: "true iff every target's outcome is OK"; this target never ran.
     assert trailers["x-aggregate-completed"] == "false"
     assert nothing_sent(rest, rpc)
 

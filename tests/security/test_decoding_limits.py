@@ -149,7 +149,7 @@ async def test_bodies_past_max_decoded_bytes_keep_their_body_and_say_why(
     assert not late.HasField("json")
     assert len(late.body) > MIB - 8192
     assert f"past server.max_decoded_bytes ({limit})" in late.error
-    assert sorted(response.merged.fields) == sorted(set(results) - {late.id})  # SPEC §6
+    assert sorted(response.merged.fields) == sorted(set(results) - {late.id})  # docs/composition.md
 
 
 async def test_bodies_dependents_read_count_against_max_decoded_bytes(start_server, big):

@@ -1,4 +1,4 @@
-"""The YAML config of SPEC §7: defaults, the documented example, and one named line per problem."""
+"""The YAML config of docs/configuration.md: defaults, the documented example, and one named line per problem."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from aggregator.config import (
 )
 from aggregator.load import load_mapping
 
-# SPEC §7, verbatim.
+# docs/configuration.md, verbatim.
 SPEC_EXAMPLE = """\
 server:
   address: "[::]:50051"          # gRPC
@@ -519,7 +519,7 @@ def test_yaml_that_pyyaml_cannot_build_is_one_clean_problem(text):
     assert "\n" not in problem
 
 
-# An upstream is a fleet (SPEC §12) ------------------------------------------------------------
+# An upstream is a fleet (docs/fleet.md) ------------------------------------------------------------
 
 FLEET_PROBLEMS = [
     ({"upstreams__catalog__url": []}, "upstreams.catalog.url", "empty list"),

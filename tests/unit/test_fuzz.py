@@ -559,7 +559,7 @@ def _seen_request_ids(rest, rpc) -> set[str]:
 def _required_failure_explains(
     request: pb.AggregateRequest, results: list[pb.TargetResult], details: str
 ) -> bool:
-    """A non-OK status that follows a required target's failure, as SPEC §4 says."""
+    """A non-OK status that follows a required target's failure, as docs/api.md says."""
     failed = {r.id for r in results if r.outcome != pb.OUTCOME_OK}
     return any(
         details.startswith(f"required target {target.id!r} failed")

@@ -2,7 +2,7 @@
 
 Catalogue, pricing, inventory, recommendations and reviews are REST endpoints of one aiohttp
 app; shipping is a gRPC service. Everything listens on 127.0.0.1 on free ports. The page is a
-named aggregate (config ``aggregates.product_page``, docs/named-aggregates.md): the demo calls it by name with
+named aggregate (``aggregates.product_page``, docs/named-aggregates.md): the demo calls it by name with
 its one parameter, ``sku``.
 """
 

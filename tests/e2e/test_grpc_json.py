@@ -1,4 +1,5 @@
-"""gRPC targets in JSON (docs/grpc-json.md): descriptors by reflection or file, JSON requests and answers,
+"""gRPC targets in JSON (docs/grpc-json.md): descriptors by reflection or file, JSON requests and
+answers,
 composition through gRPC answers, error details; against typed upstreams on real sockets."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Named aggregates called by name (docs/named-aggregates.md), against the real server and real upstreams:
+"""Named aggregates called by name (docs/named-aggregates.md), against the real server and real
+upstreams:
 parameters land encoded where they stand, every refusal sends nothing, the safelist holds."""
 
 from __future__ import annotations
@@ -321,7 +322,8 @@ async def test_auth_limits_the_aggregates_each_caller_may_run(
 
 
 def test_a_named_call_plans_in_less_cpu_than_the_same_targets_ad_hoc() -> None:
-    """docs/named-aggregates.md "planned once": a call binds its parameters into the plan made at load. What a
+    """docs/named-aggregates.md "planned once": a call binds its parameters into the plan made at
+    load. What a
     call costs before its fan-out (parse, plan or bind, the upstreams' rules), in CPU time,
     the median of 5 runs: the fan-out after it is the same code for both."""
     upstreams = {f"u{i}": {"kind": "http", "url": f"http://127.0.0.1:{9000 + i}"} for i in range(5)}

@@ -1,4 +1,5 @@
-"""docs/security.md, shared state: one caller never gets an answer keyed on something it controls, and
+"""docs/security.md, shared state: one caller never gets an answer keyed on something it controls,
+and
 never affects others through the breaker or a coalesced call beyond what the upstream says.
 
 Each attack runs against the real server and real upstreams on loopback: an attacker's call
@@ -87,7 +88,8 @@ FORGERIES = {
 async def test_a_forged_request_does_not_plant_an_answer_for_another(start_server, rest, forgery):
     attacker_fields, victim_fields = FORGERIES[forgery]
     _, stub = await start_server(cached=cached(rest.url))
-    # A body on GET is refused before anything is sent (docs/security.md); the others run and are cached.
+    # A body on GET is refused before anything is sent (docs/security.md); the others run and
+    # are cached.
     attack = pb.AggregateRequest(
         targets=[http("attacker", "/echo", upstream="cached", **attacker_fields)]
     )

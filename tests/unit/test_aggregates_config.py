@@ -1,4 +1,5 @@
-"""Named aggregates in config (docs/named-aggregates.md): each is planned at load, each problem named by its key
+"""Named aggregates in config (docs/named-aggregates.md): each is planned at load, each problem
+named by its key
 path, as `aggregator check-config` prints it."""
 
 from __future__ import annotations

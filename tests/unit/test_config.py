@@ -1,4 +1,5 @@
-"""The YAML config of docs/configuration.md: defaults, the documented example, and one named line per problem."""
+"""The YAML config of docs/configuration.md: defaults, the documented example, and one named
+line per problem."""
 
 from __future__ import annotations
 
@@ -519,7 +520,7 @@ def test_yaml_that_pyyaml_cannot_build_is_one_clean_problem(text):
     assert "\n" not in problem
 
 
-# An upstream is a fleet (docs/fleet.md) ------------------------------------------------------------
+# An upstream is a fleet (docs/fleet.md) ----------------------------------------------------
 
 FLEET_PROBLEMS = [
     ({"upstreams__catalog__url": []}, "upstreams.catalog.url", "empty list"),

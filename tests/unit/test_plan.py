@@ -1,4 +1,5 @@
-"""make_plan: every malformed request of docs/api.md is refused, naming each problem and its target."""
+"""make_plan: every malformed request of docs/api.md is refused, naming each problem and its
+target."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Catalogue, pricing, inventory, recommendations and reviews are REST endpoints of one aiohttp
 app; shipping is a gRPC service. Everything listens on 127.0.0.1 on free ports. The page is a
-named aggregate (``aggregates.product_page``, docs/named-aggregates.md): the demo calls it by name with
-its one parameter, ``sku``.
+named aggregate (``aggregates.product_page``, docs/named-aggregates.md): the demo calls it
+by name with its one parameter, ``sku``.
 """
 
 from __future__ import annotations

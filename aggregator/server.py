@@ -1,8 +1,8 @@
 """The gRPC server: the Aggregator service wired with health, reflection and upstream pools.
 
 ``AggregatorServer`` owns everything with a lifetime (the grpc.aio server, the plaintext
-health-only server, one pool per upstream), shutting down as docs/operations.md says: NOT_SERVING, refuse
-new calls, drain within ``server.shutdown_grace``, close the pools.
+health-only server, one pool per upstream), shutting down as docs/operations.md says:
+NOT_SERVING, refuse new calls, drain within ``server.shutdown_grace``, close the pools.
 
 A call is checked in this order before anything is sent upstream: how many aggregators it
 came through (FAILED_PRECONDITION, security/hops.py), who is calling (UNAUTHENTICATED),

@@ -63,6 +63,7 @@ from aggregator.vocabulary import AD_HOC, REQUEST_ID
 log = logging.getLogger("aggregator")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
+_MIN_BACKLOG = 10_000  # calls received, not yet taken by the loop (_server_options)
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -578,7 +579,15 @@ class AggregatorServer:
         return ", ".join(parts)
 
     def _server_options(self) -> tuple[tuple[str, int], ...]:
-        return (("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),)
+        # Calls grpc has received but the loop has not taken yet: past grpc's own limits (a
+        # random share from 1,000, all from 3,000) it ends them CANCELLED, before any handler
+        # could answer RESOURCE_EXHAUSTED (docs/operations.md, "Overload").
+        backlog = max(_MIN_BACKLOG, 10 * self.config.server.max_concurrent_calls)
+        return (
+            ("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", backlog),
+        )
 
     def _listen(self, server: grpc.aio.Server, address: str, key: str) -> int:
         """Binds ``address``: with TLS (the server's certificates) when configured."""

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -42,6 +42,7 @@ from aggregator.decoding import CallDecoder
 from aggregator.errors import CallFailure, InvalidRequest, status_message
 from aggregator.fanout import Aggregation, Budget, Emit
 from aggregator.grpc_json import typed_plan
+from aggregator.health import DrainingHealth
 from aggregator.metrics import Metrics
 from aggregator.offload import Offload
 from aggregator.plan import Plan, make_plan
@@ -480,7 +481,7 @@ class AggregatorServer:
         self.health_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health = DrainingHealth()
         self._certificates = ServerCertificates(config.server.tls) if config.server.tls else None
         limit = config.server.max_upstream_inflight
         self.upstream_inflight = Bulkhead(
@@ -651,6 +652,7 @@ class AggregatorServer:
         grace_ends_at = loop.time() + grace
         try:
             await self._service.drain(grace_ends_at)
+            self._health.end_watches()  # an open Watch would hold the stop for the whole grace
             # What is still in flight now is cut when the grace ends (as UNAVAILABLE).
             await self._server.stop(max(0.0, grace_ends_at - loop.time()))
         finally:

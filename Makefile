@@ -7,7 +7,7 @@ PROTO := protos/aggregator/v1/aggregator.proto
 
 # apt waits up to 5 minutes for a lock another process holds (unattended upgrades) instead of failing.
 .PHONY: screenshots install demo test lint proto proto-check proto-release bench clean redis chromium \
-	image image-smoke image-tools
+	image image-smoke image-tools soak
 
 install: $(STAMP)
 
@@ -97,6 +97,14 @@ image-tools:
 	@{ command -v podman || docker info; } >/dev/null 2>&1 || $(call APT_INSTALL,podman runc)
 	@command -v mmdebstrap >/dev/null || $(call APT_INSTALL,mmdebstrap) || \
 		echo "image-tools: no mmdebstrap (needed only when no base image can be pulled)"
+
+# The chaos soak (docs/operations.md, "Chaos soak"): SOAK_SECONDS of 5-target aggregates at
+# c32 on uvloop while a REST upstream is killed and restarted and a gRPC upstream stopped and
+# continued, then SIGTERM under load. Prints the report; fails when a promise did not hold.
+# A 30 s version of it runs in `make test` (tests/e2e/test_soak.py).
+SOAK_SECONDS ?= 120
+soak: install
+	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
 
 bench: install
 	$(BIN)/python -m bench

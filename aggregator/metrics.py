@@ -7,7 +7,8 @@ enum; no id, path or request value ever becomes a label.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import grpc
@@ -20,6 +21,7 @@ from prometheus_client import (
     disable_created_metrics,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -86,6 +88,7 @@ class UpstreamMetrics:
         self.endpoints_ejected = metrics.upstream_endpoints.labels(upstream, "ejected")
         self.ejections = metrics.endpoint_ejections.labels(upstream)
         self.concurrency_limit = metrics.concurrency_limit.labels(upstream)
+        self.connections = metrics.connections.pools[upstream]
 
     def __repr__(self) -> str:
         return f"<UpstreamMetrics {self._upstream}>"
@@ -209,7 +212,11 @@ class Metrics:
         self.calls_by_code: dict[str, dict[grpc.StatusCode, Counter]] = {}
         self.call_duration_of: dict[str, Histogram] = {}
         self.add_aggregates((AD_HOC, *aggregates))
-        self.upstreams = {name: UpstreamMetrics(self, name) for name in upstreams}
+        self.connections = Connections(upstreams)
+        registry.register(self.connections)
+        if self.exposition is not registry:  # workers > 1: the worker that answers the scrape
+            self.exposition.register(self.connections)
+        self.upstreams = {name: UpstreamMetrics(self, name) for name in self.connections.pools}
         self.rejected_by = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         _add_runtime_collectors(self.exposition)
         self._quota_metrics(registry, callers)
@@ -246,6 +253,7 @@ class Metrics:
         """The upstream's children, bound on first use (a config reload may add upstreams)."""
         found = self.upstreams.get(name)
         if found is None:
+            self.connections.pools.setdefault(name, weakref.WeakSet())
             found = self.upstreams[name] = UpstreamMetrics(self, name)
         return found
 
@@ -262,3 +270,43 @@ def _add_runtime_collectors(registry: CollectorRegistry) -> None:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+
+
+class Pooled(Protocol):
+    def connections(self) -> tuple[int, int]:
+        """Connections open now: (idle, busy)."""
+        ...
+
+
+class Connections:
+    """``aggregator_upstream_connections{upstream,state}``: the connections of each upstream's
+    pools, read from them at scrape time (nothing on the request path). Pools come and go with
+    a fleet's endpoints: they are held weakly, and a closed one counts nothing."""
+
+    def __init__(self, upstreams: Iterable[str]) -> None:
+        self.pools: dict[str, weakref.WeakSet[Pooled]] = {
+            name: weakref.WeakSet() for name in upstreams
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for upstream, pools in self.pools.items():
+            idle = busy = 0
+            for pool in list(pools):
+                pool_idle, pool_busy = pool.connections()
+                idle += pool_idle
+                busy += pool_busy
+            family.add_metric([upstream, "idle"], idle)
+            family.add_metric([upstream, "busy"], busy)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "aggregator_upstream_connections",
+            "Open connections to a REST upstream by state: idle (kept alive), busy.",
+            labels=["upstream", "state"],
+        )

@@ -69,6 +69,8 @@ from aggregator.vocabulary import AD_HOC, REQUEST_ID, STATUS_DETAILS
 log = logging.getLogger("aggregator")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
+_DRAIN_QUIET = 0.2  # seconds without a new call before grpc is stopped (drain)
+_MIN_BACKLOG = 10_000  # calls received, not yet taken by the loop (_server_options)
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -149,6 +151,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._shed_logged_at = -1.0
         self.grace_ends_at: float | None = None  # loop time: drain() cuts what outlives it
         self._idle: asyncio.Event | None = None  # set when draining and nothing is in flight
+        self._refused = asyncio.Event()  # set by each call refused while draining
         self.recent = recent  # the admin page's record, when it is on
 
     def __repr__(self) -> str:
@@ -372,11 +375,22 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.draining = True
         self.grace_ends_at = grace_ends_at
         self._idle = asyncio.Event()
-        if not self.inflight:
-            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(grace_ends_at):
-                await self._idle.wait()
+                if self.inflight:
+                    await self._idle.wait()
+                await self._quiet()
+
+    async def _quiet(self) -> None:
+        """Returns once no call has been refused for _DRAIN_QUIET: callers still sending have
+        calls waiting in grpc that its stop would end CANCELLED (docs/operations.md)."""
+        while True:
+            self._refused.clear()
+            try:
+                async with asyncio.timeout(_DRAIN_QUIET):
+                    await self._refused.wait()
+            except TimeoutError:
+                return
 
     def _cancellation(self) -> CallFailure:
         """Why a call was cancelled: the end of the shutdown's grace, or else the caller."""
@@ -420,6 +434,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def _admit(self) -> None:
         """Counts the call in flight, or refuses it (draining, max_concurrent_calls)."""
         if self.draining:
+            self._refused.set()
             self._metrics.rejected_by["draining"].inc()
             log.warning("refused a call: draining", extra={"event": "shed", "reason": "draining"})
             raise CallFailure(
@@ -672,7 +687,15 @@ class AggregatorServer:
         return ", ".join(parts)
 
     def _server_options(self) -> tuple[tuple[str, int], ...]:
-        return (("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),)
+        # Calls grpc has received but the loop has not taken yet: past grpc's own limits (a
+        # random share from 1,000, all from 3,000) it ends them CANCELLED, before any handler
+        # could answer RESOURCE_EXHAUSTED (docs/operations.md, "Overload").
+        backlog = max(_MIN_BACKLOG, 10 * self.config.server.max_concurrent_calls)
+        return (
+            ("grpc.so_reuseport", 1 if self.config.server.workers > 1 else 0),
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", backlog),
+        )
 
     def _listen(self, server: grpc.aio.Server, address: str, key: str) -> int:
         """Binds ``address``: with TLS (the server's certificates) when configured."""
@@ -743,6 +766,7 @@ class AggregatorServer:
         grace_ends_at = loop.time() + grace
         try:
             await self._service.drain(grace_ends_at)
+            self._health.end_watches()  # an open Watch would hold the stop for the whole grace
             # What is still in flight now is cut when the grace ends (as UNAVAILABLE).
             await self._server.stop(max(0.0, grace_ends_at - loop.time()))
         finally:

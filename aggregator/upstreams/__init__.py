@@ -48,17 +48,18 @@ def open_upstream(
     clock: Clock = SYSTEM_CLOCK,
 ) -> Balancer:
     descriptors = _descriptors(config) if config.kind == "grpc" else None
+    pools = None if metrics is None else metrics.connections
     found = entries(config)
     if len(found) == 1 and found[0].literal:  # one endpoint, never ejected
         if metrics is not None:  # one endpoint, always active (docs/operations.md)
             metrics.endpoints_active.set(1)
         if config.kind == "http":
-            return Single(HttpUpstream(config, clock=clock))
+            return Single(HttpUpstream(config, clock=clock, pools=pools))
         return Single(GrpcUpstream(config), descriptors)
 
     def open_member(entry: str, address: str) -> Upstream:
         if config.kind == "http":
-            return HttpUpstream(config, entry, connect_to=address, clock=clock)
+            return HttpUpstream(config, entry, connect_to=address, clock=clock, pools=pools)
         return GrpcUpstream(config, entry, connect_to=address)
 
     fleet_metrics = None

@@ -7,11 +7,13 @@ import email.utils
 import re
 import ssl
 import zlib
+from collections.abc import MutableSet
 from datetime import UTC, datetime
 from urllib.parse import quote, quote_plus, urlsplit
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
+from aggregator.metrics import Pooled
 from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
@@ -59,9 +61,11 @@ class HttpUpstream:
         url: str = "",
         connect_to: str = "",
         clock: Clock = SYSTEM_CLOCK,
+        pools: MutableSet[Pooled] | None = None,
     ) -> None:
         """``url``: one entry of the upstream's ``url`` (its first by default); ``connect_to``:
-        the one address of it that this instance connects to (an endpoint of a fleet)."""
+        the one address of it that this instance connects to (an endpoint of a fleet);
+        ``pools``: where its pool is counted (aggregator_upstream_connections)."""
         self.name = config.name
         self._reads_bodies = config.reads_request_bodies
         self._base = url or config.url
@@ -92,6 +96,8 @@ class HttpUpstream:
             connect_to=connect_to,
             clock=clock,
         )
+        if pools is not None:
+            pools.add(self._pool)
 
     def __repr__(self) -> str:
         cached = f"[{len(self._targets)} paths cached, {self._targets_size} chars]"

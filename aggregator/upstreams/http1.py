@@ -130,6 +130,11 @@ class Pool:
     def __repr__(self) -> str:
         return f"<Pool {self._host}:{self._port} [{len(self._open)} open, {len(self._idle)} idle]>"
 
+    def connections(self) -> tuple[int, int]:
+        """Connections open now: (idle, busy), for aggregator_upstream_connections."""
+        idle = len(self._idle)
+        return idle, len(self._open) - idle
+
     async def request(
         self, data: bytes, *, head_only: bool, cap: int, idempotent: bool, last: bool = False
     ) -> Response:
@@ -187,6 +192,8 @@ class Pool:
         if self._closed:  # closed while connecting: aclose did not see this one
             connection.shut()
             raise Closed()
+        if connection.usable():  # the peer may have closed it before we got here
+            self._open.add(connection)
         return connection
 
     async def _connect_to(
@@ -198,9 +205,15 @@ class Pool:
         sock = await aiohappyeyeballs.start_connection(
             addresses, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY, interleave=1
         )
+        made: list[_Connection] = []
+
+        def protocol() -> _Connection:
+            made.append(_Connection(self, context))
+            return made[-1]
+
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(self, context),
+                protocol,
                 sock=sock,
                 ssl=context,
                 server_hostname=self._host if context is not None else None,
@@ -208,6 +221,11 @@ class Pool:
             )
         except BaseException:
             sock.close()  # create_connection owns it only once it succeeds
+            # Cancelled after connection_made but before this task resumed, uvloop closes the
+            # transport without ever calling connection_lost (and a TLS one closes gracefully,
+            # waiting for the peer): the connection is aborted here, and was never the pool's.
+            for connection in made:
+                connection.abort()
             raise
         return connection
 
@@ -219,9 +237,6 @@ class Pool:
         self._addresses = [(int(f), int(t), p, c, a) for f, t, p, c, a in infos]
         self._resolved_until = self._clock.monotonic() + _DNS_TTL
         return self._addresses
-
-    def opened(self, connection: _Connection) -> None:
-        self._open.add(connection)
 
     def lost(self, connection: _Connection) -> None:
         self._open.discard(connection)
@@ -402,8 +417,9 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not the pool's yet: it registers the connection once create_connection has returned
+        # to the task that made it (Pool._connect), never one whose connect was cancelled.
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._pool.opened(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # asyncio and uvloop both set it today; a request is one write, never worth a delay

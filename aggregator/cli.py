@@ -86,7 +86,7 @@ def _serve(path: str | None) -> int:
         from aggregator.workers import run_workers
 
         return run_workers(config, source)
-    from aggregator.server import run
+    from aggregator.lifecycle import run
 
     try:
         run(config, source)

@@ -22,7 +22,7 @@ from google.protobuf import json_format, struct_pb2
 
 from aggregator.client import aggregate, ending_lines
 from aggregator.config import Config, config_from_mapping
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.timeline import Style, Timeline, TimelineView, body_lines, is_terminal
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc

@@ -71,7 +71,7 @@ def _fork_worker(config: Config, index: int, source: ConfigFile | None) -> int:
     code = 1
     os.environ[WORKER] = str(index)
     try:
-        from aggregator.server import run
+        from aggregator.lifecycle import run
 
         run(config, source)
         code = 0

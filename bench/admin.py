@@ -21,8 +21,8 @@ from aggregator.admin.recent import Recent
 from aggregator.call_record import CallRecord
 from aggregator.config import config_from_mapping
 from aggregator.fanout import Budget
+from aggregator.lifecycle import AggregatorServer
 from aggregator.plan import make_plan
-from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 

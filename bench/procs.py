@@ -161,7 +161,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Runs a harness process's ``main`` on the loop the server would pick (uvloop when
     installed): the load generator and the upstreams share one CPU, and the cheaper they are,
     the later they limit a measurement."""
-    from aggregator.server import event_loop_factory
+    from aggregator.lifecycle import event_loop_factory
 
     with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
         runner.run(main)

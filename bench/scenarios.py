@@ -220,9 +220,9 @@ SCENARIOS["grpc5-json"] = Scenario(
 )
 
 # A named aggregate (docs/named-aggregates.md) against the same targets sent ad hoc: the plan
-# is made when the config loads, a call only binds its parameter. Each target's path is /delay/{{params.delay}}MS
-# and the call sends delay "0": binding does real work (a path segment filled and encoded), and
-# the upstream reads /delay/0120 as the 120 ms page5 sends.
+# is made when the config loads, a call only binds its parameter. Each target's path is
+# /delay/{{params.delay}}MS and the call sends delay "0": binding does real work (a path
+# segment filled and encoded), and the upstream reads /delay/0120 as the 120 ms page5 sends.
 NAMED_PARAMS = {"delay": "0"}
 SCENARIOS["named-page5"] = Scenario(
     "named-page5",

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.config import Config, config_from_mapping
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc

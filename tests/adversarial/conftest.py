@@ -19,7 +19,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from tests.adversarial.watch import LoopWatch, Span, queued

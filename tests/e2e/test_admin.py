@@ -20,8 +20,8 @@ from aggregator.admin.rolling import RollingStats
 from aggregator.call_record import CallRecord
 from aggregator.config import ConfigError, config_from_mapping
 from aggregator.fanout import Budget
+from aggregator.lifecycle import AggregatorServer
 from aggregator.plan import make_plan
-from aggregator.server import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target, wait_for
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
 

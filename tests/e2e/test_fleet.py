@@ -17,11 +17,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from aggregator.config import UpstreamConfig, config_from_mapping
 from aggregator.errors import TargetFailure
+from aggregator.lifecycle import AggregatorServer
 from aggregator.metrics import Metrics
 from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.policies.limits import Bulkhead, GradientLimit
 from aggregator.request import HttpRequest
-from aggregator.server import AggregatorServer
 from aggregator.upstreams import Reply, open_upstream
 from aggregator.upstreams.fleet import Fleet
 from aggregator.v1 import aggregator_pb2 as pb

@@ -159,7 +159,7 @@ async def test_sigterm_cancels_calls_that_outlive_the_grace(serve_process, rest)
 def test_event_loop_choice() -> None:
     import uvloop
 
-    from aggregator.server import event_loop_factory
+    from aggregator.lifecycle import event_loop_factory
 
     assert event_loop_factory("asyncio") is None
     assert event_loop_factory("uvloop") is uvloop.new_event_loop

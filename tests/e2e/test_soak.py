@@ -30,7 +30,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aggregator.config import config_from_mapping
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.v1 import aggregator_pb2_grpc as pb_grpc
 from bench import soak

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from aggregator.config import ConfigError, config_from_mapping
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http, rpc_target
 from tests.e2e.test_admin import recorded

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from aggregator.server import AggregatorServer
+from aggregator.lifecycle import AggregatorServer
 from aggregator.v1 import aggregator_pb2 as pb
 from tests.conftest import collect, http
 

@@ -20,8 +20,8 @@ import pytest
 
 from aggregator.config import UpstreamConfig
 from aggregator.errors import TargetFailure
+from aggregator.lifecycle import AggregatorServer
 from aggregator.request import GrpcRequest, HttpRequest
-from aggregator.server import AggregatorServer
 from aggregator.upstreams.grpc import GrpcUpstream
 from aggregator.upstreams.http import MAX_GZIP_MEMBERS, HttpUpstream, TooManyMembers, _decompress
 from aggregator.v1 import aggregator_pb2 as pb

@@ -304,6 +304,8 @@ def test_by_default_the_pods_reload_a_config_change_and_roll_only_for_keys_read_
         section, _, name = key.partition(".")
         if section == "tracing":
             changed = {"config": {"tracing": {"exporter": "console"}}}
+        elif section == "limits":
+            changed = {"config": {"limits": {"backend": "redis"}}}
         elif name == "tls":
             changed = {"tls": TLS}
         elif name.endswith("_address") or name == "address":
@@ -313,6 +315,12 @@ def test_by_default_the_pods_reload_a_config_change_and_roll_only_for_keys_read_
         else:
             changed = {"config": {"server": {name: "changed"}}}
         assert read_at_start(changed) != default, key
+    # Callers' quotas keep their counters for the process's life: a change rolls the pods too.
+    caller = {"token_subject": "svc", "aggregates": ["*"]}
+    callers = {"config": {"auth": {"callers": {"web": caller}}}}
+    quota = {"config": {"auth": {"callers": {"web": {**caller, "max_concurrent_calls": 5}}}}}
+    assert read_at_start(callers) == default  # a caller without quotas: reloaded
+    assert read_at_start(quota) != default
 
 
 @pytest.mark.parametrize(("grace", "pre_stop", "expected"), [("10s", 5, 20), ("25s", 0, 30)])

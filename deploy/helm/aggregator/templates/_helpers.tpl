@@ -89,14 +89,19 @@ server.tls (the mounted Secret) and server.health_address (healthPort).
 {{- end }}
 
 {{/*
-The keys of the config the server reads only when it starts (RESTART_KEYS in
-aggregator/reload.py): with configChanges "reload", a change of one of these rolls the pods,
+The keys of the config the server reads only when it starts (RESTART_KEYS and callers' quotas
+in aggregator/reload.py): with configChanges "reload", a change of one of these rolls the pods,
 and the server reloads any other change by itself.
 */}}
 {{- define "aggregator.configReadAtStart" -}}
 {{- $config := include "aggregator.config" . | fromYaml }}
 {{- $server := pick (get $config "server" | default dict) "address" "health_address" "metrics_address" "admin_address" "workers" "tls" "event_loop" "max_request_bytes" "max_upstream_inflight" "admin_recent" "admin_hosts" "admin_allow_remote" "log_format" }}
-{{- toYaml (dict "server" $server "tracing" (get $config "tracing")) }}
+{{- $quotas := dict }}
+{{- range $name, $caller := (get (get $config "auth" | default dict) "callers" | default dict) }}
+{{- $quota := pick $caller "rate_limit" "max_concurrent_calls" }}
+{{- if $quota }}{{- $_ := set $quotas $name $quota }}{{- end }}
+{{- end }}
+{{- toYaml (dict "server" $server "tracing" (get $config "tracing") "limits" (get $config "limits") "quotas" $quotas) }}
 {{- end }}
 
 {{/*

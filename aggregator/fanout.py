@@ -20,8 +20,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from google.protobuf import duration_pb2
-
 from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
 from aggregator.errors import CallFailure, TargetFailure, quota_failure, retry_info
@@ -30,10 +28,10 @@ from aggregator.outcomes import outcome_name
 from aggregator.plan import Plan, PlannedTarget
 from aggregator.policies.endpoint import GuardedUpstream
 from aggregator.request import GrpcRequest, HttpRequest
+from aggregator.results import answered, failed, timed_result, with_fallback
 from aggregator.security.outbound import target_problems
 from aggregator.status import status_for
 from aggregator.substitution import Substitution, resolve
-from aggregator.upstreams import Reply
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import ITEM
 
@@ -225,7 +223,7 @@ class Aggregation:
                     target.id, outcome, sentence, stopped_at
                 )
                 if outcome == pb.OUTCOME_TIMEOUT:
-                    result = _with_fallback(target, result)
+                    result = with_fallback(target, result)
                     if target.required and result.outcome != pb.OUTCOME_OK:
                         self.failure = self.failure or self._required_failure(result)
                 self._report(result)
@@ -237,7 +235,9 @@ class Aggregation:
     ) -> pb.TargetResult:
         """The result of a target stopped at ``stopped_at``: from its start if it had started."""
         began = self._began.get(target_id, stopped_at)
-        return _result(target_id, outcome, sentence, self._budget.started_ns, began, stopped_at)
+        return timed_result(
+            target_id, outcome, sentence, self._budget.started_ns, began, stopped_at
+        )
 
     def _report(self, result: pb.TargetResult) -> None:
         self.reported[result.id] = result
@@ -272,12 +272,12 @@ class Aggregation:
             self.unsent.add(target.id)
             now = time.perf_counter_ns()
             began = self._began.get(target.id, now)
-            settled = _result(
+            settled = timed_result(
                 target.id, pb.OUTCOME_ERROR, "internal error", self._budget.started_ns, began, now
             )
         if settled is None:  # a for_each target: its elements reported for it
             return
-        result = _with_fallback(target, settled)
+        result = with_fallback(target, settled)
         self._settled[target.id] = result
         if target.id in self._finished:
             self._finished[target.id].set()
@@ -308,9 +308,9 @@ class Aggregation:
             )
         except TargetFailure as failure:  # before (or instead of) the upstream's call
             self.unsent.add(target.id)
-            return _failed(target.id, failure, 0, origin, began, time.perf_counter_ns())
+            return failed(target.id, failure, 0, origin, began, time.perf_counter_ns())
         if isinstance(answer.result, TargetFailure):
-            return _failed(
+            return failed(
                 target.id,
                 answer.result,
                 answer.attempts,
@@ -318,7 +318,7 @@ class Aggregation:
                 began,
                 time.perf_counter_ns(),
             )
-        result = _answered(target, answer.result, origin, began, time.perf_counter_ns())
+        result = answered(target, answer.result, origin, began, time.perf_counter_ns())
         result.attempts = answer.attempts
         result.cache = answer.cache
         await self._decode(target, result)
@@ -489,63 +489,3 @@ def _about_ms(seconds: float) -> str:
     """A measured span in words: ``498ms`` (``4.9ms`` when short), not ``498.296ms``."""
     millis = seconds * 1000
     return f"{millis:.0f}ms" if millis >= 10 else f"{millis:.1f}ms"
-
-
-def _result(
-    target_id: str,
-    outcome: pb.Outcome,
-    error: str,
-    origin: int,
-    started: int,
-    ended: int,
-) -> pb.TargetResult:
-    """A result whose times are readings of time.perf_counter_ns()."""
-    result = pb.TargetResult(id=target_id, outcome=outcome, error=error)
-    _set_duration(result.start_offset, started - origin)
-    _set_duration(result.latency, ended - started)
-    return result
-
-
-def _set_duration(duration: duration_pb2.Duration, nanos: int) -> None:
-    """Duration.FromNanoseconds for non-negative spans, without its validation and
-    normalisation, which cost more than the rest of a result."""
-    duration.seconds, duration.nanos = divmod(nanos, 1_000_000_000)
-
-
-def _failed(
-    target_id: str,
-    failure: TargetFailure,
-    attempts: int,
-    origin: int,
-    started: int,
-    ended: int,
-) -> pb.TargetResult:
-    result = _result(target_id, failure.outcome, failure.sentence, origin, started, ended)
-    result.http_status = failure.http_status
-    result.grpc_code = failure.grpc_code
-    result.attempts = attempts
-    return result
-
-
-def _answered(
-    target: PlannedTarget, reply: Reply, origin: int, started: int, ended: int
-) -> pb.TargetResult:
-    if reply.ok:
-        result = _result(target.id, pb.OUTCOME_OK, "", origin, started, ended)
-    else:
-        sentence = f"{target.upstream.name} answered {reply.reason}"
-        result = _result(target.id, pb.OUTCOME_ERROR, sentence, origin, started, ended)
-    result.http_status = reply.http_status
-    result.grpc_code = reply.grpc_code
-    result.body = reply.body
-    result.content_type = reply.content_type
-    return result
-
-
-def _with_fallback(target: PlannedTarget, result: pb.TargetResult) -> pb.TargetResult:
-    if target.fallback is None or result.outcome == pb.OUTCOME_OK:
-        return result
-    result.outcome = pb.OUTCOME_OK
-    result.from_fallback = True
-    result.json.CopyFrom(target.fallback)
-    return result

@@ -18,12 +18,12 @@ from aggregator.request import GrpcRequest, HttpRequest
 from aggregator.security.files import Watched
 from aggregator.security.tls import ssl_context, upstream_files
 from aggregator.timers import SYSTEM_CLOCK, Clock
-from aggregator.upstreams.http1 import (
+from aggregator.upstreams.http1 import Pool
+from aggregator.upstreams.http1_answers import (
     BrokenResponse,
     Closed,
     ConnectTimeout,
     Disconnected,
-    Pool,
     Response,
     TooLarge,
 )

@@ -23,13 +23,20 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohappyeyeballs
 import httptools
 
 from aggregator.timers import SYSTEM_CLOCK, Cancellable, Clock
+from aggregator.upstreams.http1_answers import (
+    BrokenResponse,
+    Closed,
+    ConnectTimeout,
+    Disconnected,
+    Response,
+    TooLarge,
+)
 
 # A header line longer than this, or a head larger than _MAX_HEAD, is a broken response (the
 # limits of aiohttp's client and of most servers: nothing legitimate comes near them).
@@ -52,44 +59,6 @@ WANTED_HEADERS = frozenset(
     }
 )
 AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
-
-
-class ConnectTimeout(Exception):
-    """No connection (TCP and, for https, TLS) within the connect timeout."""
-
-
-class Disconnected(Exception):
-    """The connection ended before the response did."""
-
-    def __init__(self, answered: bool, cause: BaseException | None) -> None:
-        super().__init__("answered" if answered else "not answered")
-        self.answered = answered  # some of a response had arrived
-        self.cause = cause
-
-
-class BrokenResponse(Exception):
-    """What arrived is not an HTTP/1.1 response (llhttp's words, or ours)."""
-
-
-class Closed(Exception):
-    """The pool was closed (the server is stopping) before or while the request ran."""
-
-
-class TooLarge(Exception):
-    """The response would have made us buffer more than the cap."""
-
-    def __init__(self, status: int, what: str) -> None:
-        super().__init__(what)
-        self.status = status
-        self.what = what
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    reason: str
-    headers: dict[bytes, bytes]  # lowercase names, WANTED_HEADERS only
-    body: bytes
 
 
 class Pool:

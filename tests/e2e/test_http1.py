@@ -25,11 +25,11 @@ from aggregator.request import HttpRequest
 from aggregator.timers import SYSTEM_CLOCK, Clock
 from aggregator.upstreams import Reply
 from aggregator.upstreams.http import HttpUpstream
-from aggregator.upstreams.http1 import (
+from aggregator.upstreams.http1 import Pool
+from aggregator.upstreams.http1_answers import (
     BrokenResponse,
     Closed,
     Disconnected,
-    Pool,
     Response,
     TooLarge,
 )

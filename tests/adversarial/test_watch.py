@@ -60,7 +60,10 @@ async def allocate(watch: LoopWatch, read_bytes: int) -> int:
 async def test_memory_kept_past_the_allowance_fails_the_span(watch: LoopWatch) -> None:
     with pytest.raises(MemoryGrew, match="RSS grew"):
         await allocate(watch, 0)
-    assert watch.spans[-1].growth > BEYOND_SLACK - MIB
+    # Past the allowance (the allocation may reuse pages the process already held, so less
+    # than all of BEYOND_SLACK may show as growth).
+    span = watch.spans[-1]
+    assert span.growth > span.allowed_bytes
 
 
 async def spike(watch: LoopWatch) -> None:

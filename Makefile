@@ -106,8 +106,11 @@ SOAK_SECONDS ?= 120
 soak: install
 	$(BIN)/python -m bench.soak --seconds $(SOAK_SECONDS)
 
+# The harness (bench-results.json), then the CPU budget of one aggregate part by part, merged
+# into the same file (docs/performance.md, "CPU budget"), then the admin page's cost.
 bench: install
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.budget --output bench-results.json
 	$(BIN)/python -m bench.admin
 
 clean:

@@ -39,11 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown",
         type=Path,
         metavar="FILE",
-        help="print FILE (a bench-results.json) as docs/performance.md's Markdown table",
+        help="print FILE (a bench-results.json) as docs/performance.md's Markdown tables (the "
+        "scenarios, and the CPU budget when bench.budget merged it)",
     )
     args = parser.parse_args(argv)
     if args.markdown is not None:
-        print(markdown(json.loads(args.markdown.read_text())))
+        report = json.loads(args.markdown.read_text())
+        print(markdown(report))
+        if "cpu_budget" in report:  # merged by `python -m bench.budget` (make bench runs both)
+            from bench.budget import markdown as budget_markdown
+
+            print("\n" + budget_markdown(report["cpu_budget"]))
         return 0
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = [name for name in names if name not in SCENARIOS and name not in SKIPPED]

@@ -58,6 +58,11 @@ class Balancer(Protocol):
 
     async def choose(self, tried: Sequence[Member], deadline: float) -> Member: ...
 
+    def ready(self, tried: Sequence[Member]) -> Member | None:
+        """What ``choose`` would pick, when it need not wait (None when it must): the hot path
+        without a coroutine."""
+        ...
+
     def done(self, member: Member, failed: bool | None) -> None: ...
 
     def all_failing(self) -> bool:

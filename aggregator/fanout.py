@@ -107,14 +107,21 @@ class _Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> pb.TargetResult:
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def pop(self) -> pb.TargetResult:
+        """The next item; only when there is one (``bool(inbox)``)."""
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Returns once there is an item (at once if there is one)."""
         while not self._items:
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
 
 
 class Aggregation:
@@ -184,8 +191,11 @@ class Aggregation:
         cancelling = task.cancelling()
         self._timer = self._loop.call_at(self._budget.stop_at, self._stop_waiting, task)
         try:
+            queue = self._queue
             while len(self.reported) < self._expected:
-                result = await self._next()
+                if not queue:  # no coroutine per result when one is waiting already
+                    await queue.wait()
+                result = self._next(queue.pop())
                 if result is _RECOUNT:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
@@ -231,8 +241,7 @@ class Aggregation:
         for result in self._unreported(outcome, sentence, stopped_at):
             await emit(result)
 
-    async def _next(self) -> pb.TargetResult | None:
-        result = await self._queue.get()
+    def _next(self, result: pb.TargetResult) -> pb.TargetResult | None:
         if result is _DEADLINE:
             return None
         if result is _RECOUNT:

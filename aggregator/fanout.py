@@ -17,8 +17,10 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
+
+import grpc
 
 from aggregator.config import ServerConfig
 from aggregator.decoding import CallDecoder, NotDecoded
@@ -46,16 +48,21 @@ _RECOUNT = pb.TargetResult()
 _DEADLINE = pb.TargetResult()
 
 
-@dataclass(frozen=True, slots=True)
 class Budget:
     """The time an aggregate may take, in event-loop time, and when it started on the
-    measuring clock."""
+    measuring clock. Read-only once made (a plain class: a frozen dataclass's __init__ cost
+    4.8 µs of every call, measured)."""
 
-    seconds: float  # the budget applied (docs/api.md), reported as x-aggregate-deadline-ms
-    started: float
-    stop_at: float  # when the server stops waiting: budget minus the margin
-    # time.perf_counter_ns() at the start: the origin of every start_offset and of elapsed.
-    started_ns: int = field(default_factory=time.perf_counter_ns)
+    __slots__ = ("seconds", "started", "started_ns", "stop_at")
+
+    def __init__(
+        self, seconds: float, started: float, stop_at: float, started_ns: int | None = None
+    ) -> None:
+        self.seconds = seconds  # the budget applied (docs/api.md): x-aggregate-deadline-ms
+        self.started = started
+        self.stop_at = stop_at  # when the server stops waiting: budget minus the margin
+        # time.perf_counter_ns() at the start: the origin of every start_offset and of elapsed.
+        self.started_ns = time.perf_counter_ns() if started_ns is None else started_ns
 
     @classmethod
     def for_call(cls, time_remaining: float | None, server: ServerConfig, now: float) -> Budget:
@@ -64,7 +71,7 @@ class Budget:
         else:
             seconds = max(0.0, min(time_remaining, server.max_deadline))
         margin = max(server.deadline_margin, server.deadline_margin_ratio * seconds)
-        return cls(seconds=seconds, started=now, stop_at=now + max(0.0, seconds - margin))
+        return cls(seconds, now, now + max(0.0, seconds - margin))
 
     def __repr__(self) -> str:
         return f"<Budget {self.seconds * 1000:.0f}ms>"
@@ -100,14 +107,21 @@ class _Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> pb.TargetResult:
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def pop(self) -> pb.TargetResult:
+        """The next item; only when there is one (``bool(inbox)``)."""
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Returns once there is an item (at once if there is one)."""
         while not self._items:
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
 
 
 class Aggregation:
@@ -148,6 +162,8 @@ class Aggregation:
         self.first_at: int | None = None  # when the first result was emitted (perf_counter_ns)
         # When the call itself is cancelled: the targets it never reported, as they stood.
         self.left_unreported: list[pb.TargetResult] = []
+        self._timer: asyncio.TimerHandle | None = None  # stop waiting, then cut (run)
+        self._cut = False  # the budget's end came while results were still being written
 
     def __repr__(self) -> str:
         running = sum(not task.done() for task in self._tasks)
@@ -158,15 +174,28 @@ class Aggregation:
 
     async def run(self, emit: Emit) -> None:
         """Emits one result per target as each completes; stops early (setting ``failure``)
-        on a required failure. Every task it started is cancelled and awaited on the way out."""
+        on a required failure. Every task it started is cancelled and awaited on the way out.
+
+        At the budget less its margin it stops waiting and reports what is left; at the end of
+        the budget itself, if writing the results still waits (a caller that does not read its
+        stream holds up grpc's flow control), the call is cut: CallFailure DEADLINE_EXCEEDED,
+        RESULTS_NOT_READ. One loop timer does both, re-armed for the cut: this is
+        asyncio.timeout_at's protocol (cancel the task, take that cancel back on the way out)
+        without a second timer per call (measured: 9 µs of a call for asyncio.timeout_at)."""
+        task = asyncio.current_task()
+        assert task is not None
         self._tasks = [
             asyncio.create_task(self._run(target), name=f"target {target.id}")
             for target in self._plan.targets
         ]
-        deadline = self._loop.call_at(self._budget.stop_at, self._queue.put, _DEADLINE)
+        cancelling = task.cancelling()
+        self._timer = self._loop.call_at(self._budget.stop_at, self._stop_waiting, task)
         try:
+            queue = self._queue
             while len(self.reported) < self._expected:
-                result = await self._next()
+                if not queue:  # no coroutine per result when one is waiting already
+                    await queue.wait()
+                result = self._next(queue.pop())
                 if result is _RECOUNT:
                     continue
                 if result is None:  # the budget ran out: stop the calls, then report them
@@ -188,10 +217,22 @@ class Aggregation:
                 for target in list(self._by_id.values())
                 if target.id not in self.reported and target.id not in self._expanded
             )
+            if self._cut and task.uncancel() <= cancelling:  # our cut, nobody else's cancel
+                raise _unread(self._budget) from None
             raise
         finally:
-            deadline.cancel()
+            self._timer.cancel()
             await self._cancel_all()
+
+    def _stop_waiting(self, task: asyncio.Task[Any]) -> None:
+        """The budget less its margin is over: report what is left; cut at the budget's end."""
+        self._queue.put(_DEADLINE)
+        end = self._budget.started + self._budget.seconds
+        self._timer = self._loop.call_at(end, self._cut_call, task)
+
+    def _cut_call(self, task: asyncio.Task[Any]) -> None:
+        self._cut = True
+        task.cancel()
 
     async def _stop(self, emit: Emit, outcome: pb.Outcome, sentence: str) -> None:
         """Cancels every target still running, then reports each unreported one as ``outcome``."""
@@ -200,8 +241,7 @@ class Aggregation:
         for result in self._unreported(outcome, sentence, stopped_at):
             await emit(result)
 
-    async def _next(self) -> pb.TargetResult | None:
-        result = await self._queue.get()
+    def _next(self, result: pb.TargetResult) -> pb.TargetResult | None:
         if result is _DEADLINE:
             return None
         if result is _RECOUNT:
@@ -277,7 +317,7 @@ class Aggregation:
             )
         if settled is None:  # a for_each target: its elements reported for it
             return
-        result = with_fallback(target, settled)
+        result = with_fallback(target, settled) if target.fallback is not None else settled
         self._settled[target.id] = result
         if target.id in self._finished:
             self._finished[target.id].set()
@@ -320,8 +360,10 @@ class Aggregation:
             )
         result = answered(target, answer.result, origin, began, time.perf_counter_ns())
         result.attempts = answer.attempts
-        result.cache = answer.cache
-        await self._decode(target, result)
+        if answer.cache:
+            result.cache = answer.cache
+        if target.decode_json or target.id in self._finished:  # else nobody reads it as JSON
+            await self._decode(target, result)
         return result
 
     async def _decode(self, target: PlannedTarget, result: pb.TargetResult) -> None:
@@ -450,6 +492,15 @@ class Aggregation:
         if target.timeout is not None and started + target.timeout < self._budget.stop_at:
             return started + target.timeout, f"target timeout {_ms(target.timeout)}"
         return self._budget.stop_at, self._deadline_reason
+
+
+def _unread(budget: Budget) -> CallFailure:
+    return CallFailure(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the caller did not read its results within the call's budget "
+        f"({budget.seconds * 1000:.0f}ms)",
+        reason="RESULTS_NOT_READ",
+    )
 
 
 def _failure_of(

@@ -55,10 +55,14 @@ def answered(
     else:
         sentence = f"{target.upstream.name} answered {reply.reason}"
         result = timed_result(target.id, pb.OUTCOME_ERROR, sentence, origin, started, ended)
-    result.http_status = reply.http_status
-    result.grpc_code = reply.grpc_code
+    # Only what is set: each field written costs (protobuf), and proto3's zero is the default.
+    if reply.http_status:
+        result.http_status = reply.http_status
+    else:
+        result.grpc_code = reply.grpc_code
     result.body = reply.body
-    result.content_type = reply.content_type
+    if reply.content_type:
+        result.content_type = reply.content_type
     return result
 
 

@@ -254,18 +254,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
                 call.reported, call.cut = aggregation.reported.values(), aggregation.left_unreported
                 call.unsent = aggregation.unsent
                 try:
-                    # Cut at the end of the budget (inline: a wrapping coroutine would cost a
-                    # frame on every resume of the fan-out). The fan-out ends by itself before,
-                    # at budget minus the margin, unless writing a result waits that long: a
-                    # caller that does not read its stream holds up grpc's flow control, and
-                    # with no deadline of its own would hold the call and its results for ever.
-                    budget_cut = asyncio.timeout_at(budget.started + budget.seconds)
-                    async with budget_cut:
-                        await aggregation.run(emit)
-                except TimeoutError:
-                    if not budget_cut.expired():
-                        raise
-                    raise _unread(budget) from None
+                    # Cut at the end of the budget by the fan-out itself (CallFailure
+                    # RESULTS_NOT_READ): it ends by itself before, at budget minus the margin,
+                    # unless writing a result waits that long: a caller that does not read its
+                    # stream holds up grpc's flow control, and with no deadline of its own
+                    # would hold the call and its results for ever.
+                    await aggregation.run(emit)
                 finally:
                     call.first_at_ns, call.failure = aggregation.first_at, aggregation.failure
                     # Only the results written stay with the call: the status of a caller
@@ -455,15 +449,6 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 # The RetryInfo of a call refused at admission or while draining: most calls in flight end
 # within it, and a draining server's replicas take the retry at once.
 RETRY_AFTER_REFUSAL = 0.1
-
-
-def _unread(budget: Budget) -> CallFailure:
-    return CallFailure(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        f"the caller did not read its results within the call's budget "
-        f"({budget.seconds * 1000:.0f}ms)",
-        reason="RESULTS_NOT_READ",
-    )
 
 
 def _span_attributes(call: CallRecord) -> dict[str, int | str]:

@@ -74,7 +74,7 @@ class _Sent:
         self.tried: list[Member] = []
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs twice as much, once per target
 class Answer:
     """The target's last attempt's result, and how many attempts it took."""
 
@@ -144,6 +144,8 @@ class GuardedUpstream:
         self._latency = 0.0
         self.cache = ResponseCache(config, config.cache, clock) if config.cache else None
         self._single_attempt = config.retry is None and config.hedge is None
+        self._own_timeout = config.timeout  # read by every attempt
+        self._kind = config.kind
         self.coalescer = Coalescer()
 
     def __repr__(self) -> str:
@@ -345,7 +347,7 @@ class GuardedUpstream:
         tried = sent.tried
         fleet = self._balancer
         while True:
-            member = await fleet.choose(tried, limit.at)
+            member = fleet.ready(tried) or await fleet.choose(tried, limit.at)
             tried.append(member)
             verdict: bool | None = None
             try:
@@ -388,13 +390,13 @@ class GuardedUpstream:
         loop = self._loop
         started = loop.time()  # schedules the timeout; the duration is measured on perf_counter
         began = time.perf_counter_ns()
-        own_timeout = self._config.timeout
+        own_timeout = self._own_timeout
         # What a gRPC upstream gets as its deadline. A coalesced call's limit may move later
         # while the call runs, but only HTTP calls are coalesced (ResponseCache.cacheable).
         timeout = max(min(own_timeout, limit.at - started), 0.0)
         task = asyncio.current_task()
         assert task is not None
-        with tracing.attempt_span(self.name, self._config.kind) as span:
+        with tracing.attempt_span(self.name, self._kind) as span:
             # asyncio.timeout_at's protocol on a shared timer (aggregator/timers.py): cancel
             # this task when the time is up; once it fired, take that cancel back on every way
             # out, and turn the cancellation into a timeout only if nobody else cancelled too.
@@ -403,7 +405,9 @@ class GuardedUpstream:
             try:
                 expired = False
                 try:
-                    reply = await upstream.call(_traced(request), timeout, request_id)
+                    if span is not None:  # tracing on: the attempt's traceparent goes along
+                        request = _traced(request)
+                    reply = await upstream.call(request, timeout, request_id)
                 finally:
                     alarm.cancel()
                     expired = alarm.rang and task.uncancel() <= cancelling

@@ -114,6 +114,9 @@ class Single:
         return f"<Single {self._member.upstream!r}>"
 
     async def choose(self, tried: Sequence[Member], deadline: float) -> Member:
+        return self.ready(tried)
+
+    def ready(self, tried: Sequence[Member]) -> Member:
         self._member.outstanding += 1
         return self._member
 
@@ -308,6 +311,13 @@ class Fleet:
         waits for the first lookup until the loop time ``deadline``."""
         if not self._ready.is_set():
             await self._first_lookup(deadline)
+        member = self.ready(tried)
+        assert member is not None
+        return member
+
+    def ready(self, tried: Sequence[Member]) -> Member | None:
+        if not self._ready.is_set():
+            return None
         member = self.pick(tried)
         member.outstanding += 1
         return member

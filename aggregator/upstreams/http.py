@@ -199,13 +199,14 @@ class HttpUpstream:
         encoding = headers.get(b"content-encoding")
         if encoding is not None and body:
             body = self._decoded(body, encoding.strip().lower(), status)
+        ok = 200 <= status < 300
         return Reply(
-            ok=200 <= status < 300,
+            ok=ok,
             body=body,
             http_status=status,
             content_type=headers.get(b"content-type", b"").decode("latin-1"),
             cache_control=headers.get(b"cache-control", b"").decode("latin-1"),
-            reason=_reason(status, response.reason),
+            reason="" if ok else _reason(status, response.reason),  # said of failures only
             retry_after=_retry_after(headers.get(b"retry-after", b"").decode("latin-1"))
             if status >= 400
             else None,

@@ -845,8 +845,7 @@ async def test_a_get_goes_out_as_exactly_these_bytes(
         body=b"{}",
         http_status=200,
         content_type="application/json",
-        reason="HTTP 200 OK",
-    )
+    )  # no reason: a reply that is ok says none
 
 
 async def test_an_upstream_declared_to_read_every_body_keeps_a_posts_connection(

@@ -13,18 +13,35 @@ from typing import Any
 
 from bench.harness import running_harness
 from bench.measure import Settings, measure
+from bench.multicore import MULTICORE, measure_multicore
 from bench.procs import ProcessFailed
-from bench.report import json_cost, machine, markdown, now, ratios, table, versions
+from bench.report import (
+    cpu_above_floor,
+    json_cost,
+    machine,
+    markdown,
+    now,
+    ratios,
+    table,
+    versions,
+)
 from bench.scenarios import SCENARIOS, SIDES, SKIPPED
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few calls a slice")
+    every = [*SCENARIOS, *SKIPPED, MULTICORE]
     parser.add_argument(
         "--scenarios",
-        default=",".join([*SCENARIOS, *SKIPPED]),
-        help=f"comma-separated, of: {', '.join([*SCENARIOS, *SKIPPED])} (default: all)",
+        default=",".join(every),
+        help=f"comma-separated, of: {', '.join(every)} (default: all)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help=f"{MULTICORE}: server.workers measured against workers: 1 (default 2)",
     )
     parser.add_argument("--output", default="bench-results.json", help="where the JSON goes")
     parser.add_argument("--seed", type=int, default=7, help="the slow upstream's RNG seed")
@@ -52,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + budget_markdown(report["cpu_budget"]))
         return 0
     names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SCENARIOS and name not in SKIPPED]
+    unknown = [name for name in names if name not in every]
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(unknown)}")
+    if args.workers < 2:
+        parser.error("--workers: at least 2")
     try:
         selected = [n for n in names if n in SCENARIOS]
-        report = run(selected, Settings(quick=args.quick), args.seed, args.profile)
+        workers = args.workers if MULTICORE in names else None
+        report = run(selected, Settings(quick=args.quick), args.seed, args.profile, workers)
     except ProcessFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -69,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(
-    names: list[str], settings: Settings, seed: int, profile: Path | None = None
+    names: list[str],
+    settings: Settings,
+    seed: int,
+    profile: Path | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
+    """The scenarios ``names``, then the multicore mode with ``workers`` unless None."""
     started = time.monotonic()
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -82,6 +107,10 @@ def run(
                     key = f"{name}/{point.key}"
                     print(f"bench: {key} ...", file=sys.stderr, flush=True)
                     results[key] = measure(harness, scenario, point, settings)
+            multicore = {}
+            if workers is not None:
+                print(f"bench: {MULTICORE} (workers: {workers}) ...", file=sys.stderr, flush=True)
+                multicore[MULTICORE] = measure_multicore(harness, settings, workers, results)
             pinning = harness.describe()
             peak_rss = (
                 "VmHWM per scenario point (reset through /proc/<pid>/clear_refs)"
@@ -103,14 +132,15 @@ def run(
             "scenarios": names,
             "seed": seed,
             "profile": str(profile) if profile else None,
+            "multicore_workers": workers,
         },
         "sides": {
             "aggregator": "python -m aggregator serve, production-like config (breaker, "
             "bulkhead, metrics); see bench/scenarios.py",
             "naive": "grpc.aio + asyncio.as_completed over one aiohttp session (bench/naive.py)",
             "sequential": "the naive server awaiting the calls one after another",
-            "floor": "at concurrency 1 only: grpc.aio calling nothing, waiting as long as the "
-            "slowest target and streaming ready-made results (bench/naive.py --floor): "
+            "floor": "at concurrency 1 and 64 only: grpc.aio calling nothing, waiting as long as "
+            "the slowest target and streaming ready-made results (bench/naive.py --floor): "
             "the stack's own overhead",
         },
         "scenarios": {
@@ -124,10 +154,12 @@ def run(
         },
         "results": results,
         **ratios(results),
+        **cpu_above_floor(results),
         **json_cost(results),
+        **multicore,
         "exit_codes": exit_codes,
         "duration_s": round(time.monotonic() - started, 1),
-        "side_order": f"round r runs {', '.join(SIDES)} (and floor at c1) rotated by r",
+        "side_order": f"round r runs {', '.join(SIDES)} (and floor at c1 and c64) rotated by r",
     }
 
 

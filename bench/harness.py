@@ -2,7 +2,8 @@
 
 Upstreams first (their ports go into every side's config), then the three server sides and the
 load generator, in parallel. The aggregator runs as ``python -m aggregator serve --config``: the
-production entry point with a production-like config (bench/scenarios.py).
+production entry point with a production-like config (bench/scenarios.py). The multicore mode
+(bench/multicore.py) starts more aggregators later, with ``server.workers`` set, on every CPU.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ class Harness:
         self.pinning = cpu_plan()
         self._server_cpus = self.pinning.get("server_cpus")
         self._harness_cpus = self.pinning.get("harness_cpus")
+        self._all_cpus = (self._server_cpus or []) + (self._harness_cpus or []) or None
         self._seed = seed
         self._children: list[Child] = []
         self.servers: dict[str, Child] = {}
         self.addresses: dict[str, str] = {}
+        # A server side -> the side whose requests it is sent, when not its own (multicore's).
+        self.request_sides: dict[str, str] = {}
+        self._upstream_addresses: tuple[dict[str, str], str, str] = ({}, "", "")
         self.upstreams: Child | None = None
         self.load: Child | None = None
         self.exit_codes: dict[str, int | None] = {}
@@ -47,8 +52,10 @@ class Harness:
     def __repr__(self) -> str:
         return f"<Harness {self._children!r}>"
 
-    def _spawn(self, name: str, argv: list[str], server: bool, **kwargs: Any) -> Child:
-        cpus = self._server_cpus if server else self._harness_cpus
+    def _spawn(
+        self, name: str, argv: list[str], server: bool, every_cpu: bool = False, **kwargs: Any
+    ) -> Child:
+        cpus = self._all_cpus if every_cpu else self._server_cpus if server else self._harness_cpus
         child = Child(name, argv, self.log_dir, cpus, **kwargs)
         self._children.append(child)
         return child
@@ -63,7 +70,8 @@ class Harness:
         http_urls = {name: f"http://127.0.0.1:{port}" for name, port in ports["http_ports"].items()}
         grpc_address = f"127.0.0.1:{ports['grpc_port']}"
         redis_url = self._start_redis() if "limits-redis" in SCENARIOS else ""
-        self.servers["aggregator"] = self._start_aggregator(http_urls, grpc_address, redis_url)
+        self._upstream_addresses = (http_urls, grpc_address, redis_url)
+        self.servers["aggregator"] = self._start_aggregator("aggregator")
         peers = json.dumps(naive_upstreams(http_urls, grpc_address))
         peer_sides = (("naive", ()), ("sequential", ("--sequential",)), (FLOOR, ("--floor",)))
         for side, extra in peer_sides:
@@ -105,16 +113,41 @@ class Harness:
                     raise ProcessFailed("redis-server did not start") from None
                 time.sleep(0.05)
 
-    def _start_aggregator(
-        self, http_urls: dict[str, str], grpc_address: str, redis_url: str
-    ) -> Child:
+    def start_workers(self, workers: int) -> str:
+        """An aggregator with ``server.workers: workers`` on every CPU, serving once each worker
+        does; returns its side name (sent the aggregator's requests)."""
+        name = f"aggregator-w{workers}"
+        self.servers[name] = self._start_aggregator(name, workers)
+        self.request_sides[name] = "aggregator"
+        self._wait_serving(name, workers)
+        self._wait_ready(name)
+        self.servers[name].find_descendants()
+        return name
+
+    def _start_aggregator(self, name: str, workers: int | None = None) -> Child:
         port, metrics_port = _free_port(), _free_port()
+        http_urls, grpc_address, redis_url = self._upstream_addresses
         config = aggregator_config(http_urls, grpc_address, port, metrics_port, redis_url)
-        config_path = self.log_dir / "aggregator.yaml"
+        if workers is not None:
+            # Every worker binds the same ports (SO_REUSEPORT): a free one, not 0 for each.
+            config["server"] |= {"workers": workers, "admin_address": f"127.0.0.1:{_free_port()}"}
+        config_path = self.log_dir / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.addresses["aggregator"] = f"127.0.0.1:{port}"
+        self.addresses[name] = f"127.0.0.1:{port}"
         argv = python_module("aggregator", "serve", "--config", str(config_path))
-        return self._spawn("aggregator", argv, server=True, stdout_to_log=True)
+        every_cpu = workers is not None
+        return self._spawn(name, argv, server=True, every_cpu=every_cpu, stdout_to_log=True)
+
+    def _wait_serving(self, name: str, workers: int) -> None:
+        """Until each worker has logged that it serves: a load channel that connected before
+        a worker bound the port would stay with the others, and the load would not spread."""
+        deadline = time.monotonic() + _START_TIMEOUT
+        child = self.servers[name]
+        while child.log_path.read_text(errors="replace").count("serving gRPC on") < workers:
+            child.check_alive()
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"{name}: not every worker serves\n{child.tail()}")
+            time.sleep(0.05)
 
     def _wait_ready(self, side: str) -> None:
         assert self.load is not None
@@ -136,10 +169,12 @@ class Harness:
         return seconds
 
     def run_slice(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One slice of load on the server side ``command["side"]``."""
         assert self.load is not None
-        side = command["side"]
-        self.servers[side].check_alive()
-        return self.load.ask({"op": "run", "target": self.addresses[side], **command}, timeout)
+        server = command["side"]
+        self.servers[server].check_alive()
+        target, side = self.addresses[server], self.request_sides.get(server, server)
+        return self.load.ask({**command, "op": "run", "target": target, "side": side}, timeout)
 
     def describe(self) -> dict[str, Any]:
         return {

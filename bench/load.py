@@ -5,7 +5,10 @@ servers' CPU counters right around each slice of load:
 
     {"op": "ready", "target": "127.0.0.1:PORT", "timeout": 20}
     {"op": "run", "target": ..., "scenario": "page5", "side": "naive", "concurrency": 64,
-     "max_calls": 1000, "seconds": 2.0, "warmup": false}
+     "max_calls": 1000, "seconds": 2.0, "warmup": false, "channels": 1}
+
+``channels`` above 1 spreads the workers over that many channels, each its own connection, as
+SO_REUSEPORT spreads connections (not calls) over a server's ``server.workers`` processes.
 
 A slice stops starting calls at ``max_calls`` or after ``seconds``, whichever comes first, and
 waits for the calls in flight. It answers with one record per completed call (milliseconds):
@@ -31,18 +34,26 @@ from bench.scenarios import SCENARIOS
 
 class Load:
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
 
-    def _stub(self, target: str) -> pb_grpc.AggregatorStub:
-        channel = self._channels.get(target)
+    def _stubs(self, target: str, count: int = 1) -> list[pb_grpc.AggregatorStub]:
+        return [
+            pb_grpc.AggregatorStub(self._channel(target, index))  # type: ignore[no-untyped-call]
+            for index in range(count)
+        ]
+
+    def _channel(self, target: str, index: int) -> grpc.aio.Channel:
+        channel = self._channels.get((target, index))
         if channel is None:
-            channel = self._channels[target] = grpc.aio.insecure_channel(target)
-        return pb_grpc.AggregatorStub(channel)  # type: ignore[no-untyped-call]
+            # Channels to one target share a connection unless each has its own subchannels.
+            options = (("grpc.use_local_subchannel_pool", 1),) if index else ()
+            channel = grpc.aio.insecure_channel(target, options=options)
+            self._channels[(target, index)] = channel
+        return channel
 
     async def ready(self, target: str, timeout: float) -> dict[str, Any]:
-        self._stub(target)
         try:
-            await asyncio.wait_for(self._channels[target].channel_ready(), timeout)
+            await asyncio.wait_for(self._channel(target, 0).channel_ready(), timeout)
         except TimeoutError:
             return {"ready": False}
         return {"ready": True}
@@ -52,7 +63,8 @@ class Load:
         request = scenario.request_for(command["side"], warmup=command["warmup"])
         # A named aggregate's request holds no targets: count the ones the others are sent.
         targets = len(scenario.request_for("naive", warmup=command["warmup"]).targets)
-        slice_ = _Slice(self._stub(command["target"]), request, scenario.timeout, targets)
+        stubs = self._stubs(command["target"], command.get("channels", 1))
+        slice_ = _Slice(stubs, request, scenario.timeout, targets)
         return await slice_.run(command["concurrency"], command["max_calls"], command["seconds"])
 
     async def aclose(self) -> None:
@@ -65,12 +77,12 @@ class _Slice:
 
     def __init__(
         self,
-        stub: pb_grpc.AggregatorStub,
+        stubs: list[pb_grpc.AggregatorStub],
         request: pb.AggregateRequest,
         timeout: float,
         targets: int,
     ) -> None:
-        self._stub = stub
+        self._stubs = stubs
         self._request = request
         self._timeout = timeout
         self._targets = targets
@@ -86,7 +98,8 @@ class _Slice:
     async def run(self, concurrency: int, max_calls: int, seconds: float) -> dict[str, Any]:
         started = time.perf_counter()
         stop_at = started + seconds
-        await asyncio.gather(*(self._worker(max_calls, stop_at) for _ in range(concurrency)))
+        stubs = [self._stubs[i % len(self._stubs)] for i in range(concurrency)]
+        await asyncio.gather(*(self._worker(stub, max_calls, stop_at) for stub in stubs))
         return {
             "wall_s": time.perf_counter() - started,
             "latency_ms": self.latency,
@@ -98,18 +111,18 @@ class _Slice:
             "incomplete": self.incomplete,
         }
 
-    async def _worker(self, max_calls: int, stop_at: float) -> None:
+    async def _worker(self, stub: pb_grpc.AggregatorStub, max_calls: int, stop_at: float) -> None:
         while self._issued < max_calls and time.perf_counter() < stop_at:
             self._issued += 1
-            await self._one()
+            await self._one(stub)
 
-    async def _one(self) -> None:
+    async def _one(self, stub: pb_grpc.AggregatorStub) -> None:
         started = time.perf_counter()
         first = 0.0
         slowest = 0.0
         count = 0
         try:
-            async for result in self._stub.Aggregate(self._request, timeout=self._timeout):
+            async for result in stub.Aggregate(self._request, timeout=self._timeout):
                 if not count:
                     first = time.perf_counter()
                 count += 1

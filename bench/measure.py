@@ -1,8 +1,9 @@
 """Runs one scenario at one load level: warm-up, then rounds alternating the sides.
 
-Round r runs the point's sides (SIDES, and FLOOR at concurrency 1) rotated by r (A B C, B C A,
-C A B, ...), each for one slice of load; a side's figures are pooled over its slices. Server CPU
-is read from /proc right around each slice, so it covers that side's own work and nothing else.
+Round r runs the point's sides (SIDES, and FLOOR at FLOOR_CONCURRENCY) rotated by r (A B C, B C
+A, C A B, ...), each for one slice of load; a side's figures are pooled over its slices. Server
+CPU is read from /proc right around each slice (the server's process and its workers), so it
+covers that side's own work and nothing else.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SideRun:
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
     harness_cpu_util: dict[str, float] = field(default_factory=dict)  # highest of any slice
+    harness_cpu_s: dict[str, float] = field(default_factory=dict)  # summed over the slices
     other_cpu_util: float = 0.0  # the same, for everything on the machine that is not ours
     errors: dict[str, int] = field(default_factory=dict)
     not_ok: dict[str, int] = field(default_factory=dict)
@@ -75,6 +77,7 @@ class SideRun:
         self.server_cpu_s += server_cpu_s
         harness_cpu_s = {**harness_cpu_s, "total": sum(harness_cpu_s.values())}
         for name, seconds in harness_cpu_s.items():
+            self.harness_cpu_s[name] = self.harness_cpu_s.get(name, 0.0) + seconds
             util = seconds / answer["wall_s"]
             self.harness_cpu_util[name] = max(self.harness_cpu_util.get(name, 0.0), util)
         self.other_cpu_util = max(self.other_cpu_util, other_cpu_s / answer["wall_s"])
@@ -106,6 +109,11 @@ class SideRun:
             # Upstreams + load generator share the harness CPUs: near 1.0 per CPU, they may be
             # what limits throughput rather than the side under test.
             "harness_cpu_util": {k: round(v, 2) for k, v in self.harness_cpu_util.items()},
+            # What making the load cost per aggregate (load generator, upstreams, orchestrator).
+            "harness_cpu_ms_per_call": {
+                k: round(1000 * v / calls, 3) if calls else None
+                for k, v in self.harness_cpu_s.items()
+            },
             # CPU used meanwhile by processes that are not the benchmark's: other jobs on the
             # machine. Above ~0.1 the figures are noisy.
             "other_cpu_util": _round(self.other_cpu_util, 2),
@@ -121,19 +129,26 @@ class SideRun:
 
 
 def measure(
-    harness: Harness, scenario: Scenario, point: Point, settings: Settings
+    harness: Harness,
+    scenario: Scenario,
+    point: Point,
+    settings: Settings,
+    sides: Sequence[str] = (),
+    channels: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    sides = point.sides
+    """The point's sides (or ``sides``: harness server names), each driven through
+    ``channels`` connections."""
+    sides = sides or point.sides
     runs = {side: SideRun() for side in sides}
     for side in sides:
         server = harness.servers[side]
         runs[side].rss_before_mb = server.memory_mb("VmRSS")
         harness.peak_rss_resets &= server.reset_peak_rss()
-        _slice(harness, scenario, point, side, settings, warmup=True)
+        _slice(harness, scenario, point, side, settings, channels, warmup=True)
     for round_ in range(settings.rounds(scenario)):
         for side in _rotated(sides, round_):
             before = _cpu_counters(harness, side)
-            answer = _slice(harness, scenario, point, side, settings, warmup=False)
+            answer = _slice(harness, scenario, point, side, settings, channels, warmup=False)
             used = {
                 name: seconds - before[name]
                 for name, seconds in _cpu_counters(harness, side).items()
@@ -152,6 +167,7 @@ def _slice(
     point: Point,
     side: str,
     settings: Settings,
+    channels: int,
     warmup: bool,
 ) -> dict[str, Any]:
     seconds = 0.5 if warmup and not settings.quick else settings.seconds(point)
@@ -163,6 +179,7 @@ def _slice(
         "max_calls": max_calls,
         "seconds": seconds,
         "warmup": warmup,
+        "channels": channels,
     }
     # Calls in flight when the time is up still finish: allow them the caller's deadline.
     return harness.run_slice(command, timeout=seconds + 2 * scenario.timeout + 30)

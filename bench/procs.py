@@ -1,7 +1,9 @@
 """The benchmark's processes: started pinned to CPUs, measured through /proc, stopped by pid.
 
-CPU time is the process's utime + stime from ``/proc/<pid>/stat`` (all threads, clock ticks);
-peak RSS is ``VmHWM`` from ``/proc/<pid>/status``, reset per measurement by writing ``5`` to
+CPU time is the process's utime + stime from ``/proc/<pid>/stat`` (all threads, clock ticks),
+summed over the process and the processes it started (``server.workers`` forks its workers, whose
+CPU the parent's counters only get once they exit); peak RSS is ``VmHWM`` from
+``/proc/<pid>/status`` (the process alone), reset per measurement by writing ``5`` to
 ``/proc/<pid>/clear_refs`` where the kernel allows it (Linux >= 4.0, same user).
 """
 
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Coroutine, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -73,6 +76,7 @@ class Child:
             preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,
         )
         self.pid = self.popen.pid
+        self.processes = [self.pid]  # and its descendants, once find_descendants ran
 
     def __repr__(self) -> str:
         state = "running" if self.popen.poll() is None else f"exited {self.popen.returncode}"
@@ -112,9 +116,31 @@ class Child:
         return "\n".join(f"  {self.name}| {line}" for line in text)
 
     def cpu_seconds(self) -> float:
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+        """CPU time so far of the process and of the processes found under it."""
+        return sum(self.cpu_seconds_by_process().values())
+
+    def cpu_seconds_by_process(self) -> dict[int, float]:
+        """pid -> CPU time so far, for the process and the descendants find_descendants saw."""
+        seconds: dict[int, float] = {}
+        for pid in self.processes:
+            try:
+                seconds[pid] = _cpu_seconds(pid)
+            except OSError:
+                continue  # a worker that exited: its parent's counters then hold its CPU
+        return seconds
+
+    def find_descendants(self) -> None:
+        """Counts the processes under this one from now on (server.workers' forks, once they
+        serve). A pass over /proc, as not every kernel lists a process's children: done once,
+        not around every slice (~10 ms on this VM)."""
+        parents = _parents()
+        found, todo = [self.pid], [self.pid]
+        while todo:
+            parent = todo.pop()
+            children = [pid for pid, ppid in parents.items() if ppid == parent]
+            found += children
+            todo += children
+        self.processes = found
 
     def reset_peak_rss(self) -> bool:
         try:
@@ -143,6 +169,27 @@ class Child:
                 self.popen.wait()
         self._log.close()
         return self.popen.returncode
+
+
+def _cpu_seconds(pid: int) -> float:
+    return sum(_stat(pid)[10:12]) / _TICK  # utime, stime
+
+
+def _stat(pid: int) -> list[int]:
+    """/proc/<pid>/stat's fields after the command name and the state: [0] is the parent's
+    pid (field 4 in proc(5)), [10] and [11] utime and stime (14 and 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return [int(field) for field in stat[stat.rindex(")") + 4 :].split()]
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid, of every process on the machine."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, ValueError):  # exited meanwhile
+                parents[int(entry.name)] = _stat(int(entry.name))[0]
+    return parents
 
 
 def machine_busy_seconds() -> float:

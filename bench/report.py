@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.scenarios import FLOOR
+
 
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
     """throughput_vs_naive (higher is better) and overhead_p50_vs_naive (lower is better)."""
@@ -17,8 +19,8 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     overhead: dict[str, float | None] = {}
     for key, sides in results.items():
         ours, naive = sides["aggregator"], sides["naive"]
-        throughput[key] = _ratio(ours["calls_per_s"], naive["calls_per_s"])
-        overhead[key] = _ratio(ours["overhead_p50_ms"], naive["overhead_p50_ms"])
+        throughput[key] = ratio(ours["calls_per_s"], naive["calls_per_s"])
+        overhead[key] = ratio(ours["overhead_p50_ms"], naive["overhead_p50_ms"])
     return {"throughput_vs_naive": throughput, "overhead_p50_vs_naive": overhead}
 
 
@@ -41,7 +43,7 @@ def json_cost(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return {"grpc_json_cpu": cost} if cost else {}
 
 
-def _ratio(ours: float | None, theirs: float | None) -> float | None:
+def ratio(ours: float | None, theirs: float | None) -> float | None:
     if ours is None or not theirs or theirs <= 0:
         return None
     return round(ours / theirs, 3)
@@ -160,6 +162,9 @@ def table(report: dict[str, Any]) -> str:
         throughput = report["throughput_vs_naive"][key]
         overhead = report["overhead_p50_vs_naive"][key]
         lines.append(f"{key:<22}{_times(throughput):>12}{_times(overhead):>14}")
+    lines += _floor_lines(report)
+    if "multicore" in report:
+        lines += _multicore_lines(report["multicore"])
     for name, why in report["skipped"].items():
         lines.append(f"{name}: {why}")
     return "\n".join(lines)
@@ -227,4 +232,121 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append("-" if value is None else f"{value:,.{digits}f}")
             cells.append(ratio if index == 0 else "")
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _floor_markdown(report)
+    if "multicore" in report:
+        lines += _multicore_markdown(report["multicore"])
     return "\n".join(lines)
+
+
+def cpu_above_floor(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Where the floor ran: the aggregator's and the naive peer's CPU per aggregate minus the
+    floor's (ms), i.e. what each spends beyond grpc.aio's own work: how far the limit is."""
+    above: dict[str, dict[str, float | None]] = {}
+    for key, sides in results.items():
+        if FLOOR not in sides:
+            continue
+        floor = sides[FLOOR]["cpu_ms_per_call"]
+        above[key] = {"floor_cpu_ms_per_call": floor}
+        for side in ("aggregator", "naive"):
+            ours = sides[side]["cpu_ms_per_call"]
+            above[key][side] = None if ours is None or floor is None else round(ours - floor, 3)
+    return {"cpu_above_floor_ms_per_call": above} if above else {}
+
+
+def _floor_lines(report: dict[str, Any]) -> list[str]:
+    above = report.get("cpu_above_floor_ms_per_call", {})
+    if not above:
+        return []
+    lines = ["", f"{'CPU ms per aggregate':<22}{'floor':>8}{'aggregator':>12}{'naive':>8}"]
+    lines.append(f"{'':<22}{'':>8}{'above floor':>12}{'above':>8}")
+    for key, figures in above.items():
+        cells = [figures["floor_cpu_ms_per_call"], figures["aggregator"], figures["naive"]]
+        widths = (8, 12, 8)
+        lines.append(f"{key:<22}" + "".join(map(_cell, cells, (3, 3, 3), widths)))
+    return lines
+
+
+def _floor_markdown(report: dict[str, Any]) -> list[str]:
+    above = report.get("cpu_above_floor_ms_per_call", {})
+    if not above:
+        return []
+    lines = [
+        "",
+        "| scenario | floor CPU ms/call | aggregator above the floor | naive above the floor |",
+        "|---|---|---|---|",
+    ]
+    for key, figures in above.items():
+        cells = [figures["floor_cpu_ms_per_call"], figures["aggregator"], figures["naive"]]
+        lines.append(f"| {key} | " + " | ".join(_cell(v, 2, 0) for v in cells) + " |")
+    return lines
+
+
+def _multicore_lines(multicore: dict[str, Any]) -> list[str]:
+    """The multicore block of the printed table (bench/multicore.py)."""
+    workers = str(multicore["workers"][-1])
+    lines = [
+        "",
+        f"multicore: {multicore['scenario']}, the aggregator on CPUs {multicore['cpus']}, "
+        f"{multicore['connections']} connections; CPU summed over the worker processes",
+        f"{'workers':>8}{'calls/s':>10}{'cpu ms/call':>13}{'server CPUs':>13}"
+        f"{'load ms/call':>14}{'harness CPUs':>14}{'p50':>8}{'p99':>8}{'others':>8}",
+    ]
+    for count, figures in multicore["results"].items():
+        lines.append(f"{count:>8}" + "".join(_cell(v, d, w) for v, d, w in _multicore_row(figures)))
+        trouble = figures["errors"] or figures["not_ok_results"] or figures["incomplete_calls"]
+        if trouble:
+            lines.append(f"{'':>8}  ! not all OK: {trouble}")
+    shares = " / ".join(f"{share:.0%}" for share in multicore["worker_cpu_share"][workers])
+    projection = multicore["projection"]
+    lines += [
+        f"scaling {_times(multicore['throughput_scaling'])} calls/s, CPU per aggregate "
+        f"efficiency {_times(multicore['cpu_per_call_efficiency'])}; worker CPU shares {shares}",
+        f"! {multicore['bias']}",
+        f"projection: {projection['formula']}, e = {projection['efficiency_per_doubling']}",
+    ]
+    goal = f"{projection['goal_calls_per_s']:,}/s"
+    for key, calls in projection["calls_per_s"].items():
+        cells = ", ".join(f"{n} cores {_cell(v, 0, 0)}" for n, v in calls.items())
+        needed = projection["cores_for_goal"][key]
+        lines.append(f"  {key}: {cells}; {goal} at " + (f"~{needed} cores" if needed else "-"))
+    return lines
+
+
+def _multicore_row(figures: dict[str, Any]) -> list[tuple[float | None, int, int]]:
+    """(value, digits, width) of a row: in the printed table and in the Markdown one."""
+    return [
+        (figures["calls_per_s"], 1, 10),
+        (figures["cpu_ms_per_call"], 3, 13),
+        (figures["server_cpu_util"], 2, 13),
+        (figures["harness_cpu_ms_per_call"].get("load"), 3, 14),
+        (figures["harness_cpu_util"].get("total"), 2, 14),
+        (figures["p50_ms"], 1, 8),
+        (figures["p99_ms"], 1, 8),
+        (figures["other_cpu_util"], 2, 8),  # other jobs' CPU: above ~0.1, noisy
+    ]
+
+
+def _multicore_markdown(multicore: dict[str, Any]) -> list[str]:
+    """docs/performance.md's multicore tables: the measurement, then the projection."""
+    lines = [
+        "",
+        f"| {multicore['scenario']} | calls/s | CPU ms/call (all workers) | server CPU util | "
+        "load generator CPU ms/call | harness CPU util | p50 | p99 | other processes' CPU util |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for count, figures in multicore["results"].items():
+        cells = [_cell(value, digits, 0) for value, digits, _ in _multicore_row(figures)]
+        lines.append(f"| workers: {count} | " + " | ".join(cells) + " |")
+    projection = multicore["projection"]
+    calls = projection["calls_per_s"]
+    goal = projection["goal_calls_per_s"]
+    lines += ["", "| cores | " + " | ".join(f"{key} calls/s" for key in calls) + " |"]
+    lines.append("|---|" + "---|" * len(calls))
+    for cores in next(iter(calls.values())):
+        cells = [_cell(v[cores], 0, 0) + (" ✓" * ((v[cores] or 0) >= goal)) for v in calls.values()]
+        lines.append(f"| {cores} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(value: float | None, digits: int, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width},.{digits}f}"

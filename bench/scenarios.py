@@ -34,11 +34,14 @@ BULK_UPSTREAM = "bulk"  # batch1000's own pool, warmed by its warm-up request
 # it answers every request after SICK_MS, past the fleet's FLEET_TIMEOUT_MS (a bad pod).
 FLEET_UPSTREAM = "fleet"
 FLEET_ENDPOINTS = ("f0", "f1", "f2")
+# `fleet-healthy`: one upstream of three endpoints that all answer in time (f3 is healthy too).
+HEALTHY_FLEET = "fleet3"
+HEALTHY_ENDPOINTS = ("f0", "f1", "f3")
 SICK_ENDPOINT = "f2"
 SICK_MS = 300.0
 FLEET_TIMEOUT_MS = 150.0
 ROUND_ROBIN_SUFFIX = "-rr"
-HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM, *FLEET_ENDPOINTS)
+HTTP_UPSTREAMS = (*REST_UPSTREAMS, BULK_UPSTREAM, *FLEET_ENDPOINTS, "f3")
 # Both sides may hold this many connections to one upstream: the aggregator through each
 # upstream's max_concurrency, the naive peers through limit_per_host of their one session.
 CONNECTIONS_PER_UPSTREAM = 100
@@ -270,6 +273,16 @@ SCENARIOS["fleet-rr"] = Scenario(
     aggregator_suffix=ROUND_ROBIN_SUFFIX,
 )
 
+# Issue 21's fleet comparison: five targets on a fleet of three healthy endpoints
+# (least_request, outlier detection on), against the naive side calling one of them (f0).
+SCENARIOS["fleet-healthy"] = Scenario(
+    "fleet-healthy",
+    "five REST targets at 20 ms on a fleet of three healthy endpoints (least_request, outlier "
+    "detection on); the naive side calls one of the three",
+    tuple(Call(HEALTHY_FLEET, 20) for _ in range(5)),
+    (Point(16), Point(64)),
+)
+
 # An upstream rate limit held in Redis (limits.backend: redis, scope: global) against the same
 # limit held in the process: five REST targets through "-local" and "-global" twins whose limit
 # never refuses, so the difference between the two is what one admission costs (five a call).
@@ -338,6 +351,11 @@ def aggregator_config(
         "timeout": f"{FLEET_TIMEOUT_MS:g}ms",
     }
     upstreams[FLEET_UPSTREAM] = {**fleet, "balancer": "least_request"}
+    upstreams[HEALTHY_FLEET] = {
+        **http,
+        "url": [http_urls[name] for name in HEALTHY_ENDPOINTS],
+        "balancer": "least_request",
+    }
     upstreams[FLEET_UPSTREAM + ROUND_ROBIN_SUFFIX] = {
         **fleet,
         "balancer": "round_robin",
@@ -371,6 +389,7 @@ def naive_upstreams(
         name: {"kind": "http", "url": http_urls[name]} for name in HTTP_UPSTREAMS
     }
     upstreams[FLEET_UPSTREAM] = {"kind": "http", "url": http_urls[FLEET_ENDPOINTS[0]]}
+    upstreams[HEALTHY_FLEET] = {"kind": "http", "url": http_urls[HEALTHY_ENDPOINTS[0]]}
     grpc_names = (*GRPC_UPSTREAMS, TYPED_UPSTREAM)
     upstreams.update({name: {"kind": "grpc", "address": grpc_address} for name in grpc_names})
     return upstreams

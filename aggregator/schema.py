@@ -109,8 +109,10 @@ class MethodSchema:
         may be a secret: docs/security.md). The compiled codec's bytes when it can prove them
         json_format's; else json_format, whose failures are the ones said."""
         compiled = self.codec().encode(self.input_class()(), value, MAX_DEPTH)
-        if compiled is not None:
-            return compiled
+        return self.encode_by_json_format(value) if compiled is None else compiled
+
+    def encode_by_json_format(self, value: Any) -> bytes:
+        """encode by json_format alone: what the compiled codec must equal, and its fallback."""
         request = self.input_class()()
         try:
             json_format.ParseDict(

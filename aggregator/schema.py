@@ -40,6 +40,8 @@ from google.protobuf import (
 )
 from google.protobuf.descriptor import FieldDescriptor
 
+from aggregator.codecs import Codec
+
 # Nesting allowed in a JSON request or answer (json_format's own default is 100).
 MAX_DEPTH = 64
 # How much of a library's error text a sentence quotes.
@@ -79,6 +81,7 @@ class MethodSchema:
     pool: descriptor_pool.DescriptorPool
     _input: type[message.Message] | None = None
     _output: type[message.Message] | None = None
+    _codec: Codec | None = None
 
     def __repr__(self) -> str:
         types = f"{self.input_type.full_name} -> {self.output_type.full_name}"
@@ -94,10 +97,22 @@ class MethodSchema:
             self._output = message_factory.GetMessageClass(self.output_type)
         return self._output
 
+    def codec(self) -> Codec:
+        """The compiled codec of this method's messages (aggregator/codecs.py), made once."""
+        if self._codec is None:
+            self._codec = Codec(self.pool)
+        return self._codec
+
     def encode(self, value: Any) -> bytes:
         """The input message's bytes for the JSON ``value``; JsonMismatch when it does not fit,
         saying where and what was expected there, never quoting a value (a substituted one
-        may be a secret: docs/security.md)."""
+        may be a secret: docs/security.md). The compiled codec's bytes when it can prove them
+        json_format's; else json_format, whose failures are the ones said."""
+        compiled = self.codec().encode(self.input_class()(), value, MAX_DEPTH)
+        return self.encode_by_json_format(value) if compiled is None else compiled
+
+    def encode_by_json_format(self, value: Any) -> bytes:
+        """encode by json_format alone: what the compiled codec must equal, and its fallback."""
         request = self.input_class()()
         try:
             json_format.ParseDict(
@@ -120,8 +135,9 @@ class MethodSchema:
         answer = self.output_class()()
         try:
             answer.ParseFromString(body)
-            # Python values; a top-level well-known type may give a non-dict.
-            return json_format.MessageToDict(answer, descriptor_pool=self.pool)
+            # Python values; a top-level well-known type may give a non-dict. The compiled
+            # codec, which falls back to json_format for what it does not handle.
+            return self.codec().decode(answer)
         except Exception as exc:
             raise ValueError(f"not a {self.output_type.full_name}: {type(exc).__name__}") from None
 

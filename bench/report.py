@@ -25,22 +25,31 @@ def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
 
 
 def json_cost(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The aggregator's CPU per gRPC target written in JSON (answer decoded) and in bytes,
-    when both grpc5 scenarios ran: what the JSON path costs."""
+    """CPU per gRPC target written in JSON (answer decoded) and in bytes, when both grpc5
+    scenarios ran: what the JSON path costs the aggregator (its compiled codecs), and the naive
+    peer (json_format), each against its own bytes run."""
     json_runs = [key for key in results if key.startswith("grpc5-json/")]
     cost: dict[str, Any] = {}
     for key in json_runs:
         twin = key.replace("grpc5-json/", "grpc5-bytes/")
         if twin in results:
-            in_json = results[key]["aggregator"]["cpu_us_per_target"]
-            in_bytes = results[twin]["aggregator"]["cpu_us_per_target"]
-            extra = None if in_json is None or in_bytes is None else round(in_json - in_bytes, 1)
+            ours = _json_extra(results[key]["aggregator"], results[twin]["aggregator"])
+            naive = _json_extra(results[key]["naive"], results[twin]["naive"])
             cost[key.removeprefix("grpc5-json/")] = {
-                "json_us_per_target": in_json,
-                "bytes_us_per_target": in_bytes,
-                "json_extra_us_per_target": extra,
+                **ours,
+                **{f"naive_{name}": figure for name, figure in naive.items()},
             }
     return {"grpc_json_cpu": cost} if cost else {}
+
+
+def _json_extra(in_json: dict[str, Any], in_bytes: dict[str, Any]) -> dict[str, float | None]:
+    json_us, bytes_us = in_json["cpu_us_per_target"], in_bytes["cpu_us_per_target"]
+    extra = None if json_us is None or bytes_us is None else round(json_us - bytes_us, 1)
+    return {
+        "json_us_per_target": json_us,
+        "bytes_us_per_target": bytes_us,
+        "json_extra_us_per_target": extra,
+    }
 
 
 def ratio(ours: float | None, theirs: float | None) -> float | None:

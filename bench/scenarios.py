@@ -94,7 +94,8 @@ class Scenario:
     warmup: tuple[Call, ...] | None = None  # a lighter request to warm pools, if not `calls`
     warmup_max_calls: int | None = None
     aggregator_suffix: str = ""  # the aggregator's upstream names get this (hedged twins)
-    # Typed calls go to the aggregator in JSON (decode_json on); other sides get the bytes.
+    # Typed calls go to every side in JSON (decode_json on): the naive peers convert them with
+    # json_format, as a user with the generated classes would (bench/naive.py).
     typed_json: bool = False
     # The aggregator is sent the named aggregate of this name (its targets: ``calls``, in the
     # config, see named_aggregate) with NAMED_PARAMS; the other sides get the same targets.
@@ -107,9 +108,8 @@ class Scenario:
             return request
         calls = self.warmup if warmup and self.warmup is not None else self.calls
         suffix = self.aggregator_suffix if side == "aggregator" else ""
-        in_json = self.typed_json and side == "aggregator"
         return pb.AggregateRequest(
-            targets=[_target(i, c, suffix, in_json) for i, c in enumerate(calls)]
+            targets=[_target(i, c, suffix, self.typed_json) for i, c in enumerate(calls)]
         )
 
     @property
@@ -210,7 +210,8 @@ SCENARIOS["cache-hot"] = Scenario(
 
 # The JSON path's cost: five gRPC targets written in JSON (encoded with the descriptors the
 # aggregator fetched by reflection, answers decoded with decode_json) against the same five in
-# bytes. The naive and sequential sides send the bytes in both.
+# bytes. In grpc5-json every side gets the JSON: the naive and sequential sides convert it with
+# json_format and the generated classes (bench/naive.py); grpc5-bytes is bytes for everyone.
 _TYPED5 = tuple(Call(TYPED_UPSTREAM, 20, kind="typed") for _ in range(5))
 SCENARIOS["grpc5-bytes"] = Scenario(
     "grpc5-bytes", "five gRPC targets at 20 ms, requests and answers in bytes", _TYPED5,

@@ -394,9 +394,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metrics.call_duration_of[call.aggregate].observe(elapsed / 1e9)
         results = call.results()
         slowest, longest = None, -1
-        for result in results:
-            latency = result.latency
-            nanos = latency.seconds * 1_000_000_000 + latency.nanos
+        for result, nanos in zip(results, call.latencies_ns(), strict=True):
             if nanos > longest:
                 slowest, longest = result, nanos
         # A target cut by the deadline counts as having run until the cut: waiting for it is

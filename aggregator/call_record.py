@@ -38,6 +38,7 @@ class CallRecord:
     first_at_ns: int | None = None  # perf_counter_ns of the first result
     fanin_ns: int | None = None  # from the first result to the last
     _latencies_ns: tuple[int, ...] | None = field(default=None, init=False, repr=False)
+    _outcomes: tuple[int, ...] | None = field(default=None, init=False, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -73,3 +74,10 @@ class CallRecord:
                 for latency in (result.latency for result in self.results())
             )
         return self._latencies_ns
+
+    def outcomes(self) -> tuple[int, ...]:
+        """Each result's outcome, in the order of ``results()``, once the call has ended (read
+        once for the log line's failed targets and the admin record)."""
+        if self._outcomes is None:
+            self._outcomes = tuple(result.outcome for result in self.results())
+        return self._outcomes

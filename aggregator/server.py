@@ -477,7 +477,8 @@ def _log_call(
     """The call's one log line: names, counts and timings (the failure's sentence names
     fields, never values: docs/security.md)."""
     code, elapsed = call.code.name, call.elapsed_ns
-    failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+    outcomes = zip(results, call.outcomes(), strict=True)
+    failed = [result.id for result, outcome in outcomes if outcome != pb.OUTCOME_OK]
     log.info(
         "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
         call.request_id, code, call.requested, len(call.reported), len(failed), elapsed / 1e6,

@@ -147,7 +147,8 @@ class Recent:
     def record(self, call: CallRecord) -> None:
         """Keeps one aggregate: every target it reported, and those its cancellation cut."""
         planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}
-        rows = tuple(map(_row, call.results(), call.latencies_ns(), repeat(planned)))
+        results = call.results()
+        rows = tuple(map(_row, results, call.outcomes(), call.latencies_ns(), repeat(planned)))
         self._seq += self._step
         self._keep(
             AggregateRecord(
@@ -200,7 +201,9 @@ class Recent:
         return self.upstreams[name].window(int(time.monotonic()))
 
 
-def _row(result: pb.TargetResult, latency_ns: int, planned: dict[str, PlannedTarget]) -> Row:
+def _row(
+    result: pb.TargetResult, outcome: int, latency_ns: int, planned: dict[str, PlannedTarget]
+) -> Row:
     """What a record keeps of a target: every text cut to MAX_TEXT (a slice of a shorter text
     is no copy)."""
     target_id = result.id
@@ -208,7 +211,7 @@ def _row(result: pb.TargetResult, latency_ns: int, planned: dict[str, PlannedTar
     target = planned.get(target_id) or planned.get(target_id.rpartition("[")[0])
     upstream = method = path = ""
     status: int | str | None = None
-    outcome, from_fallback = result.outcome, result.from_fallback
+    from_fallback = result.from_fallback
     if target is not None:
         upstream, request = target.upstream.name, target.request
         method = request.method

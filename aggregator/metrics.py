@@ -134,7 +134,12 @@ class _Family(Collector, Generic[Child]):
     workers share), so ``Metrics`` uses these only in a single process."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
     ) -> None:
         self._name = name
         self._documentation = documentation
@@ -169,16 +174,6 @@ class _Family(Collector, Generic[Child]):
 class TallyFamily(_Family[Tally]):
     """A counter (``name`` without ``_total``, as prometheus-client's ``Counter`` takes it)."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        registry: CollectorRegistry,
-    ) -> None:
-        super().__init__(name, documentation, labelnames, registry)
-
     def _child(self) -> Tally:
         return Tally()
 
@@ -209,7 +204,7 @@ class TimingsFamily(_Family[Timings]):
             floatToGoString(bound)  # type: ignore[no-untyped-call]
             for bound in (*self._bounds, float("inf"))
         ]
-        super().__init__(name, documentation, labelnames, registry)
+        super().__init__(name, documentation, labelnames, registry=registry)
 
     def observe(self, amount: float) -> None:
         """The unlabelled histogram's one series (as prometheus-client's ``observe``)."""

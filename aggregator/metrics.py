@@ -6,10 +6,11 @@ enum; no id, path or request value ever becomes a label.
 
 from __future__ import annotations
 
+import bisect
 import os
 import weakref
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from prometheus_client import (
@@ -21,10 +22,17 @@ from prometheus_client import (
     disable_created_metrics,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from aggregator.errors import TargetFailure
 from aggregator.outcomes import CACHE_NAMES, OUTCOME_NAMES
@@ -63,6 +71,162 @@ def attempt_result(result: Answered | TargetFailure | None) -> str:
     return "ok" if result.ok else "error"
 
 
+class Increments(Protocol):
+    """A counter's child: prometheus-client's, or a ``Tally``."""
+
+    def inc(self) -> None: ...
+
+
+class Observes(Protocol):
+    """A histogram's child: prometheus-client's, or a ``Timings``."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+class Counters(Protocol):
+    def labels(self, *values: str) -> Increments: ...
+
+
+class Histograms(Protocol):
+    def labels(self, *values: str) -> Observes: ...
+
+
+class Tally:
+    """One counter series as a plain float: written on the event loop's thread only (every
+    metric call of the request path runs there), read by a scrape on that same thread."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+class Timings:
+    """One histogram series: a count per bucket (not cumulative; the last one +Inf) and the
+    sum. ``bisect`` finds the bucket prometheus-client's loop would (the first bound >= the
+    amount)."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+Child = TypeVar("Child", Tally, Timings)
+
+
+class _Family(Collector, Generic[Child]):
+    """A metric whose series are plain numbers, exposed by ``collect`` exactly as
+    prometheus-client exposes its own (names, help, labels, order of series, float values).
+
+    Why: prometheus-client takes a lock and checks per inc/observe, and loops over the buckets
+    in Python per observe: the 19 calls of a 5-target aggregate cost ~40 us of the ~200 its
+    observing took (bench/observe.py). Its multi-process mode needs its own values (files the
+    workers share), so ``Metrics`` uses these only in a single process."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Child] = {}
+        registry.register(self)
+        if not self._labelnames:  # as prometheus-client: an unlabelled series shows at once
+            self.labels()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name} [{len(self._children)} series]>"
+
+    def labels(self, *values: str) -> Child:
+        key = tuple(str(value) for value in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name}: {len(self._labelnames)} label values expected")
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> Child:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+
+class TallyFamily(_Family[Tally]):
+    """A counter (``name`` without ``_total``, as prometheus-client's ``Counter`` takes it)."""
+
+    def _child(self) -> Tally:
+        return Tally()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            family.add_metric(values, child.value)
+        yield family
+
+
+class TimingsFamily(_Family[Timings]):
+    """A histogram with fixed ``buckets`` (their upper bounds, +Inf implied)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._bounds = tuple(float(bound) for bound in buckets)
+        self._les = [
+            floatToGoString(bound)  # type: ignore[no-untyped-call]
+            for bound in (*self._bounds, float("inf"))
+        ]
+        super().__init__(name, documentation, labelnames, registry=registry)
+
+    def observe(self, amount: float) -> None:
+        """The unlabelled histogram's one series (as prometheus-client's ``observe``)."""
+        self._children[()].observe(amount)
+
+    def _child(self) -> Timings:
+        return Timings(self._bounds)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for values, child in self._children.items():
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, child.counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(values, buckets, child.sum)
+        yield family
+
+
 QUOTA_REASONS = ("rate_limit", "concurrency")  # a caller's quota (auth.callers.<name>)
 
 
@@ -77,8 +241,8 @@ class UpstreamMetrics:
             for outcome, label in OUTCOME_NAMES.items()
         }
         # Made on first use, then kept: most of their series never happen (a page of zeros).
-        self._unsent: dict[int, Counter] = {}
-        self._attempts: dict[tuple[str, str], Counter] = {}
+        self._unsent: dict[int, Increments] = {}
+        self._attempts: dict[tuple[str, str], Increments] = {}
         self.request_duration = metrics.upstream_request_duration.labels(upstream)
         self.cache = {
             result: metrics.cache_requests.labels(upstream, result) for result in CACHE_RESULTS
@@ -140,41 +304,47 @@ class Metrics:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             self.exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposition)  # type: ignore[no-untyped-call]
-        self.calls = Counter(
+        # The counters and histograms of the request path: plain numbers in one process,
+        # prometheus-client's own (its files) when the workers' metrics are summed.
+        counter: type[Counter | TallyFamily] = TallyFamily
+        histogram: type[Histogram | TimingsFamily] = TimingsFamily
+        if self.exposition is not registry:
+            counter, histogram = Counter, Histogram
+        self.calls: Counters = counter(
             "aggregator_calls",
             "Aggregate and Collect calls by final gRPC status code and named aggregate.",
             ["code", "aggregate"], registry=registry,
         )  # fmt: skip
-        self.call_duration = Histogram(
+        self.call_duration: Histograms = histogram(
             "aggregator_call_duration_seconds", "Wall time of whole aggregates, by aggregate.",
             ["aggregate"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.targets = Counter(
+        self.targets: Counters = counter(
             "aggregator_targets", "Targets by upstream and outcome (ok, error, timeout, ...).",
             ["upstream", "outcome"], registry=registry,
         )  # fmt: skip
-        self.targets_unsent = Counter(
+        self.targets_unsent: Counters = counter(
             "aggregator_targets_unsent",
             "Targets that ended before their request reached the upstream (refused by the "
             "aggregator: no descriptors, a substituted request its rules refuse), by outcome.",
             ["upstream", "outcome"], registry=registry,
         )  # fmt: skip
-        self.upstream_attempts = Counter(
+        self.upstream_attempts: Counters = counter(
             "aggregator_upstream_attempts",
             "Attempts that reached an upstream, by attempt (first, retry, hedge) and result "
             "(ok, error, timeout, unavailable, cancelled).",
             ["upstream", "attempt", "result"], registry=registry,
         )  # fmt: skip
-        self.upstream_request_duration = Histogram(
+        self.upstream_request_duration: Histograms = histogram(
             "aggregator_upstream_request_duration_seconds",
             "Duration of single upstream attempts (retries and hedges included).",
             ["upstream"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.fanin_wait = Histogram(
+        self.fanin_wait: Observes = histogram(
             "aggregator_fanin_wait_seconds", "Time from an aggregate's first result to its last.",
             buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.overhead = Histogram(
+        self.overhead: Observes = histogram(
             "aggregator_overhead_seconds",
             "Aggregate wall time minus its slowest target's latency.",
             buckets=_OVERHEAD_BUCKETS, registry=registry,
@@ -183,7 +353,7 @@ class Metrics:
             "aggregator_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["upstream"], registry=registry, multiprocess_mode="max",
         )  # fmt: skip
-        self.cache_requests = Counter(
+        self.cache_requests: Counters = counter(
             "aggregator_cache_requests", "Response cache look-ups by upstream and result.",
             ["upstream", "result"], registry=registry,
         )  # fmt: skip
@@ -209,8 +379,8 @@ class Metrics:
             ["reason"], registry=registry,
         )  # fmt: skip
         # Per aggregate label (a configured name, or ad_hoc: callers cannot add values).
-        self.calls_by_code: dict[str, dict[grpc.StatusCode, Counter]] = {}
-        self.call_duration_of: dict[str, Histogram] = {}
+        self.calls_by_code: dict[str, dict[grpc.StatusCode, Increments]] = {}
+        self.call_duration_of: dict[str, Observes] = {}
         self.add_aggregates((AD_HOC, *aggregates))
         self.connections = Connections(upstreams)
         registry.register(self.connections)

@@ -388,9 +388,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metrics.call_duration_of[call.aggregate].observe(elapsed / 1e9)
         results = call.results()
         slowest, longest = None, -1
-        for result in results:
-            latency = result.latency
-            nanos = latency.seconds * 1_000_000_000 + latency.nanos
+        for result, nanos in zip(results, call.latencies_ns(), strict=True):
             if nanos > longest:
                 slowest, longest = result, nanos
         # A target cut by the deadline counts as having run until the cut: waiting for it is
@@ -464,7 +462,8 @@ def _log_call(
     """The call's one log line: names, counts and timings (the failure's sentence names
     fields, never values: docs/security.md)."""
     code, elapsed = call.code.name, call.elapsed_ns
-    failed = [r.id for r in results if r.outcome != pb.OUTCOME_OK]
+    outcomes = zip(results, call.outcomes(), strict=True)
+    failed = [result.id for result, outcome in outcomes if outcome != pb.OUTCOME_OK]
     log.info(
         "aggregate %s: %s, %d targets, %d results, %d failed, %.3f ms",
         call.request_id, code, call.requested, len(call.reported), len(failed), elapsed / 1e6,

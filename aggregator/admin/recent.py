@@ -14,7 +14,8 @@ import collections
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import repeat
+from typing import Any, Final
 
 from aggregator.admin.rolling import RollingStats
 from aggregator.call_record import CallRecord
@@ -63,6 +64,14 @@ class TargetRecord:
         }
 
 
+# A target as a record keeps it: TargetRecord's fields, in its order, as a plain tuple (made
+# per target of every call, while a TargetRecord is made only when a page reads it).
+Row = tuple[str, str, str, str, int, "int | str | None", str, int, int, int, int, bool]
+_ID: Final = 0
+_OUTCOME: Final = 4
+_FROM_FALLBACK: Final = 11
+
+
 @dataclass(slots=True)
 class AggregateRecord:
     seq: int
@@ -74,11 +83,17 @@ class AggregateRecord:
     deadline_ns: int  # the call's budget, from its start
     cutoff_ns: int  # when the server stopped waiting: the budget less its margin
     requested: int  # targets in the request (for_each may make more results)
-    targets: tuple[TargetRecord, ...]
+    rows: tuple[Row, ...]
+
+    @property
+    def targets(self) -> tuple[TargetRecord, ...]:
+        return tuple(TargetRecord(*row) for row in self.rows)
 
     @property
     def failed(self) -> list[str]:
-        return [t.id for t in self.targets if t.outcome != pb.OUTCOME_OK or t.from_fallback]
+        return [
+            row[_ID] for row in self.rows if row[_OUTCOME] != pb.OUTCOME_OK or row[_FROM_FALLBACK]
+        ]
 
     def summary(self) -> dict[str, Any]:
         failed = self.failed
@@ -92,7 +107,7 @@ class AggregateRecord:
             "deadline_ms": self.deadline_ns / 1e6,
             "cutoff_ms": self.cutoff_ns / 1e6,
             "requested": self.requested,
-            "targets": len(self.targets),
+            "targets": len(self.rows),
             "failed": len(failed),
             "failed_ids": failed[:20],
         }
@@ -132,33 +147,34 @@ class Recent:
     def record(self, call: CallRecord) -> None:
         """Keeps one aggregate: every target it reported, and those its cancellation cut."""
         planned = {t.id: t for t in call.plan.targets} if call.plan is not None else {}
-        targets = tuple(_target(result, planned) for result in call.results())
+        results = call.results()
+        rows = tuple(map(_row, results, call.outcomes(), call.latencies_ns(), repeat(planned)))
         self._seq += self._step
         self._keep(
             AggregateRecord(
-                self._seq, _kept(call.request_id), _kept(call.aggregate), call.code.name,
+                self._seq, call.request_id[:MAX_TEXT], call.aggregate[:MAX_TEXT], call.code.name,
                 time.time(), call.elapsed_ns, call.deadline_ns, call.cutoff_ns, call.requested,
-                targets,
+                rows,
             )
         )  # fmt: skip
         now = int(time.monotonic())
-        unsent = call.unsent
-        for target in targets:
-            stats = self.upstreams.get(target.upstream)
+        unsent, upstreams = call.unsent, self.upstreams
+        ok = pb.OUTCOME_OK
+        for target_id, upstream, _, _, outcome, _, _, _, latency, _, cache, fallback in rows:
+            stats = upstreams.get(upstream)
             # Only what the upstream did: not what was refused here or cut for another reason.
-            if stats is None or target.outcome in SAYS_NOTHING_OF_UPSTREAM or target.id in unsent:
+            if stats is None or outcome in SAYS_NOTHING_OF_UPSTREAM or target_id in unsent:
                 continue
-            failed = target.outcome != pb.OUTCOME_OK or target.from_fallback
-            stats.add(now, target.latency_ns, failed, target.cache)
+            stats.add(now, latency, outcome != ok or fallback, cache)
 
     def _keep(self, record: AggregateRecord) -> None:
         records = self.records
         if len(records) == records.maxlen:
-            self._targets -= len(records.popleft().targets)
+            self._targets -= len(records.popleft().rows)
         records.append(record)
-        self._targets += len(record.targets)
+        self._targets += len(record.rows)
         while self._targets > self._max_targets and len(records) > 1:
-            self._targets -= len(records.popleft().targets)
+            self._targets -= len(records.popleft().rows)
 
     def find(self, request_id: str, seq: int | None = None) -> AggregateRecord | None:
         """The newest aggregate with that request id, or the one numbered ``seq``: request ids
@@ -185,31 +201,28 @@ class Recent:
         return self.upstreams[name].window(int(time.monotonic()))
 
 
-def _kept(text: str) -> str:
-    """``text`` as a record keeps it: at most MAX_TEXT characters (a slice is no copy when
-    shorter)."""
-    return text[:MAX_TEXT]
-
-
-def _target(result: pb.TargetResult, planned: dict[str, PlannedTarget]) -> TargetRecord:
+def _row(
+    result: pb.TargetResult, outcome: int, latency_ns: int, planned: dict[str, PlannedTarget]
+) -> Row:
+    """What a record keeps of a target: every text cut to MAX_TEXT (a slice of a shorter text
+    is no copy)."""
     target_id = result.id
     # An element of a for_each target is "id[index]".
     target = planned.get(target_id) or planned.get(target_id.rpartition("[")[0])
     upstream = method = path = ""
     status: int | str | None = None
+    from_fallback = result.from_fallback
     if target is not None:
         upstream, request = target.upstream.name, target.request
         method = request.method
         if isinstance(request, HttpRequest):
             path = (request.template or request.path)[:MAX_TEXT]
             status = result.http_status or None
-        elif result.grpc_code or (result.outcome == pb.OUTCOME_OK and not result.from_fallback):
-            status = CODE_NAMES.get(result.grpc_code, str(result.grpc_code))
-    start, latency = result.start_offset, result.latency
-    return TargetRecord(
-        _kept(target_id), _kept(upstream), _kept(method), _kept(path), result.outcome, status,
-        _kept(result.error),
-        start.seconds * 1_000_000_000 + start.nanos,
-        latency.seconds * 1_000_000_000 + latency.nanos,
-        result.attempts, result.cache, result.from_fallback,
+        elif (grpc_code := result.grpc_code) or (outcome == pb.OUTCOME_OK and not from_fallback):
+            status = CODE_NAMES.get(grpc_code, str(grpc_code))
+    start = result.start_offset
+    return (
+        target_id[:MAX_TEXT], upstream[:MAX_TEXT], method[:MAX_TEXT], path, outcome, status,
+        result.error[:MAX_TEXT], start.seconds * 1_000_000_000 + start.nanos, latency_ns,
+        result.attempts, result.cache, from_fallback,
     )  # fmt: skip

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import running_harness
+from bench.harness import VERSUS_SIDE, running_harness
 from bench.measure import Settings, measure
 from bench.multicore import MULTICORE, measure_multicore
 from bench.procs import ProcessFailed
@@ -24,6 +25,7 @@ from bench.report import (
     ratios,
     table,
     versions,
+    versus,
 )
 from bench.scenarios import SCENARIOS, SIDES, SKIPPED
 
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         help="print FILE (a bench-results.json) as docs/performance.md's Markdown tables (the "
         "scenarios, and the CPU budget when bench.budget merged it)",
     )
+    parser.add_argument(
+        "--versus",
+        metavar="REV",
+        help="also run the aggregator at git revision REV (side 'before', same config, pinned "
+        "and loaded as ours, alternating with the others): before/after in one run",
+    )
     args = parser.parse_args(argv)
     if args.markdown is not None:
         report = json.loads(args.markdown.read_text())
@@ -77,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         selected = [n for n in names if n in SCENARIOS]
         workers = args.workers if MULTICORE in names else None
-        report = run(selected, Settings(quick=args.quick), args.seed, args.profile, workers)
+        report = run(
+            selected, Settings(quick=args.quick), args.seed, args.profile, workers, args.versus
+        )
     except ProcessFailed as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -94,19 +104,25 @@ def run(
     seed: int,
     profile: Path | None = None,
     workers: int | None = None,
+    versus_rev: str | None = None,
 ) -> dict[str, Any]:
-    """The scenarios ``names``, then the multicore mode with ``workers`` unless None."""
+    """The scenarios ``names``, then the multicore mode with ``workers`` unless None; with
+    ``versus_rev``, the aggregator at that revision too, as one more side of every point."""
     started = time.monotonic()
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         with running_harness(Path(tmp), seed, profile) as harness:
+            extra: tuple[str, ...] = ()
+            if versus_rev is not None:
+                extra = (harness.start_versus(_exported(versus_rev, Path(tmp) / "versus")),)
             for name in names:
                 scenario = SCENARIOS[name]
                 for point in scenario.points:
                     key = f"{name}/{point.key}"
                     print(f"bench: {key} ...", file=sys.stderr, flush=True)
-                    results[key] = measure(harness, scenario, point, settings)
+                    sides = (*point.sides, *extra)
+                    results[key] = measure(harness, scenario, point, settings, sides=sides)
             multicore = {}
             if workers is not None:
                 print(f"bench: {MULTICORE} (workers: {workers}) ...", file=sys.stderr, flush=True)
@@ -154,6 +170,11 @@ def run(
         },
         "results": results,
         **ratios(results),
+        **(
+            {"versus": {"revision": versus_rev, "points": versus(results, VERSUS_SIDE)}}
+            if versus_rev is not None
+            else {}
+        ),
         **cpu_above_floor(results),
         **json_cost(results),
         **multicore,
@@ -161,6 +182,17 @@ def run(
         "duration_s": round(time.monotonic() - started, 1),
         "side_order": f"round r runs {', '.join(SIDES)} (and floor at c1 and c64) rotated by r",
     }
+
+
+def _exported(revision: str, into: Path) -> Path:
+    """The tree at git ``revision``, exported into ``into`` (its code only: the venv is ours)."""
+    into.mkdir(parents=True)
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", revision], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from bench.procs import Child, ProcessFailed, cpu_plan, python_module
 from bench.scenarios import FLOOR, SCENARIOS, SIDES, aggregator_config, naive_upstreams
 
 _START_TIMEOUT = 30.0
+VERSUS_SIDE = "before"  # --versus REV: the aggregator at REV
 
 
 class Harness:
@@ -124,7 +125,18 @@ class Harness:
         self.servers[name].find_descendants()
         return name
 
-    def _start_aggregator(self, name: str, workers: int | None = None) -> Child:
+    def start_versus(self, tree: Path) -> str:
+        """The aggregator of another tree (``--versus REV``: its code, this config), pinned as
+        ours and sent our requests; returns its side name."""
+        name = VERSUS_SIDE
+        self.servers[name] = self._start_aggregator(name, cwd=tree)
+        self.request_sides[name] = "aggregator"
+        self._wait_ready(name)
+        return name
+
+    def _start_aggregator(
+        self, name: str, workers: int | None = None, cwd: Path | None = None
+    ) -> Child:
         port, metrics_port = _free_port(), _free_port()
         http_urls, grpc_address, redis_url = self._upstream_addresses
         config = aggregator_config(http_urls, grpc_address, port, metrics_port, redis_url)
@@ -136,7 +148,10 @@ class Harness:
         self.addresses[name] = f"127.0.0.1:{port}"
         argv = python_module("aggregator", "serve", "--config", str(config_path))
         every_cpu = workers is not None
-        return self._spawn(name, argv, server=True, every_cpu=every_cpu, stdout_to_log=True)
+        where = {"cwd": cwd} if cwd is not None else {}
+        return self._spawn(
+            name, argv, server=True, every_cpu=every_cpu, stdout_to_log=True, **where
+        )
 
     def _wait_serving(self, name: str, workers: int) -> None:
         """Until each worker has logged that it serves: a load channel that connected before

@@ -58,7 +58,9 @@ class Child:
         stdin: int | None = subprocess.DEVNULL,
         stdout_to_log: bool = False,
         stop_signal: int = signal.SIGTERM,
+        cwd: Path = _ROOT,
     ) -> None:
+        """``cwd``: where ``python -m`` finds the packages (another tree's, for --versus)."""
         self.name = name
         self._stop_signal = stop_signal
         self.log_path = log_dir / f"{name}.log"
@@ -70,7 +72,7 @@ class Child:
             stdout=self._log if stdout_to_log else subprocess.PIPE,
             stderr=self._log,
             text=True,
-            cwd=_ROOT,
+            cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             # Affinity is set before exec, so every thread the process ever starts inherits it.
             preexec_fn=(lambda: os.sched_setaffinity(0, affinity)) if affinity else None,

@@ -14,14 +14,37 @@ from bench.scenarios import FLOOR
 
 
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float | None]]:
-    """throughput_vs_naive (higher is better) and overhead_p50_vs_naive (lower is better)."""
+    """throughput_vs_naive (higher is better), overhead_p50_vs_naive (lower is better) and
+    cpu_leaner_vs_naive (the naive side's CPU per aggregate over ours: higher is better)."""
     throughput: dict[str, float | None] = {}
     overhead: dict[str, float | None] = {}
+    leaner: dict[str, float | None] = {}
     for key, sides in results.items():
         ours, naive = sides["aggregator"], sides["naive"]
         throughput[key] = ratio(ours["calls_per_s"], naive["calls_per_s"])
         overhead[key] = ratio(ours["overhead_p50_ms"], naive["overhead_p50_ms"])
-    return {"throughput_vs_naive": throughput, "overhead_p50_vs_naive": overhead}
+        leaner[key] = ratio(naive["cpu_ms_per_call"], ours["cpu_ms_per_call"])
+    return {
+        "throughput_vs_naive": throughput,
+        "overhead_p50_vs_naive": overhead,
+        "cpu_leaner_vs_naive": leaner,
+    }
+
+
+def versus(results: dict[str, dict[str, dict[str, Any]]], side: str) -> dict[str, Any]:
+    """``--versus REV``: per point, the CPU per aggregate of ``side`` (the aggregator at REV)
+    and of this tree's, and how much leaner this tree is (higher is better)."""
+    points = {}
+    for key, sides in results.items():
+        if side in sides:
+            before, after = sides[side]["cpu_ms_per_call"], sides["aggregator"]["cpu_ms_per_call"]
+            points[key] = {
+                "cpu_ms_per_call_before": before,
+                "cpu_ms_per_call_after": after,
+                "leaner": ratio(before, after),
+                "throughput": ratio(sides["aggregator"]["calls_per_s"], sides[side]["calls_per_s"]),
+            }
+    return points
 
 
 def json_cost(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -166,11 +189,24 @@ def table(report: dict[str, Any]) -> str:
                 f"{'':>10}  ! other processes took up to {other:.0%} of a CPU during these "
                 "slices: figures are noisy"
             )
-    lines += ["", f"{'aggregator vs naive':<22}{'throughput':>12}{'overhead p50':>14}"]
+    lines += [
+        "",
+        f"{'aggregator vs naive':<22}{'throughput':>12}{'overhead p50':>14}{'CPU leaner':>12}",
+    ]
     for key in report["results"]:
         throughput = report["throughput_vs_naive"][key]
         overhead = report["overhead_p50_vs_naive"][key]
-        lines.append(f"{key:<22}{_times(throughput):>12}{_times(overhead):>14}")
+        leaner = report.get("cpu_leaner_vs_naive", {}).get(key)
+        lines.append(f"{key:<22}{_times(throughput):>12}{_times(overhead):>14}{_times(leaner):>12}")
+    if report.get("versus"):
+        lines += ["", f"{'vs ' + report['versus']['revision']:<22}{'CPU before':>12}"
+                  f"{'CPU after':>12}{'leaner':>10}{'throughput':>12}"]  # fmt: skip
+        for key, point in report["versus"]["points"].items():
+            lines.append(
+                f"{key:<22}{_cell(point['cpu_ms_per_call_before'], 3, 12)}"
+                f"{_cell(point['cpu_ms_per_call_after'], 3, 12)}{_times(point['leaner']):>10}"
+                f"{_times(point['throughput']):>12}"
+            )
     lines += _floor_lines(report)
     if "multicore" in report:
         lines += _multicore_lines(report["multicore"])
@@ -230,16 +266,20 @@ _MARKDOWN = (
 
 def markdown(report: dict[str, Any]) -> str:
     """The table docs/performance.md shows (``python -m bench --markdown FILE``)."""
-    titles = ["scenario", "side", *(title for title, _, _ in _MARKDOWN), "vs naive"]
+    titles = [
+        "scenario", "side", *(title for title, _, _ in _MARKDOWN), "throughput vs naive",
+        "CPU leaner than naive",
+    ]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for key, sides in report["results"].items():
         ratio = _times(report["throughput_vs_naive"].get(key)).replace("x", "\u00d7")
+        leaner = _times(report.get("cpu_leaner_vs_naive", {}).get(key)).replace("x", "\u00d7")
         for index, (side, figures) in enumerate(sides.items()):
             cells = [key if index == 0 else "", side]
             for _, field, digits in _MARKDOWN:
                 value = figures.get(field)
                 cells.append("-" if value is None else f"{value:,.{digits}f}")
-            cells.append(ratio if index == 0 else "")
+            cells += [ratio, leaner] if index == 0 else ["", ""]
             lines.append("| " + " | ".join(cells) + " |")
     lines += _floor_markdown(report)
     if "multicore" in report:

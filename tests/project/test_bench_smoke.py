@@ -159,3 +159,26 @@ def test_quick_bench_calls_the_named_aggregate_beside_the_same_targets_ad_hoc(
             assert not figures["errors"], (key, side, figures)
             assert not figures["not_ok_results"], (key, side, figures)
             assert not figures["incomplete_calls"], (key, side, figures)
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_another_revision_beside_this_tree(tmp_path: Path) -> None:
+    """--versus REV: the aggregator at REV is one more side of every point (before/after in one
+    run), and the report says how much leaner this tree is there."""
+    output = tmp_path / "bench-results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "flat5x20ms", "--versus",
+         "HEAD", "--output", output],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["versus"]["revision"] == "HEAD"
+    for key, sides in report["results"].items():
+        assert sides["before"]["calls"] > 0, (key, sides["before"])
+        assert not sides["before"]["errors"], (key, sides["before"])
+        point = report["versus"]["points"][key]
+        assert set(point) == {"cpu_ms_per_call_before", "cpu_ms_per_call_after", "leaner",
+                              "throughput"}  # fmt: skip
+        assert report["cpu_leaner_vs_naive"][key] is not None
+    assert "vs HEAD" in run.stdout

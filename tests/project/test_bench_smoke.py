@@ -180,5 +180,5 @@ def test_quick_bench_runs_another_revision_beside_this_tree(tmp_path: Path) -> N
         point = report["versus"]["points"][key]
         assert set(point) == {"cpu_ms_per_call_before", "cpu_ms_per_call_after", "leaner",
                               "throughput"}  # fmt: skip
-        assert report["cpu_leaner_vs_naive"][key] is not None
+        assert key in report["cpu_leaner_vs_naive"]  # None when a quick slice took no CPU tick
     assert "vs HEAD" in run.stdout

@@ -196,10 +196,10 @@ def _heads(targets: Sequence[pb.Target]) -> tuple[list[_Head], int]:
         call: pb.HttpCall | None = target.http
         upstream = call.upstream  # type: ignore[union-attr]
         path = call.path  # type: ignore[union-attr]
-        if upstream:
+        if not upstream:  # no HTTP call, or one without its upstream: the request read whole
+            call, size = None, -1  # no request's size
+        elif size >= 0:
             size += _bare_size(target_id, upstream, path)
-        else:  # no HTTP call, or one without its upstream: read whole
-            call, size = None, -1 << 62
         heads.append((target, target_id, call, upstream, path))
     return heads, size
 

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import grpc
@@ -31,6 +32,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from yarl import URL
 
 from aggregator import config as config_module
+from aggregator import plan as plan_module
 from aggregator.config import Config, ConfigError, config_from_mapping, load_config, parse_config
 from aggregator.errors import InvalidRequest
 from aggregator.plan import Plan, make_plan
@@ -477,6 +479,63 @@ def _check_tables_agree(request: pb.AggregateRequest, config: Any) -> None:
             outbound = GrpcRequest(call.method, call.request, tuple(sorted(call.metadata.items())))
         allowed = request_allowed(upstream, outbound, limit)
         assert allowed == (list(request_problems(upstream, outbound, target.id, limit)) == [])
+
+
+# A request of ids, upstreams and paths only is read without its other fields ---------------------
+# (plan.py's _heads: proven by the request's size). A field more, any field, and it is read whole;
+# read whole every time (``_bare`` replaced by ``_read``), the answer must be the same.
+
+BARE_EXTRAS: list[Callable[[pb.Target], None]] = [
+    lambda t: setattr(t, "required", True),
+    lambda t: setattr(t, "decode_json", True),
+    lambda t: setattr(t, "for_each", "{{a.items}}"),
+    lambda t: t.depends_on.append("a"),
+    lambda t: t.timeout.SetInParent(),  # present, zero: two bytes
+    lambda t: t.fallback.SetInParent(),
+    lambda t: setattr(t.http, "method", "POST"),
+    lambda t: setattr(t.http, "body", b""),  # set in the oneof, empty: two bytes
+    lambda t: t.http.json.SetInParent(),
+    lambda t: t.http.query.update({"q": ""}),
+    lambda t: t.http.headers.update({"X-A": "1"}),
+    lambda t: t.grpc.SetInParent(),  # the call is gRPC now: as many bytes as an empty http
+    lambda t: t.ClearField("http"),
+]
+
+
+@st.composite
+def bare_requests(draw: st.DrawFn) -> pb.AggregateRequest:
+    """Targets of an id, an upstream and a path, one field more now and then."""
+    request = pb.AggregateRequest()
+    for _ in range(draw(st.integers(1, 4))):
+        target = request.targets.add(id=draw(PLAIN_IDS))
+        target.http.upstream = draw(mostly(st.sampled_from(["rest", "rpc"]), UPSTREAMS))
+        target.http.path = draw(mostly(PLAIN_PATHS, PATHS))
+        if draw(st.integers(0, 3)) == 0:
+            draw(st.sampled_from(BARE_EXTRAS))(target)
+    return request
+
+
+def _check_read_alike(request: pb.AggregateRequest, config: Config) -> None:
+    with mock.patch.object(plan_module, "_bare", plan_module._read):
+        whole = plan_or_problems(request, config)
+    assert plan_or_problems(request, config) == whole
+
+
+@bounded(300)
+@given(request=st.one_of(bare_requests(), plain_looking_requests()))
+@example(request=_request(pb.Target(id="a", grpc=pb.GrpcCall())))
+@example(request=_request(pb.Target(id="a", required=True), _http("b")))
+@example(request=_request(_http("a", "/" + "é" * 70), _http("b" * 64, "/" + "x" * 200)))
+def test_a_request_read_bare_is_planned_as_read_whole(request):
+    _check_read_alike(request, RULED)
+
+
+@pytest.mark.parametrize("extra", range(len(BARE_EXTRAS)))
+def test_any_field_more_than_id_upstream_and_path_is_read(extra):
+    request = _request(_http("a", "/echo"), _http("b", "/echo"))
+    BARE_EXTRAS[extra](request.targets[1])
+    _check_read_alike(request, CONFIG)
+    _check_read_alike(request, RULED)
 
 
 def dependency_targets(size: int, shape: str, seed: int) -> list[pb.Target]:

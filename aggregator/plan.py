@@ -15,7 +15,7 @@ multiply is capped per target: ``MAX_DEPENDS_ON`` entries in ``depends_on`` and
 
 Each field of a target is read once (``Written``): a read of a upb message's field costs
 0.1-0.9 µs, the most of planning. A request of ids, HTTP upstreams and paths alone, proven by
-its size, has its other fields taken as their defaults without reading them (``_heads``); the
+its size, has its other fields taken as their defaults without reading them (written.py); the
 rules are the same and see the same values either way.
 """
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
@@ -53,7 +53,6 @@ from aggregator.substitution import (
 )
 from aggregator.v1 import aggregator_pb2 as pb
 from aggregator.vocabulary import (
-    BODILESS_METHODS,
     HTTP_METHODS,
     ITEM,
     METADATA_KEY,
@@ -61,8 +60,8 @@ from aggregator.vocabulary import (
     TOKEN,
     UNFORWARDABLE,
 )
+from aggregator.written import Written, bare, heads, read
 
-Call = pb.HttpCall | pb.GrpcCall
 _NONE: frozenset[str] = frozenset()
 
 
@@ -109,25 +108,6 @@ class Plan:
         return f"<Plan [{len(self.targets)} targets]>"
 
 
-class Written(NamedTuple):
-    """A target as its caller wrote it, each field read once: a read of a upb message's field
-    makes a new wrapper every time (0.1-0.9 µs a read, measured), and the rules read these."""
-
-    target: pb.Target
-    id: str
-    kind: str | None  # "http", "grpc" or None (neither set)
-    call: Call | None
-    upstream: str  # the call's upstream ("" without a call)
-    request: HttpRequest | GrpcRequest | None  # what the call asks, its JSON payload not read
-    json: struct_pb2.Value | None  # the call's JSON payload, not read yet
-    timeout: int | None  # nanoseconds
-    depends_on: Sequence[str]
-    for_each: str
-    required: bool
-    fallback: struct_pb2.Value | None
-    decode_json: bool
-
-
 def make_plan(
     request: pb.AggregateRequest, config: Config, params: frozenset[str] = frozenset()
 ) -> Plan:
@@ -149,20 +129,20 @@ def make_plan(
                 )
             ]
         )
-    heads, size = _heads(targets)
-    bare = size == request.ByteSize()
+    heads_, size = heads(targets)
+    bare_request = size == request.ByteSize()
     problems: list[Problem] = []
     planned = []
     seen: set[str] = set()
     expanding: set[str] | None = None
     depends = False
     upstreams = config.upstreams
-    for index, head in enumerate(heads):
+    for index, head in enumerate(heads_):
         target_id = head[1]
         if target_id in seen or not NAME.match(target_id):
             problems.append(_id_problem(index, target_id, seen))
         seen.add(target_id)
-        written = _bare(head) if bare else _read(head)
+        written = bare(head) if bare_request else read(head)
         if written.for_each and expanding is None:
             expanding = {t.id for t in targets if t.for_each}
         if written.depends_on:
@@ -175,111 +155,6 @@ def make_plan(
     if problems:
         raise InvalidRequest(problems)
     return Plan(tuple(planned), server.max_targets, server.max_path_bytes)
-
-
-# A target's first fields: (target, id, its HTTP call or None, its upstream, its path).
-_Head = tuple[pb.Target, str, "pb.HttpCall | None", str, str]
-
-
-def _heads(targets: Sequence[pb.Target]) -> tuple[list[_Head], int]:
-    """Each target's id, HTTP call, upstream and path, and the bytes these take in the request.
-
-    When the request's size (``ByteSize``, counted in C) is just that, no other field is set
-    anywhere in it: every other field holds its default and need not be read (``_bare``), which
-    halves the reads of a plain REST target (measured). Only what was read is counted, and only
-    a call whose upstream is set (so it is present): any field more, even one at its default in
-    a oneof or an unknown one, takes at least a byte and sends the request to ``_read``."""
-    heads: list[_Head] = []
-    size = 0
-    for target in targets:
-        target_id = target.id
-        call: pb.HttpCall | None = target.http
-        upstream = call.upstream  # type: ignore[union-attr]
-        path = call.path  # type: ignore[union-attr]
-        if not upstream:  # no HTTP call, or one without its upstream: the request read whole
-            call, size = None, -1  # no request's size
-        elif size >= 0:
-            size += _bare_size(target_id, upstream, path)
-        heads.append((target, target_id, call, upstream, path))
-    return heads, size
-
-
-def _bare_size(target_id: str, upstream: str, path: str) -> int:
-    """The bytes a target of an id and an HTTP call of an upstream and a path takes in its
-    request: each field its tag, its length (a varint) and its UTF-8 bytes; none when empty."""
-    text = target_id + upstream + path
-    size = (
-        len(text) + _BARE_FIXED + (_PATH_TAG + 1 if path else 0) + (_ID_TAG + 1 if target_id else 0)
-    )
-    if size < 0x80 and text.isascii():  # the usual: each length one byte, a byte a character
-        return size
-    inner = _UPSTREAM_TAG + _text_size(upstream) + (_PATH_TAG + _text_size(path) if path else 0)
-    own = (_ID_TAG + _text_size(target_id) if target_id else 0) + _HTTP_TAG + inner
-    own += _varint_size(inner)
-    return _TARGET_TAG + own + _varint_size(own)
-
-
-def _text_size(text: str) -> int:
-    length = len(text) if text.isascii() else len(text.encode())
-    return length + _varint_size(length)
-
-
-def _varint_size(value: int) -> int:
-    return (value.bit_length() + 6) // 7 or 1
-
-
-def _tag_size(message: Any, name: str) -> int:
-    return _varint_size(message.DESCRIPTOR.fields_by_name[name].number << 3)
-
-
-_TARGET_TAG = _tag_size(pb.AggregateRequest, "targets")
-_ID_TAG = _tag_size(pb.Target, "id")
-_HTTP_TAG = _tag_size(pb.Target, "http")
-_UPSTREAM_TAG = _tag_size(pb.HttpCall, "upstream")
-_PATH_TAG = _tag_size(pb.HttpCall, "path")
-# Tags, and a byte of length each, of the request's target, the target's call and its upstream.
-_BARE_FIXED = _TARGET_TAG + _HTTP_TAG + _UPSTREAM_TAG + 3
-
-
-def _bare(head: _Head) -> Written:
-    """A target of a request that holds nothing but ids, HTTP upstreams and paths."""
-    target, target_id, call, upstream, path = head
-    # tuple.__new__ as NamedTuple._make does: a third of calling Written (measured).
-    return _new(
-        Written,
-        (target, target_id, "http", call, upstream, HttpRequest("GET", path, (), (), None),
-         None, None, (), "", False, None, False),
-    )  # fmt: skip
-
-
-_new = tuple.__new__
-
-
-def _read(head: _Head) -> Written:
-    """A target read whole."""
-    target, target_id, http, upstream, path = head
-    kind = "http" if http is not None else target.WhichOneof("call")
-    call: Call | None = None
-    request: HttpRequest | GrpcRequest | None = None
-    json = None
-    if kind == "http":
-        call = http if http is not None else target.http
-        request = _http_request(call, path)
-        if request.json_body is _UNREAD:  # read from the payload already
-            json = call.json
-    elif kind == "grpc":
-        call = target.grpc
-        upstream = call.upstream
-        request = _grpc_request(call)
-        if call.HasField("json"):
-            json = call.json
-    return Written(
-        target, target_id, kind, call, upstream, request, json,
-        target.timeout.ToNanoseconds() if target.HasField("timeout") else None,
-        target.depends_on, target.for_each, target.required,
-        target.fallback if target.HasField("fallback") else None,
-        target.decode_json,
-    )  # fmt: skip
 
 
 def _id_problem(index: int, target_id: str, seen: set[str]) -> Problem:
@@ -583,29 +458,6 @@ METADATA_KEY_RULES = Rules(
 )
 
 
-def _http_request(call: pb.HttpCall, path: str) -> HttpRequest:
-    """The request a call makes, its JSON payload not read yet (``_with_json`` reads it; until
-    then the payload stands as an empty body, so the body rules see that there is one)."""
-    method = call.method or "GET"
-    body = json_body = None
-    payload = call.WhichOneof("payload")
-    if payload == "body" and (call.body or method not in BODILESS_METHODS):
-        body = call.body  # an empty body on a bodiless method is no body
-    elif payload == "json":
-        body, json_body = b"", _UNREAD
-    return HttpRequest(
-        method,
-        path,
-        _pairs(call.query),
-        _pairs(call.headers),
-        body,
-        json_body,
-    )
-
-
-_UNREAD = object()  # a JSON payload not read yet
-
-
 def _stand_in(kind: str | None, upstream: UpstreamConfig | None) -> UpstreamConfig:
     """The upstream a request is checked against when its own is unknown or refused: no
     rules of its own, the default sizes."""
@@ -618,17 +470,6 @@ _STAND_INS = {
     "http": UpstreamConfig(name="(none)", kind="http", url="http://127.0.0.1"),
     "grpc": UpstreamConfig(name="(none)", kind="grpc", address="127.0.0.1:1"),
 }
-
-
-def _grpc_request(call: pb.GrpcCall) -> GrpcRequest:
-    return GrpcRequest(call.method, call.request, _pairs(call.metadata))
-
-
-def _pairs(entries: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """A map's entries sorted (read by key: a map's items() walks it in Python)."""
-    if not entries:
-        return ()
-    return tuple(sorted([(key, entries[key]) for key in entries]))
 
 
 def _with_json(

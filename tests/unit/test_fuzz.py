@@ -482,8 +482,8 @@ def _check_tables_agree(request: pb.AggregateRequest, config: Any) -> None:
 
 
 # A request of ids, upstreams and paths only is read without its other fields ---------------------
-# (plan.py's _heads: proven by the request's size). A field more, any field, and it is read whole;
-# read whole every time (``_bare`` replaced by ``_read``), the answer must be the same.
+# (written.heads: proven by the request's size). A field more, any field, and it is read whole;
+# read whole every time (written.bare replaced by written.read), the answer must be the same.
 
 BARE_EXTRAS: list[Callable[[pb.Target], None]] = [
     lambda t: setattr(t, "required", True),
@@ -516,7 +516,7 @@ def bare_requests(draw: st.DrawFn) -> pb.AggregateRequest:
 
 
 def _check_read_alike(request: pb.AggregateRequest, config: Config) -> None:
-    with mock.patch.object(plan_module, "_bare", plan_module._read):
+    with mock.patch.object(plan_module, "bare", plan_module.read):
         whole = plan_or_problems(request, config)
     assert plan_or_problems(request, config) == whole
 
